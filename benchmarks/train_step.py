@@ -1,0 +1,178 @@
+"""Training-step throughput: the two-tower engine beside plain single-process PyTorch, in one run.
+
+    python benchmarks/train_step.py                     # batch 128 at 227 px, 2 threads in total
+    python benchmarks/train_step.py --steps 3 --batch 32  # quicker look
+
+Both sides get the same total CPU threads: the reference runs with --threads threads, the engine
+with --threads / towers per tower. Steps alternate (engine, reference, engine, ...) after a
+warm-up so that drift in the machine hits both alike. Prints medians, their ratio, the FLOP/s
+achieved against the sgemm rate measured in the same run, each tower's time per stage, and the
+bytes exchanged per step beside the all-gather + reduce-scatter volume they should be.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+
+def sgemm_rate(threads: int, device: str = "cpu", n: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of an n x n float32 matmul on `threads` CPU threads or on the GPU (median of repeats)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    n = n if device == "cpu" else 8192
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    torch.set_num_threads(before)
+    return 2 * n**3 / statistics.median(times[1:])
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def theoretical_exchange_bytes(cfg, batch: int) -> dict:
+    """Bytes other towers must deliver per step: all-gather forward, reduce-scatter backward, and the logits."""
+    volume = {"forward": 0, "backward": 0}
+    for segment in cfg.segments[:-1]:
+        last = segment[-1]
+        total = batch * last.out_total * last.out_size * last.out_size * 4
+        # all-gather: each tower receives the others' pieces; reduce-scatter: each receives T-1 partials of its own.
+        volume["forward"] += (cfg.towers - 1) * total
+        volume["backward"] += (cfg.towers - 1) * total
+    volume["logits"] = 2 * batch * cfg.num_classes * 4  # to the coordinator's loss and back
+    return volume
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps of each kind")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2, help="total CPU threads for each side")
+    parser.add_argument("--image-size", type=int, default=227)
+    parser.add_argument("--width", type=float, default=1.0)
+    parser.add_argument("--num-classes", type=int, default=1000)
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="the reference's device")
+    args = parser.parse_args()
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+
+    import ray
+
+    from coordinator import ModelParallelAlexNet
+    from towers import AlexNet, paper_sgd
+
+    towers = 2
+    if args.threads % towers:
+        parser.error(f"--threads must be a multiple of the {towers} towers")
+    net = dict(num_classes=args.num_classes, width=args.width, image_size=args.image_size)
+    ray.init(num_cpus=args.threads, include_dashboard=False, log_to_driver=False)
+    engine = ModelParallelAlexNet(**net, cpus_per_tower=args.threads // towers)
+    reference = AlexNet(**net)
+    reference.load_state_dict(engine.state_dict())
+    reference.to(device)
+    optimizer = paper_sgd(reference)
+    cfg = reference.config
+
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(args.batch, 3, args.image_size, args.image_size, generator=gen)
+    labels = torch.randint(0, args.num_classes, (args.batch,), generator=gen)
+
+    images_on, labels_on = images.to(device), labels.to(device)
+
+    def reference_step():
+        torch.set_num_threads(args.threads)
+        optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(reference(images_on), labels_on)
+        loss.backward()
+        optimizer.step()
+        synchronize(device)
+
+    times = defaultdict(list)
+    for i in range(args.warmup + args.steps):
+        for name, step in (("engine", lambda: engine.train_step(images, labels)), ("reference", reference_step)):
+            start = time.perf_counter()
+            step()
+            if i >= args.warmup:
+                times[name].append(time.perf_counter() - start)
+        if i + 1 == args.warmup:
+            engine.take_stats()  # timings below cover the timed steps only
+        print(f"step {i + 1}/{args.warmup + args.steps}" + (" (warm-up)" if i < args.warmup else ""), flush=True)
+    stats = engine.take_stats()
+
+    one_thread = sgemm_rate(1)
+    all_threads = sgemm_rate(args.threads)
+    gpu = sgemm_rate(1, "cuda") if device == "cuda" else None
+    engine_s, reference_s = statistics.median(times["engine"]), statistics.median(times["reference"])
+    flops = cfg.training_flops_per_image() * args.batch
+
+    print()
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; torch {torch.__version__}")
+    print(f"towers: {engine.placement.kind}, on {', '.join(t['device'] for t in engine.towers)}; reference on {device}")
+    print(f"batch {args.batch} at {args.image_size} px, width {args.width}, {args.steps} timed steps, {args.threads} threads per side")
+    print(f"engine    median {engine_s:7.3f} s/step  {args.batch / engine_s:7.1f} images/s  (all: {', '.join(f'{t:.2f}' for t in times['engine'])})")
+    print(f"reference median {reference_s:7.3f} s/step  {args.batch / reference_s:7.1f} images/s  (all: {', '.join(f'{t:.2f}' for t in times['reference'])})")
+    print(f"speed-up (reference / engine): {reference_s / engine_s:.2f}x")
+    print()
+    print(f"sgemm: {one_thread / 1e9:.0f} GFLOP/s on 1 thread, {all_threads / 1e9:.0f} GFLOP/s on {args.threads}")
+    if gpu:
+        print(
+            f"GPU float32 matmul: {gpu / 1e12:.1f} TFLOP/s; engine reaches {flops / engine_s / gpu:.1%} of it, "
+            f"the reference {flops / reference_s / gpu:.1%}"
+        )
+    limit = one_thread * args.threads
+    print(
+        f"training: {flops / 1e9:.0f} GFLOP per step; engine {flops / engine_s / 1e9:.0f} GFLOP/s = "
+        f"{flops / engine_s / limit:.0%} of {args.threads} x single-thread sgemm, "
+        f"{flops / engine_s / all_threads:.0%} of {args.threads}-thread sgemm; "
+        f"reference {flops / reference_s / 1e9:.0f} GFLOP/s"
+    )
+
+    steps = args.steps
+    print()
+    print("per step, seconds (compute forward/backward per stage, then waits for exchanges):")
+    for t, tower in enumerate(stats["towers"]):
+        compute = tower["compute_seconds"]
+        stages = dict.fromkeys(stage for stage, _ in compute)
+        row = "  ".join(
+            f"{stage} {compute.get((stage, 'forward'), 0) / steps:.3f}/{compute.get((stage, 'backward'), 0) / steps:.3f}"
+            for stage in stages
+        )
+        wait = sum(tower["exchange_seconds"].values()) / steps
+        print(f"  tower {t}: {row}  | compute {sum(compute.values()) / steps:.3f}  exchange wait {wait:.3f}")
+    own = stats["coordinator_seconds"]
+    print(f"  coordinator: loss {own['loss'] / steps:.4f}, dispatch {own['dispatch'] / steps:.4f}")
+
+    measured = defaultdict(int)
+    for tower in stats["towers"]:
+        for (point, direction), n in tower["exchange_bytes"].items():
+            measured[direction] += n
+    expected = theoretical_exchange_bytes(cfg, args.batch)
+    print()
+    print("bytes exchanged between towers per step (measured vs all-gather + reduce-scatter theory):")
+    for direction in ("forward", "backward"):
+        print(f"  {direction:8s} {measured[direction] / steps / 1e6:9.2f} MB  vs {expected[direction] / 1e6:9.2f} MB")
+    print(f"  logits to the coordinator's loss and their gradient back: {expected['logits'] / 1e6:.2f} MB")
+    engine.shutdown()
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""ModelParallelAlexNet: the two-tower network on Ray, driven from the caller's process."""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import ray
+import torch
+
+from coordinator.exchange import ObjectStoreExchange
+from coordinator.step import Coordinator
+from coordinator.worker import TowerWorker
+from towers import NetConfig, merge_state_dicts, split_state_dict
+from towers.config import derive_seed
+
+
+def ensure_ray(num_cpus: Optional[int] = None) -> None:
+    """Join the Ray that is already initialised or named by RAY_ADDRESS, else start a local one."""
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the towers go: one GPU each, a shared GPU, or CPU cores."""
+
+    kind: str  # "gpu", "shared-gpu" or "cpu"
+    actor_options: dict
+
+    @staticmethod
+    def plan(towers: int, cpus_per_tower: int = 1, resources: Optional[dict] = None) -> "Placement":
+        """Placement for `towers` on a cluster with `resources` (default: the connected Ray cluster's)."""
+        resources = ray.cluster_resources() if resources is None else resources
+        gpus = int(resources.get("GPU", 0))
+        if gpus >= towers:
+            return Placement("gpu", {"num_gpus": 1, "num_cpus": 1})
+        if gpus >= 1:
+            return Placement("shared-gpu", {"num_gpus": 1.0 / towers, "num_cpus": 1})
+        cpus = resources.get("CPU", 0)
+        if cpus < towers * cpus_per_tower:
+            raise RuntimeError(
+                f"the Ray cluster has {cpus:g} CPUs and no GPU, but {towers} towers need "
+                f"{towers * cpus_per_tower} CPUs; start Ray with more (ray.init(num_cpus=...)) or add nodes"
+            )
+        return Placement("cpu", {"num_cpus": cpus_per_tower})
+
+
+class ModelParallelAlexNet:
+    """AlexNet with each tower in its own Ray actor and a coordinator actor for the exchanges.
+
+    Keywords beyond the optimiser's are NetConfig fields (width, image_size, towers, init, layers).
+    cpus_per_tower sets each CPU tower's cores and threads; dtype is float32 or float64; tf32 lets
+    CUDA towers use TensorFloat-32 (faster, no longer equal to the reference at 1e-5).
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 1000,
+        dropout: float = 0.5,
+        lr: float = 0.01,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        seed: int = 0,
+        *,
+        cpus_per_tower: int = 1,
+        dtype: torch.dtype = torch.float32,
+        tf32: bool = False,
+        **config,
+    ):
+        for name, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)):
+            if not value >= 0:
+                raise ValueError(f"{name} must be non-negative, got {value}")
+        self.config = NetConfig(num_classes=num_classes, dropout=dropout, **config)
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+        self.lr, self.seed, self.steps, self.dtype = lr, seed, 0, dtype
+        ensure_ray()
+        self.placement = Placement.plan(self.config.towers, cpus_per_tower)
+        worker_cls = ray.remote(TowerWorker)
+        self._workers = [
+            worker_cls.options(**self.placement.actor_options).remote(
+                self.config,
+                t,
+                seed=seed,
+                lr=lr,
+                momentum=momentum,
+                weight_decay=weight_decay,
+                threads=cpus_per_tower,
+                dtype=dtype,
+                tf32=tf32,
+            )
+            for t in range(self.config.towers)
+        ]
+        # The coordinator only routes references and computes the loss: it needs no core of its own.
+        self._coordinator = ray.remote(Coordinator).options(num_cpus=0).remote(self._workers, self.config)
+        self.towers = ray.get([w.describe.remote() for w in self._workers])
+
+    # --- input checks -------------------------------------------------------------------------
+    def _images(self, images) -> tuple[list, int]:
+        images = torch.as_tensor(images, dtype=self.dtype)
+        size = self.config.image_size
+        if images.dim() != 4 or tuple(images.shape[1:]) != (3, size, size):
+            raise ValueError(f"images must have shape [N, 3, {size}, {size}], got {list(images.shape)}")
+        if images.shape[0] == 0:
+            raise ValueError("images is an empty batch")
+        if not torch.isfinite(images).all():
+            raise ValueError("images contain NaN or infinite values")
+        # Boxed in a list so the coordinator receives the reference, and the pixels go only to the towers.
+        return [ray.put(ObjectStoreExchange.send(images))], images.shape[0]
+
+    def _labels(self, labels, batch: int) -> np.ndarray:
+        labels = torch.as_tensor(labels)
+        if labels.dtype.is_floating_point or labels.shape != (batch,):
+            raise ValueError(f"labels must be {batch} integer class indices, got {labels.dtype} {list(labels.shape)}")
+        if batch and (labels.min() < 0 or labels.max() >= self.config.num_classes):
+            raise ValueError(f"labels must be in [0, {self.config.num_classes}), got {labels.min().item()}..{labels.max().item()}")
+        return labels.to(torch.long).numpy()
+
+    # --- training -----------------------------------------------------------------------------
+    def forward_backward(self, images, labels, dropout_seed: Optional[int] = None) -> float:
+        """Loss of one batch, leaving its gradients in the towers (see gradients(), apply_update())."""
+        boxed, batch = self._images(images)
+        labels = self._labels(labels, batch)
+        if dropout_seed is None:
+            dropout_seed = derive_seed(self.seed, "step", self.steps)
+        return ray.get(self._coordinator.forward_backward.remote(boxed, labels, dropout_seed))
+
+    def apply_update(self) -> None:
+        ray.get(self._coordinator.apply_update.remote(self.lr))
+        self.steps += 1
+
+    def zero_grad(self) -> None:
+        """Drop gradients accumulated by forward_backward without applying them."""
+        self._gather("abandon_step")
+
+    def train_step(self, images, labels, dropout_seed: Optional[int] = None) -> float:
+        """One SGD step on a batch; returns its loss (before the update)."""
+        loss = self.forward_backward(images, labels, dropout_seed)
+        self.apply_update()
+        return loss
+
+    def predict(self, images) -> torch.Tensor:
+        """Logits in eval mode (no dropout)."""
+        boxed, _ = self._images(images)
+        return torch.tensor(ray.get(self._coordinator.predict.remote(boxed)))
+
+    def take_stats(self) -> dict:
+        """Per-tower compute and exchange timings and bytes since the last call, and the coordinator's time."""
+        return ray.get(self._coordinator.take_stats.remote())
+
+    # --- weights ------------------------------------------------------------------------------
+    def gradients(self) -> OrderedDict:
+        per_tower = [{k: torch.from_numpy(np.array(v)) for k, v in g.items()} for g in self._gather("gradients")]
+        return merge_state_dicts(per_tower, self.config)
+
+    def state_dict(self) -> OrderedDict:
+        per_tower = [{k: torch.from_numpy(np.array(v)) for k, v in s.items()} for s in self._gather("get_state")]
+        return merge_state_dicts(per_tower, self.config)
+
+    def load_state_dict(self, state: dict) -> None:
+        """Load canonical weights. The optimiser's momentum starts again from zero: it belonged to other weights."""
+        pieces = split_state_dict(state, self.config)
+        ray.get([w.set_state.remote({k: v.numpy() for k, v in p.items()}) for w, p in zip(self._workers, pieces)])
+
+    def _gather(self, method: str) -> list:
+        return ray.get([getattr(w, method).remote() for w in self._workers])
+
+    def shutdown(self) -> None:
+        for actor in [self._coordinator, *self._workers]:
+            ray.kill(actor)
+        self._workers = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()

@@ -1,0 +1,136 @@
+"""TowerWorker: the Ray actor that hosts one tower on its device, with its optimizer and its timings."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections import defaultdict
+from typing import Optional, Sequence
+
+import numpy as np
+import ray
+import torch
+
+from coordinator.exchange import ObjectStoreExchange
+from towers import NetConfig, Tower, paper_sgd
+
+
+class TowerWorker:
+    """One tower of the model. The coordinator drives it one segment at a time."""
+
+    def __init__(
+        self,
+        config: NetConfig,
+        index: int,
+        seed: int,
+        lr: float,
+        momentum: float,
+        weight_decay: float,
+        threads: int = 1,
+        dtype: torch.dtype = torch.float32,
+        tf32: bool = False,
+    ):
+        torch.set_num_threads(threads)
+        self.device = torch.device("cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu")
+        # TF32 trades float32's last 13 mantissa bits for speed; off unless asked, so results match the reference.
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = tf32
+        self.index = index
+        self.exchange = ObjectStoreExchange()
+        self.tower = Tower(config, index, seed).to(self.device, dtype)
+        self.optimizer = paper_sgd(self.tower, lr, momentum, weight_decay)
+        # Exchange points are named by the layer that receives: conv3, fc6, fc7, fc8.
+        self.points = [segment[0].name for segment in config.segments]
+        self.stages = [
+            segment[0].name if len(segment) == 1 else f"{segment[0].name}-{segment[-1].name}"
+            for segment in config.segments
+        ]
+        self._stats = self._empty_stats()
+
+    @staticmethod
+    def _empty_stats() -> dict:
+        return {
+            "compute_seconds": defaultdict(float),  # (stage, direction) -> s
+            "exchange_seconds": defaultdict(float),  # (point, direction) -> s waiting for pieces
+            "exchange_bytes": defaultdict(int),  # (point, direction) -> bytes from other towers
+        }
+
+    def describe(self) -> dict:
+        return {
+            "tower": self.index,
+            "device": str(self.device) if self.device.type == "cpu" else torch.cuda.get_device_name(self.device),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "threads": torch.get_num_threads(),
+            "parameters": sum(p.numel() for p in self.tower.parameters()),
+        }
+
+    def _timed(self, key, fn, *args):
+        start = time.perf_counter()
+        out = fn(*args)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self._stats["compute_seconds"][key] += time.perf_counter() - start
+        return out
+
+    def forward(self, k: int, delivered: Sequence[ray.ObjectRef], train: bool, dropout_seed: Optional[int]):
+        """Segment k. `delivered` is [image] for k=0, else the all-gather of segment k-1's outputs."""
+        self.tower.train(train)
+        got = self.exchange.receive(delivered, self.index, self.device)
+        if k == 0:
+            inputs = got.tensors[0]
+        else:
+            inputs = got.tensors
+            self._stats["exchange_seconds"][(self.points[k], "forward")] += got.wait_seconds
+            self._stats["exchange_bytes"][(self.points[k], "forward")] += got.foreign_bytes
+        with torch.set_grad_enabled(train):
+            out = self._timed((self.stages[k], "forward"), self.tower.forward_segment, k, inputs, dropout_seed)
+        return self.exchange.send(out)
+
+    def backward(self, k: int, delivered: Sequence[ray.ObjectRef]):
+        """Segment k's backward; `delivered` holds every tower's partial gradient for this tower's output.
+
+        Returns this tower's partial gradients for each tower's piece of the segment's input (k > 0).
+        """
+        got = self.exchange.receive(delivered, self.index, self.device)
+        if k + 1 < len(self.points):  # the last segment's gradient comes from the loss, not from a tower
+            self._stats["exchange_seconds"][(self.points[k + 1], "backward")] += got.wait_seconds
+            self._stats["exchange_bytes"][(self.points[k + 1], "backward")] += got.foreign_bytes
+        grad = self.exchange.reduce(got)
+        pieces = self._timed((self.stages[k], "backward"), self.tower.backward_segment, k, grad)
+        if pieces is None:
+            return None
+        return tuple(self.exchange.send(p) for p in pieces)
+
+    def apply_update(self, lr: Optional[float] = None) -> None:
+        if lr is not None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def abandon_step(self) -> None:
+        """Drop a half-done step: kept graphs and accumulated gradients."""
+        self.tower.drop_pending()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def take_stats(self) -> dict:
+        stats, self._stats = self._stats, self._empty_stats()
+        return {name: dict(values) for name, values in stats.items()}
+
+    def gradients(self) -> dict:
+        return {n: p.grad.detach().cpu().numpy() for n, p in self.tower.named_parameters() if p.grad is not None}
+
+    def get_state(self) -> dict:
+        return {k: v.detach().cpu().numpy() for k, v in self.tower.state_dict().items()}
+
+    def set_state(self, state: dict) -> None:
+        self.tower.load_state_dict({k: torch.as_tensor(np.array(v)) for k, v in state.items()})
+        self.optimizer.state.clear()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def get_optimizer_state(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def set_optimizer_state(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state)

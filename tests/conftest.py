@@ -1,0 +1,25 @@
+import os
+
+# Tests run their own throwaway local Ray: no token file is written to ~/.ray for them.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.pop("RAY_ADDRESS", None)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# A small-width, small-image network that keeps every structural feature of the full one.
+SMALL = dict(num_classes=10, width=0.125, image_size=99)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    # Logical CPUs: two towers, and room for a second model or a serving pair beside them.
+    ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual.double() - expected.double()).norm() / expected.double().norm().clamp_min(1e-30)).item()

@@ -1,0 +1,204 @@
+"""ModelParallelAlexNet on a real local Ray, proven equal to the single-process towers.AlexNet."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import SMALL, relative_error
+from equivalence import clear_pool_winners
+
+from coordinator import ModelParallelAlexNet, Placement
+from towers import AlexNet, paper_sgd
+
+BOUND = 1e-5
+
+
+def reference_grads(ref, images, labels, dropout_seed=None):
+    ref.zero_grad(set_to_none=True)
+    ref.train()
+    loss = F.cross_entropy(ref(images, dropout_seed=dropout_seed), labels)
+    loss.backward()
+    return loss.item(), {n: p.grad.detach().clone() for n, p in ref.named_parameters()}
+
+
+def assert_equivalent(engine, ref, images, labels, names=None, bound=BOUND, dropout_seed=None):
+    ref.eval()
+    with torch.no_grad():
+        expected_logits = ref(images)
+    assert relative_error(engine.predict(images), expected_logits) <= bound
+    expected_loss, expected = reference_grads(ref, images, labels, dropout_seed)
+    loss = engine.forward_backward(images, labels, dropout_seed=dropout_seed)
+    assert loss == pytest.approx(expected_loss, rel=bound)
+    grads = engine.gradients()
+    assert list(grads) == [n for n, _ in ref.named_parameters()]
+    errors = {n: relative_error(grads[n], expected[n]) for n in (names or grads)}
+    assert max(errors.values()) <= bound, errors
+    engine.zero_grad()  # leave no gradients behind for the next test
+    return errors
+
+
+@pytest.fixture(scope="module")
+def small_engine(ray_session):
+    engine = ModelParallelAlexNet(**SMALL, dropout=0.0, init="pytorch")
+    yield engine
+    engine.shutdown()
+
+
+@pytest.fixture
+def small_reference(small_engine):
+    ref = AlexNet(**SMALL, dropout=0.0, init="pytorch", seed=1)
+    small_engine.load_state_dict(ref.state_dict())
+    return ref
+
+
+def test_starts_from_the_references_weights_for_the_same_seed(small_engine):
+    expected = AlexNet(**SMALL, dropout=0.0, init="pytorch", seed=0).state_dict()
+    fresh = ModelParallelAlexNet(**SMALL, dropout=0.0, init="pytorch", seed=0)
+    try:
+        actual = fresh.state_dict()
+    finally:
+        fresh.shutdown()
+    assert list(actual) == list(expected)
+    assert all(torch.equal(actual[k], expected[k]) for k in expected)
+
+
+def test_forward_loss_and_every_gradient_match_the_reference(small_engine, small_reference):
+    images, seed = clear_pool_winners(small_reference, batch=4)
+    labels = torch.randint(0, 10, (4,), generator=torch.Generator().manual_seed(seed))
+    assert_equivalent(small_engine, small_reference, images, labels)
+
+
+def test_three_sgd_steps_match_the_reference(small_engine, small_reference):
+    optimizer = paper_sgd(small_reference, lr=0.01, momentum=0.9, weight_decay=5e-4)
+    first_seed = 100
+    for step in range(3):
+        images, first_seed = clear_pool_winners(small_reference, batch=4, first_seed=first_seed + 1)
+        labels = torch.randint(0, 10, (4,), generator=torch.Generator().manual_seed(first_seed))
+        reference_grads(small_reference, images, labels)
+        optimizer.step()
+        small_engine.train_step(images, labels)
+    actual, expected = small_engine.state_dict(), small_reference.state_dict()
+    errors = {k: relative_error(actual[k], expected[k]) for k in expected}
+    assert max(errors.values()) <= BOUND, errors
+    # The weights really moved: the comparison is not between two untouched copies.
+    start = AlexNet(**SMALL, dropout=0.0, init="pytorch", seed=1).state_dict()
+    assert all(not torch.equal(expected[k], start[k]) for k in expected)
+
+
+def test_dropout_uses_the_same_masks_given_the_same_seed(ray_session):
+    ref = AlexNet(**SMALL, dropout=0.5, init="pytorch", seed=2)
+    engine = ModelParallelAlexNet(**SMALL, dropout=0.5, init="pytorch", seed=2)
+    try:
+        images, seed = clear_pool_winners(ref, batch=4, first_seed=200)
+        labels = torch.randint(0, 10, (4,), generator=torch.Generator().manual_seed(seed))
+        assert_equivalent(engine, ref, images, labels, dropout_seed=7)
+        # Dropout is really on: another seed gives another loss, and eval logits differ from training ones.
+        assert engine.forward_backward(images, labels, dropout_seed=8) != pytest.approx(
+            engine.forward_backward(images, labels, dropout_seed=7), rel=1e-6
+        )
+    finally:
+        engine.shutdown()
+
+
+def test_full_size_float64_every_gradient(ray_session):
+    """Full size, batch 2. In float64 no pooling window is ever a near-tie, so every gradient must agree."""
+    ref = AlexNet(init="pytorch", dropout=0.0).double()
+    engine = ModelParallelAlexNet(init="pytorch", dropout=0.0, dtype=torch.float64)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        images = torch.randn(2, 3, 227, 227, generator=gen, dtype=torch.float64)
+        labels = torch.randint(0, 1000, (2,), generator=gen)
+        errors = assert_equivalent(engine, ref, images, labels)
+        assert max(errors.values()) < 1e-10  # far inside the bound: float64 rounding only
+    finally:
+        engine.shutdown()
+
+
+def test_full_size_float32_logits_loss_and_classifier_gradients(ray_session):
+    """Full size, batch 2, float32. The classifier's gradients pass through no max-pool, so they
+    must agree whatever the rounding; the convolutions' are proven above (small width in float32,
+    full size in float64) because full-size inputs always hold some near-tied pooling windows."""
+    ref = AlexNet(init="pytorch", dropout=0.0)
+    engine = ModelParallelAlexNet(init="pytorch", dropout=0.0)
+    try:
+        gen = torch.Generator().manual_seed(1)
+        images = torch.randn(2, 3, 227, 227, generator=gen)
+        labels = torch.randint(0, 1000, (2,), generator=gen)
+        classifier = [f"{n}.{p}" for n in ("fc6", "fc7", "fc8") for p in ("weight", "bias")]
+        assert_equivalent(engine, ref, images, labels, names=classifier)
+    finally:
+        engine.shutdown()
+
+
+def test_each_exchange_moves_the_all_gather_and_reduce_scatter_volume(small_engine, small_reference):
+    small_engine.take_stats()
+    images = torch.randn(3, 3, 99, 99)
+    small_engine.train_step(images, torch.tensor([1, 2, 3]))
+    stats = small_engine.take_stats()
+    cfg = small_engine.config
+    for point, before in zip(("conv3", "fc6", "fc7", "fc8"), cfg.segments[:-1]):
+        last = before[-1]
+        per_tower = [3 * n * last.out_size**2 * 4 for n in last.out_split]  # float32 bytes
+        for t, tower in enumerate(stats["towers"]):
+            others = sum(per_tower) - per_tower[t]
+            assert tower["exchange_bytes"][(point, "forward")] == others  # all-gather: the others' outputs
+            assert tower["exchange_bytes"][(point, "backward")] == per_tower[t]  # reduce-scatter: 1 partial
+    assert {stage for stage, _ in stats["towers"][0]["compute_seconds"]} == {
+        "conv1-conv2",
+        "conv3-conv5",
+        "fc6",
+        "fc7",
+        "fc8",
+    }
+
+
+def test_towers_get_a_cpu_core_each(small_engine):
+    assert small_engine.placement.kind == "cpu"
+    assert [t["tower"] for t in small_engine.towers] == [0, 1]
+    assert len({t["pid"] for t in small_engine.towers}) == 2  # two processes
+    assert all(t["threads"] == 1 and t["device"] == "cpu" for t in small_engine.towers)
+    assert sum(t["parameters"] for t in small_engine.towers) == small_engine.config.parameter_count()
+
+
+def test_placement_follows_the_devices():
+    assert Placement.plan(2, resources={"GPU": 8, "CPU": 64}) == Placement("gpu", {"num_gpus": 1, "num_cpus": 1})
+    assert Placement.plan(2, resources={"GPU": 1, "CPU": 16}) == Placement(
+        "shared-gpu", {"num_gpus": 0.5, "num_cpus": 1}
+    )
+    assert Placement.plan(2, resources={"CPU": 2}) == Placement("cpu", {"num_cpus": 1})
+    with pytest.raises(RuntimeError, match="need 2 CPUs"):
+        Placement.plan(2, resources={"CPU": 1})
+
+
+@pytest.mark.parametrize(
+    "images, labels, message",
+    [
+        (torch.randn(2, 3, 64, 64), [0, 1], r"images must have shape \[N, 3, 99, 99\]"),
+        (torch.randn(2, 99, 99), [0, 1], "images must have shape"),
+        (torch.randn(0, 3, 99, 99), [], "empty batch"),
+        (torch.full((2, 3, 99, 99), float("nan")), [0, 1], "NaN"),
+        (torch.randn(2, 3, 99, 99), [0, 10], r"labels must be in \[0, 10\)"),
+        (torch.randn(2, 3, 99, 99), [0], "labels must be 2 integer class indices"),
+        (torch.randn(2, 3, 99, 99), [0.5, 1.0], "integer class indices"),
+    ],
+)
+def test_bad_batches_are_refused_clearly(small_engine, images, labels, message):
+    with pytest.raises(ValueError, match=message):
+        small_engine.train_step(images, torch.tensor(labels))
+    small_engine.train_step(torch.randn(2, 3, 99, 99), torch.tensor([0, 1]))  # and it keeps working
+
+
+def test_load_state_dict_refuses_a_wrong_shape(small_engine):
+    sd = AlexNet(**SMALL).state_dict()
+    sd["conv2.weight"] = torch.zeros(5, 5)
+    with pytest.raises(ValueError, match=r"conv2.weight has shape \(5, 5\)"):
+        small_engine.load_state_dict(sd)
+    del sd["conv2.weight"]
+    with pytest.raises(KeyError, match="conv2.weight"):
+        small_engine.load_state_dict(sd)
+
+
+def test_hyperparameters_are_checked(ray_session):
+    with pytest.raises(ValueError, match="lr must be non-negative"):
+        ModelParallelAlexNet(**SMALL, lr=-1)
+    with pytest.raises(ValueError, match="dtype must be"):
+        ModelParallelAlexNet(**SMALL, dtype=torch.float16)

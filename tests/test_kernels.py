@@ -1,0 +1,94 @@
+"""The fused ReLU -> LRN -> max-pool: gradient checks in float64, and agreement with PyTorch's ops."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import relative_error
+
+import towers.kernels as kernels
+from towers.kernels import NormBlock, fused_norm
+from towers.layers import LRN, MaxPool, ReLU
+from towers.ops import fuse_norm_blocks
+
+BLOCKS = [
+    NormBlock(True, LRN(), MaxPool()),  # the paper's conv1/conv2 block
+    NormBlock(False, LRN(5, 0.3, 0.6, 1.0), None),  # large alpha so the cross-channel term matters
+    NormBlock(True, LRN(4, 0.5, 0.75, 1.0), MaxPool(2, 2)),  # even window: asymmetric neighbours
+    NormBlock(False, LRN(3, 0.2, 0.75, 2.0), MaxPool(3, 1)),  # overlapping windows, stride 1
+]
+IMPLEMENTATIONS = {
+    "c": lambda x, b: kernels._NormC.apply(x, b),
+    "torch": kernels._norm_torch,
+}
+
+
+def plain_pytorch(x, block):
+    if block.relu:
+        x = F.relu(x)
+    x = F.local_response_norm(x, block.lrn.size, block.lrn.alpha, block.lrn.beta, block.lrn.k)
+    return F.max_pool2d(x, block.pool.kernel, block.pool.stride) if block.pool else x
+
+
+def test_the_c_kernel_is_built_here():
+    # CI machines have a C compiler: the fast path must be the one under test, not the fallback.
+    assert kernels._library() is not None
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("block", BLOCKS, ids=str)
+def test_gradcheck_float64(impl, block):
+    x = (torch.randn(2, 7, 9, 9, dtype=torch.float64) * 3).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: IMPLEMENTATIONS[impl](t, block), (x,))
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("block", BLOCKS, ids=str)
+def test_matches_plain_pytorch_float64(impl, block):
+    x = (torch.randn(3, 10, 13, 13, dtype=torch.float64) * 4).requires_grad_()
+    expected = plain_pytorch(x, block)
+    grad = torch.randn_like(expected)
+    (expected_grad,) = torch.autograd.grad(expected, x, grad)
+    actual = IMPLEMENTATIONS[impl](x, block)
+    (actual_grad,) = torch.autograd.grad(actual, x, grad)
+    assert relative_error(actual, expected) < 1e-12
+    assert relative_error(actual_grad, expected_grad) < 1e-12
+
+
+def test_float32_on_the_papers_shapes():
+    block = NormBlock(True, LRN(), MaxPool())
+    x = (torch.randn(4, 48, 55, 55) * 5).contiguous(memory_format=torch.channels_last).requires_grad_()
+    expected = plain_pytorch(x, block)
+    actual = fused_norm(x, block)
+    assert actual.shape == (4, 48, 27, 27)
+    assert actual.is_contiguous(memory_format=torch.channels_last)
+    assert relative_error(actual, expected) < 1e-6
+
+
+def test_nan_propagates_like_pytorch():
+    block = NormBlock(True, LRN(), MaxPool())
+    x = torch.randn(1, 6, 7, 7)
+    x[0, 2, 3, 3] = float("nan")
+    assert torch.equal(fused_norm(x, block).isnan(), plain_pytorch(x, block).isnan())
+
+
+def test_multithreaded_chunks_agree_with_one_thread():
+    block = NormBlock(True, LRN(), MaxPool())
+    x = torch.randn(5, 16, 15, 15).requires_grad_()
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = fused_norm(x, block)
+        (g_one,) = torch.autograd.grad(one.sum(), x)
+        torch.set_num_threads(2)
+        two = fused_norm(x, block)
+        (g_two,) = torch.autograd.grad(two.sum(), x)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two) and torch.equal(g_one, g_two)
+
+
+def test_runs_of_ops_are_fused_where_they_can_be():
+    lrn, pool = LRN(), MaxPool()
+    assert fuse_norm_blocks((ReLU(), lrn, pool)) == [NormBlock(True, lrn, pool)]
+    assert fuse_norm_blocks((ReLU(), pool, lrn)) == [ReLU(), pool, NormBlock(False, lrn, None)]
+    assert fuse_norm_blocks((ReLU(), pool)) == [ReLU(), pool]
