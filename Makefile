@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test bench clean
+.PHONY: install test demo bench proto clean
 
 install: $(STAMP)
 
@@ -20,8 +20,16 @@ $(STAMP): pyproject.toml Makefile
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+demo: $(STAMP)
+	$(VENV)/bin/alexnet-mp demo
+
 bench: $(STAMP)
 	$(PY) benchmarks/train_step.py
+	$(PY) benchmarks/data_pipeline.py
+
+# Regenerate the committed gRPC code after editing proto/ (tests check it is current).
+proto: $(STAMP)
+	cd proto && ../$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. alexnet_api/v1/alexnet.proto
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

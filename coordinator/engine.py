@@ -18,15 +18,20 @@ from towers import NetConfig, merge_state_dicts, split_state_dict
 from towers.config import derive_seed
 
 
-def ensure_ray(num_cpus: Optional[int] = None) -> None:
-    """Join the Ray that is already initialised or named by RAY_ADDRESS, else start a local one."""
+def ensure_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> None:
+    """Join the Ray already initialised, or at `address` (else RAY_ADDRESS), or start a local one.
+
+    A local Ray gets at least 6 logical CPUs whatever the machine has: a training pair and a
+    serving pair of towers take one each, and data loading needs room beside them. The physical
+    cores are shared; Ray's CPU count only decides what may be scheduled.
+    """
     if ray.is_initialized():
         return
-    address = os.environ.get("RAY_ADDRESS")
+    address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False)
+        ray.init(num_cpus=num_cpus or max(os.cpu_count() or 1, 6), include_dashboard=False)
 
 
 @dataclass(frozen=True)
@@ -170,6 +175,15 @@ class ModelParallelAlexNet:
         """Load canonical weights. The optimiser's momentum starts again from zero: it belonged to other weights."""
         pieces = split_state_dict(state, self.config)
         ray.get([w.set_state.remote({k: v.numpy() for k, v in p.items()}) for w, p in zip(self._workers, pieces)])
+
+    def optimizer_state(self) -> list:
+        """Each tower's optimiser state (momentum buffers), for checkpoints."""
+        return self._gather("get_optimizer_state")
+
+    def load_optimizer_state(self, per_tower: list) -> None:
+        if len(per_tower) != len(self._workers):
+            raise ValueError(f"optimizer state holds {len(per_tower)} towers, this model has {len(self._workers)}")
+        ray.get([w.set_optimizer_state.remote(s) for w, s in zip(self._workers, per_tower)])
 
     def _gather(self, method: str) -> list:
         return ray.get([getattr(w, method).remote() for w in self._workers])

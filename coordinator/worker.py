@@ -41,10 +41,7 @@ class TowerWorker:
         self.optimizer = paper_sgd(self.tower, lr, momentum, weight_decay)
         # Exchange points are named by the layer that receives: conv3, fc6, fc7, fc8.
         self.points = [segment[0].name for segment in config.segments]
-        self.stages = [
-            segment[0].name if len(segment) == 1 else f"{segment[0].name}-{segment[-1].name}"
-            for segment in config.segments
-        ]
+        self.stages = config.stage_names
         self._stats = self._empty_stats()
 
     @staticmethod

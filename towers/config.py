@@ -8,7 +8,7 @@ from functools import cached_property
 
 from towers.layers import ALEXNET_2012, NUM_CLASSES, Layer, MaxPool
 
-INITS = ("paper", "pytorch")
+INITS = ("paper", "pytorch", "kaiming")
 
 
 @dataclass(frozen=True)
@@ -18,7 +18,7 @@ class NetConfig:
     width: float = 1.0  # scales every hidden layer; 1.0 is the paper's network
     image_size: int = 227
     towers: int = 2
-    init: str = "paper"  # "paper": N(0, 0.01) and the table's biases; "pytorch": PyTorch's default
+    init: str = "paper"  # "paper": N(0, 0.01) and the table's biases; "pytorch": PyTorch's default; "kaiming"
     layers: tuple[Layer, ...] = ALEXNET_2012
 
     def __post_init__(self):
@@ -49,6 +49,11 @@ class NetConfig:
                 runs.append([])
             runs[-1].append(shape)
         return tuple(tuple(run) for run in runs)
+
+    @cached_property
+    def stage_names(self) -> tuple[str, ...]:
+        """Each segment named by its layers, e.g. "conv1-conv2", "fc6"."""
+        return tuple(seg[0].name if len(seg) == 1 else f"{seg[0].name}-{seg[-1].name}" for seg in self.segments)
 
     def parameter_count(self) -> int:
         return sum(s.parameter_count for s in self.shapes)

@@ -23,6 +23,12 @@ def tower_slice_init(cfg: NetConfig, shape: LayerShape, tower: int, seed: int) -
         # Krizhevsky et al. 2012, section 5: weights from N(0, 0.01); biases 1 where the table says so.
         weight = torch.randn(weight_shape, generator=gen) * 0.01
         bias = torch.full((rows,), float(shape.layer.bias_init))
+    elif cfg.init == "kaiming":
+        # He et al. 2015: N(0, 2/fan_in) keeps activations' scale through ReLUs; zero biases. The last
+        # layer starts at zero, so every class starts equally likely and early steps stay small.
+        last = shape.index == len(cfg.shapes) - 1
+        weight = torch.randn(weight_shape, generator=gen) * (0.0 if last else math.sqrt(2.0 / shape.fan_in))
+        bias = torch.zeros(rows)
     else:  # "pytorch": what nn.Conv2d / nn.Linear draw by default
         bound = 1.0 / math.sqrt(shape.fan_in)
         weight = (torch.rand(weight_shape, generator=gen) * 2 - 1) * bound

@@ -1,0 +1,175 @@
+"""Prometheus metrics for the service: training, towers, exchanges, serving, model version, gRPC.
+
+Names follow Prometheus conventions: base units (seconds, bytes), `_total` for counters. Every
+metric lives in the service's own registry, so two servers in one process never collide.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+STEP_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+class Metrics:
+    def __init__(self):
+        r = self.registry = CollectorRegistry()
+        # Training
+        self.steps = Counter("alexnet_training_steps_total", "SGD steps taken", registry=r)
+        self.samples = Counter("alexnet_training_samples_total", "Images trained on", registry=r)
+        self.loss = Gauge("alexnet_training_loss", "Loss of the last step", registry=r)
+        self.top1 = Gauge("alexnet_validation_top1_accuracy", "Top-1 accuracy of the last validation", registry=r)
+        self.top5 = Gauge("alexnet_validation_top5_accuracy", "Top-5 accuracy of the last validation", registry=r)
+        self.lr = Gauge("alexnet_training_learning_rate", "Current learning rate", registry=r)
+        self.epoch = Gauge("alexnet_training_epoch", "Epochs completed in the current job", registry=r)
+        self.images_per_second = Gauge("alexnet_training_images_per_second", "Training throughput", registry=r)
+        self.skipped = Gauge("alexnet_training_skipped_images", "Unreadable images skipped in the current job", registry=r)
+        self.step_seconds = Histogram(
+            "alexnet_training_step_duration_seconds", "Wall time of one training step", buckets=STEP_BUCKETS, registry=r
+        )
+        # Towers and exchanges
+        self.tower_compute = Counter(
+            "alexnet_tower_compute_seconds_total",
+            "Seconds each tower computed, per stage and direction",
+            ["tower", "stage", "direction"],
+            registry=r,
+        )
+        self.exchange_seconds = Histogram(
+            "alexnet_exchange_duration_seconds",
+            "Per step, the longest any tower waited for an exchange's data",
+            ["point", "direction"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.exchange_bytes = Counter(
+            "alexnet_exchange_bytes_total", "Bytes moved between towers", ["point", "direction"], registry=r
+        )
+        # Serving
+        self.classify_requests = Counter(
+            "alexnet_classify_requests_total", "Classify requests by gRPC code", ["code"], registry=r
+        )
+        self.classify_latency = Histogram(
+            "alexnet_classify_latency_seconds", "Classify request latency", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.queue_seconds = Histogram(
+            "alexnet_classify_queue_seconds", "Time a request waited to join a batch", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.batch_size = Histogram(
+            "alexnet_classify_batch_size", "Images per served batch", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.pending = Gauge("alexnet_classify_pending_requests", "Requests waiting for a batch", registry=r)
+        self.version = Gauge("alexnet_model_version", "The model version being served", registry=r)
+        # gRPC
+        self.rpcs = Counter(
+            "alexnet_grpc_server_handled_total", "RPCs handled, by method and code", ["method", "code"], registry=r
+        )
+        self.rpc_seconds = Histogram(
+            "alexnet_grpc_server_handling_seconds", "RPC handling time", ["method"], buckets=LATENCY_BUCKETS, registry=r
+        )
+
+    def prepare(self, config) -> None:
+        """Create every tower/stage and exchange series at zero, so dashboards see them before training."""
+        for tower in range(config.towers):
+            for stage in config.stage_names:
+                for direction in ("forward", "backward"):
+                    self.tower_compute.labels(str(tower), stage, direction)
+        for segment in config.segments[1:]:
+            for direction in ("forward", "backward"):
+                self.exchange_seconds.labels(segment[0].name, direction)
+                self.exchange_bytes.labels(segment[0].name, direction)
+
+    def observe_step(self, event, batch: int, seconds: float) -> None:
+        self.steps.inc()
+        self.samples.inc(batch)
+        self.loss.set(event.loss)
+        self.lr.set(event.lr)
+        self.epoch.set(event.epoch)
+        self.images_per_second.set(event.images_per_second)
+        self.skipped.set(event.skipped)
+        self.step_seconds.observe(seconds)
+
+    def observe_validation(self, event) -> None:
+        self.top1.set(event.top1)
+        self.top5.set(event.top5)
+        self.epoch.set(event.epoch)
+        self.skipped.set(event.skipped)
+
+    def observe_engine(self, stats: dict) -> None:
+        """One step's timings from ModelParallelAlexNet.take_stats()."""
+        longest: dict = {}
+        for t, tower in enumerate(stats["towers"]):
+            for (stage, direction), seconds in tower["compute_seconds"].items():
+                self.tower_compute.labels(str(t), stage, direction).inc(seconds)
+            for key, seconds in tower["exchange_seconds"].items():
+                longest[key] = max(longest.get(key, 0.0), seconds)
+            for (point, direction), n in tower["exchange_bytes"].items():
+                self.exchange_bytes.labels(point, direction).inc(n)
+        for (point, direction), seconds in longest.items():
+            self.exchange_seconds.labels(point, direction).observe(seconds)
+
+    def serve_http(self, host: str, port: int):
+        """Serve /metrics; returns the HTTP server (its server_address holds the bound port)."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        return server
+
+
+class GrpcMetricsInterceptor(grpc.ServerInterceptor):
+    """Counts every RPC by method and final status code, and times it."""
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                self._unary(method, handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                self._stream(method, handler.unary_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler  # no client-streaming RPCs here besides reflection's, which pass through
+
+    @contextmanager
+    def _observed(self, method: str, context):
+        """Count the RPC under its final status code (UNKNOWN if the handler raised without one) and time it."""
+        start, failed = time.perf_counter(), False
+        try:
+            yield
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            code = context.code() if hasattr(context, "code") else None
+            if code is None:
+                code = grpc.StatusCode.UNKNOWN if failed else grpc.StatusCode.OK
+            self.metrics.rpcs.labels(method, code.name).inc()
+            self.metrics.rpc_seconds.labels(method).observe(time.perf_counter() - start)
+
+    def _unary(self, method, behaviour):
+        def wrapper(request, context):
+            with self._observed(method, context):
+                return behaviour(request, context)
+
+        return wrapper
+
+    def _stream(self, method, behaviour):
+        def wrapper(request, context):
+            with self._observed(method, context):
+                yield from behaviour(request, context)
+
+        return wrapper

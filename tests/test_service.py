@@ -1,0 +1,327 @@
+"""The gRPC service end to end: a real server on a free loopback port, a real client, real images."""
+
+import io
+import re
+import math
+import threading
+import time
+import urllib.request
+
+import grpc
+import numpy as np
+import pytest
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from alexnet_api.v1 import alexnet_pb2 as pb
+from client import AlexNetClient
+from coordinator.patterns import generate
+from coordinator.service import Server, ServeOptions
+
+WIDTH = 0.25  # the served network and the jobs' networks share it, so publishing never rebuilds towers
+TINY = {"width": str(WIDTH), "epochs": "2", "batch_size": "8", "publish_every": "2"}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return generate(tmp_path_factory.mktemp("data") / "patterns", train_per_class=6, val_per_class=2)
+
+
+@pytest.fixture(scope="module")
+def server(ray_session):
+    srv = Server(ServeOptions(port=0, metrics_port=0, width=WIDTH, max_batch=16, max_delay_ms=2)).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with AlexNetClient(f"127.0.0.1:{server.port}", timeout=60) as c:
+        c.wait_ready()
+        yield c
+
+
+def jpeg_bytes(seed=0):
+    rng = np.random.default_rng(seed)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (300, 260, 3), dtype=np.uint8)).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+def wait_for(predicate, timeout=120, every=0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError("timed out waiting")
+
+
+def finish(client, job_id):
+    return wait_for(lambda: (j := client.get(job_id)).state in (pb.FINISHED, pb.STOPPED, pb.FAILED) and j)
+
+
+def scrape(server) -> dict:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            key = (sample.name, tuple(sorted(sample.labels.items())))
+            samples[key] = sample.value
+    return samples
+
+
+def total(samples, name):
+    return sum(v for (n, _), v in samples.items() if n == name)
+
+
+def test_health_is_serving_and_reflection_lists_the_api(client):
+    from grpc_health.v1 import health_pb2
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    for service in ("", "alexnet.v1.InferenceService", "alexnet.v1.TrainingService", "alexnet.v1.ModelService"):
+        response = client.health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+        assert response.status == health_pb2.HealthCheckResponse.SERVING
+    database = ProtoReflectionDescriptorDatabase(client.channel)
+    services = set(database.get_services())
+    assert {"alexnet.v1.TrainingService", "alexnet.v1.InferenceService", "alexnet.v1.ModelService"} <= services
+    assert "grpc.health.v1.Health" in services
+    # The schema itself travels: a reflection client can build requests without proto files.
+    from google.protobuf.descriptor_pool import DescriptorPool
+
+    pool = DescriptorPool(database)
+    method = pool.FindServiceByName("alexnet.v1.InferenceService").FindMethodByName("Classify")
+    assert method.input_type.full_name == "alexnet.v1.ClassifyRequest"
+    assert [f.name for f in method.input_type.fields] == ["images", "top_k"]
+
+
+def test_before_training_classification_says_it_uses_initial_weights(client):
+    response = client.classify([jpeg_bytes()], top_k=3)
+    assert response.model_version == 0
+    assert "initial weights" in response.model_note
+    [result] = response.results
+    assert len(result.top) == 3
+    assert result.top[0].probability >= result.top[1].probability >= result.top[2].probability
+    assert all(p.label for p in result.top)
+
+
+def test_model_info_shows_the_table_the_towers_and_the_classes(client):
+    info = client.info()
+    assert [layer.name for layer in info.layers] == ["conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8"]
+    assert [layer.sees for layer in info.layers][:3] == ["image", "own", "both"]
+    conv1 = info.layers[0]
+    assert conv1.outputs == sum(conv1.outputs_per_tower) and len(conv1.outputs_per_tower) == 2
+    assert any(op.startswith("LRN(") for op in conv1.then)
+    assert [t.index for t in info.towers] == [0, 1]
+    assert all(t.device == "cpu" for t in info.towers)
+    assert sum(t.parameters for t in info.towers) == info.parameters
+    assert len(info.classes) == 10 and info.image_size == 227
+
+
+def test_tensor_input_matches_the_same_image_encoded(client):
+    """A raw [3,227,227] tensor is taken as the network input; both paths give probabilities summing to 1."""
+    tensor = np.random.default_rng(1).normal(size=(3, 227, 227)).astype(np.float32)
+    response = client.classify([tensor, jpeg_bytes(2)], top_k=10)
+    assert len(response.results) == 2
+    for result in response.results:
+        assert sum(p.probability for p in result.top) == pytest.approx(1.0, abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    "images, top_k, message",
+    [
+        ([], 5, "no images"),
+        ([b"this is not an image"], 5, "image 0 cannot be decoded"),
+        ([np.zeros((3, 64, 64), np.float32)], 5, r"tensor shape is \[3, 64, 64\], it must be \[3, 227, 227\]"),
+        ([pb.Image(tensor=pb.Tensor(shape=[3, 227, 227], data=b"\0" * 12))], 5, "tensor data holds 12 bytes"),
+        ([np.full((3, 227, 227), np.nan, np.float32)], 5, "NaN"),
+        ([pb.Image()], 5, "image 0 is empty"),
+        (["jpeg"], 0, "top_k must be between 1 and 10"),
+        (["jpeg"], -1, "top_k must be between 1 and 10"),
+        (["jpeg"], 11, "top_k must be between 1 and 10"),
+        (["jpeg"] * 17, 5, "at most 16"),
+    ],
+)
+def test_bad_classify_requests_get_invalid_argument(client, images, top_k, message):
+    images = [jpeg_bytes() if isinstance(i, str) else i for i in images]
+    with pytest.raises(grpc.RpcError) as caught:
+        client.classify(images, top_k=top_k)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details() and re.search(message, caught.value.details())
+
+
+@pytest.mark.parametrize("call", ["get", "stop", "watch"])
+def test_unknown_and_empty_jobs(client, call):
+    for job_id, code in (("nope", grpc.StatusCode.NOT_FOUND), ("", grpc.StatusCode.INVALID_ARGUMENT)):
+        with pytest.raises(grpc.RpcError) as caught:
+            result = getattr(client, call)(job_id)
+            list(result) if call == "watch" else result
+        assert caught.value.code() == code
+        assert "ListTrainings" in caught.value.details() or "job_id is empty" in caught.value.details()
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        (dict(), "no dataset"),
+        (dict(data_dir="/no/such/folder"), "does not exist"),
+        (dict(data_dir="EMPTY"), "no class folders"),
+        (dict(data_dir="DATA", preset="fast"), "unknown preset 'fast'"),
+        (dict(data_dir="DATA", overrides={"lr": "-1"}), "lr must be"),
+        (dict(data_dir="DATA", overrides={"batch_size": "0"}), "batch_size must be at least 1"),
+        (dict(data_dir="DATA", overrides={"epochs": "many"}), "epochs='many' is not a valid int"),
+        (dict(data_dir="DATA", overrides={"learning_rate": "0.1"}), "unknown override learning_rate"),
+    ],
+)
+def test_bad_training_specs_get_invalid_argument(client, dataset, tmp_path, spec, message):
+    (tmp_path / "empty").mkdir()
+    folders = {"DATA": str(dataset / "train"), "EMPTY": str(tmp_path / "empty")}
+    if "data_dir" in spec:
+        spec["data_dir"] = folders.get(spec["data_dir"], spec["data_dir"])
+    request = pb.TrainingSpec(**{k: v for k, v in spec.items()})
+    with pytest.raises(grpc.RpcError) as caught:
+        client.training.StartTraining(request, timeout=30)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in caught.value.details()
+
+
+def test_full_lifecycle_watch_to_the_end(client, server, dataset, tmp_path):
+    job = client.train(str(dataset / "train"), val_dir=str(dataset / "val"), overrides=TINY, checkpoint_dir=tmp_path)
+    assert job.state in (pb.PENDING, pb.RUNNING) and job.job_id
+    events = list(client.watch(job.job_id))
+    kinds = [e.kind for e in events]
+    assert events[0].kind == pb.TrainingEvent.STATE  # the current state comes first
+    assert events[-1].kind == pb.TrainingEvent.STATE and events[-1].state == pb.FINISHED
+    steps = [e.progress.step for e in events if e.kind == pb.TrainingEvent.STEP]
+    assert steps == sorted(steps) and steps[-1] == 16  # 2 epochs x 60 images / batch 8
+    epochs = [e for e in events if e.kind == pb.TrainingEvent.EPOCH]
+    assert [e.progress.epoch for e in epochs] == [1, 2]
+    assert all(0 <= e.progress.top1_accuracy <= e.progress.top5_accuracy <= 1 for e in epochs)
+    published = [e.model_version for e in events if e.kind == pb.TrainingEvent.PUBLISHED]
+    assert len(published) >= 8 and published == sorted(published)
+    assert pb.TrainingEvent.PUBLISHED in kinds and not math.isnan(events[-1].progress.loss)
+    final = client.get(job.job_id)
+    assert final.state == pb.FINISHED and final.ended_unix >= final.created_unix
+    assert final.model_version == published[-1]
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*.pt")) == ["checkpoint-step0000008.pt", "checkpoint-step0000016.pt"]
+    # The served model is now this job's last version, and says so.
+    response = client.classify([jpeg_bytes()], top_k=2)
+    assert response.model_version == final.model_version
+    assert response.model_note.startswith("trained")
+    assert client.list()[0].job_id == job.job_id
+    # A late watcher of an ended job gets its final state at once.
+    [late] = list(client.watch(job.job_id))
+    assert late.state == pb.FINISHED and late.progress.step == 16
+
+
+def test_one_job_at_a_time_stop_and_list(client, dataset, tmp_path):
+    long = dict(TINY, epochs="500")
+    first = client.train(str(dataset / "train"), overrides=long, checkpoint_dir=tmp_path)
+    wait_for(lambda: client.get(first.job_id).progress.step >= 2)
+    with pytest.raises(grpc.RpcError) as caught:
+        client.train(str(dataset / "train"), overrides=TINY)
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert first.job_id in caught.value.details() and "StopTraining" in caught.value.details()
+    stopping = client.stop(first.job_id)
+    assert stopping.state in (pb.STOPPING, pb.STOPPED)
+    stopped = finish(client, first.job_id)
+    assert stopped.state == pb.STOPPED
+    assert list(tmp_path.glob("checkpoint-*.pt"))  # the stop wrote a checkpoint: nothing is lost
+    assert (tmp_path / "latest.pt").exists()
+    listed = client.list()
+    assert listed[0].job_id == first.job_id
+    assert [j.created_unix for j in listed] == sorted((j.created_unix for j in listed), reverse=True)
+    again = client.stop(first.job_id)  # stopping an ended job is harmless
+    assert again.state == pb.STOPPED
+
+
+def test_classify_during_training_never_waits_a_step_and_metrics_grow(client, server, dataset):
+    heavy = dict(TINY, epochs="500", batch_size="32", publish_every="1")
+    job = client.train(str(dataset / "train"), overrides=heavy)
+    events = client.watch(job.job_id)
+    step_times, stop_watching = [], threading.Event()
+
+    def watch():
+        last = None
+        for event in events:
+            if event.kind == pb.TrainingEvent.STEP:
+                if last is not None:
+                    step_times.append(event.progress.elapsed_seconds - last)
+                last = event.progress.elapsed_seconds
+            if stop_watching.is_set():
+                break
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    wait_for(lambda: len(step_times) >= 3)
+    before = scrape(server)
+    latencies, versions = [], []
+    image = jpeg_bytes(5)
+    while len(latencies) < 40:
+        start = time.perf_counter()
+        response = client.classify([image], top_k=1)
+        latencies.append(time.perf_counter() - start)
+        versions.append(response.model_version)
+    after = scrape(server)
+    client.stop(job.job_id)
+    stop_watching.set()
+    finish(client, job.job_id)
+    events.cancel()
+    step = float(np.median(step_times))
+    assert max(latencies) < step, f"classify took {max(latencies):.3f} s while a step takes {step:.3f} s"
+    assert versions == sorted(versions) and versions[-1] > versions[0]  # new versions arrived meanwhile
+    # Training counters grew between two scrapes taken while it ran.
+    assert total(after, "alexnet_training_steps_total") > total(before, "alexnet_training_steps_total")
+    assert total(after, "alexnet_training_samples_total") > total(before, "alexnet_training_samples_total")
+    assert total(after, "alexnet_exchange_bytes_total") > total(before, "alexnet_exchange_bytes_total")
+
+
+def test_one_scrape_shows_every_metric(client, server, dataset):
+    finish(client, client.train(str(dataset / "train"), overrides=dict(TINY, epochs="1")).job_id)
+    client.classify([jpeg_bytes()], top_k=1)
+    with pytest.raises(grpc.RpcError):
+        client.classify([jpeg_bytes()], top_k=0)
+    with pytest.raises(grpc.RpcError):
+        client.get("no-such-job")
+    samples = scrape(server)
+    names = {name for name, _ in samples}
+    expected = [
+        "alexnet_training_steps_total",
+        "alexnet_training_samples_total",
+        "alexnet_training_loss",
+        "alexnet_validation_top1_accuracy",
+        "alexnet_validation_top5_accuracy",
+        "alexnet_training_learning_rate",
+        "alexnet_training_epoch",
+        "alexnet_training_images_per_second",
+        "alexnet_training_step_duration_seconds_bucket",
+        "alexnet_tower_compute_seconds_total",
+        "alexnet_exchange_duration_seconds_bucket",
+        "alexnet_exchange_bytes_total",
+        "alexnet_classify_requests_total",
+        "alexnet_classify_latency_seconds_bucket",
+        "alexnet_classify_queue_seconds_bucket",
+        "alexnet_classify_batch_size_bucket",
+        "alexnet_classify_pending_requests",
+        "alexnet_model_version",
+        "alexnet_grpc_server_handled_total",
+        "alexnet_grpc_server_handling_seconds_bucket",
+    ]
+    assert [n for n in expected if n not in names] == []
+    labels = {dict(l)["tower"] for n, l in samples if n == "alexnet_tower_compute_seconds_total"}
+    assert labels == {"0", "1"}
+    points = {(dict(l)["point"], dict(l)["direction"]) for n, l in samples if n == "alexnet_exchange_bytes_total"}
+    assert {p for p, _ in points} == {"conv3", "fc6", "fc7", "fc8"} and {d for _, d in points} == {"forward", "backward"}
+    codes = {dict(l)["code"] for n, l in samples if n == "alexnet_classify_requests_total"}
+    assert {"OK", "INVALID_ARGUMENT"} <= codes
+    handled = {(dict(l)["method"], dict(l)["code"]) for n, l in samples if n == "alexnet_grpc_server_handled_total"}
+    assert ("/alexnet.v1.InferenceService/Classify", "OK") in handled
+    assert ("/alexnet.v1.TrainingService/GetTraining", "NOT_FOUND") in handled
+    assert samples[("alexnet_model_version", ())] >= 1
+
+
+def test_the_server_keeps_serving_after_all_that(client):
+    response = client.classify([jpeg_bytes(9), jpeg_bytes(10)], top_k=5)
+    assert len(response.results) == 2 and response.model_version >= 1
+    assert client.info().model_version == response.model_version

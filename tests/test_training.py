@@ -1,0 +1,117 @@
+"""The training loop: presets and overrides, schedules, stopping, checkpoints, and real learning."""
+
+import math
+import threading
+
+import pytest
+import torch
+
+from coordinator.data import open_dataset
+from coordinator.patterns import generate
+from coordinator.training import PRESETS, PlateauSchedule, StepSchedule, recipe, train
+
+
+def test_paper_preset_is_the_papers_recipe():
+    paper = PRESETS["paper"]
+    assert (paper.batch_size, paper.lr, paper.momentum, paper.weight_decay) == (128, 0.01, 0.9, 5e-4)
+    assert (paper.init, paper.epochs, paper.dropout, paper.schedule) == ("paper", 90, 0.5, "plateau")
+    assert paper.max_drops == 3 and paper.width == 1.0 and not paper.normalise
+
+
+def test_demo_preset_keeps_the_network():
+    demo = PRESETS["demo"]
+    assert demo.width == 1.0 and demo.dropout == 0.5  # the same network: only the recipe is tuned
+
+
+def test_overrides_are_converted_and_checked():
+    plan = recipe("paper", {"epochs": "3", "lr": "0.02", "lr_epochs": "2,4", "ten_crop": "true"})
+    assert (plan.epochs, plan.lr, plan.lr_epochs, plan.ten_crop) == (3, 0.02, (2, 4), True)
+    with pytest.raises(ValueError, match="unknown preset 'fast'"):
+        recipe("fast")
+    with pytest.raises(ValueError, match="unknown override colour"):
+        recipe("demo", {"colour": "red"})
+    with pytest.raises(ValueError, match="lr must be"):
+        recipe("demo", {"lr": "-0.1"})
+    with pytest.raises(ValueError, match="dropout must be in"):
+        recipe("demo", {"dropout": "1.5"})
+    with pytest.raises(ValueError, match="ten_crop='maybe' is not a valid bool"):
+        recipe("demo", {"ten_crop": "maybe"})
+
+
+def test_plateau_schedule_divides_when_validation_error_stalls():
+    schedule = PlateauSchedule(0.01, patience=1, max_drops=3)
+    assert schedule.update(0, 0.80) == 0.01  # first result: improving
+    assert schedule.update(1, 0.60) == 0.01  # still improving
+    assert schedule.update(2, 0.60) == pytest.approx(0.001)  # stalled: divide by 10
+    assert schedule.update(3, 0.50) == pytest.approx(0.001)
+    assert schedule.update(4, 0.55) == pytest.approx(0.0001)
+    assert schedule.update(5, 0.55) == pytest.approx(0.00001)
+    assert schedule.update(6, 0.55) == pytest.approx(0.00001)  # three times at most
+    patient = PlateauSchedule(0.01, patience=2)
+    assert patient.update(0, 0.5) == 0.01 and patient.update(1, 0.5) == 0.01
+    assert patient.update(2, 0.5) == pytest.approx(0.001)
+
+
+def test_step_schedule_is_the_2012_codes():
+    schedule = StepSchedule(0.01, (25, 51))
+    rates = {epoch + 1: schedule.update(epoch, 0.5) for epoch in range(60)}
+    assert rates[24] == 0.01 and rates[25] == pytest.approx(0.001) and rates[50] == pytest.approx(0.001)
+    assert rates[51] == pytest.approx(0.0001)
+
+
+@pytest.fixture(scope="module")
+def patterns(tmp_path_factory):
+    root = generate(tmp_path_factory.mktemp("patterns") / "p", train_per_class=40, val_per_class=12)
+    return open_dataset(root / "train", root / "val")
+
+
+def test_learning_on_the_builtin_dataset(ray_session, patterns):
+    """Short and small-width, but real: loss falls well below chance and validation beats chance."""
+    events = []
+    result = train(
+        patterns,
+        "demo",
+        {"width": 0.25, "epochs": 12, "batch_size": 32, "lr": 0.005, "dropout": 0.0, "lr_epochs": "11"},
+        on_event=events.append,
+    )
+    chance_loss, chance_top1 = math.log(10), 0.1
+    steps = [e for e in events if e.kind == "step"]
+    late = sum(e.loss for e in steps[-10:]) / 10
+    print(f"late training loss {late:.3f}, validation top-1 {result.top1:.1%}")
+    assert late < 0.75 * chance_loss, f"training loss {late:.3f} vs chance {chance_loss:.3f}"
+    assert result.top1 > 3 * chance_top1, f"validation top-1 {result.top1:.1%}"
+    epochs = [e for e in events if e.kind == "epoch"]
+    assert len(epochs) == 12 and all(0 <= e.top1 <= e.top5 <= 1 for e in epochs)
+    assert epochs[-1].lr == pytest.approx(0.0005)  # the step schedule's drop took effect
+    assert all(e.images_per_second > 0 for e in steps)
+
+
+def test_stop_ends_at_a_step_boundary_with_a_checkpoint(ray_session, patterns, tmp_path):
+    stop = threading.Event()
+    published = []
+
+    def on_event(event):
+        if event.kind == "step" and event.step == 3:
+            stop.set()
+
+    result = train(
+        patterns,
+        "demo",
+        {"width": 0.125, "epochs": 50, "batch_size": 16, "publish_every": 2},
+        on_event=on_event,
+        stop=stop,
+        on_publish=lambda step, state: published.append((step, state)),
+        checkpoint_dir=tmp_path,
+    )
+    assert result.state == "stopped" and result.steps == 3
+    assert [step for step, _ in published] == [2, 3]  # every 2 steps, and once more at the end
+    checkpoint = torch.load(tmp_path / "latest.pt", weights_only=False)
+    assert checkpoint["step"] == 3 and checkpoint["classes"] == patterns.classes
+    assert set(checkpoint["state_dict"]) == set(published[-1][1])
+    assert all(torch.equal(checkpoint["state_dict"][k], published[-1][1][k]) for k in checkpoint["state_dict"])
+    assert len(checkpoint["optimizer"]) == 2  # each tower's momentum buffers
+
+
+def test_a_diverging_run_fails_with_advice(ray_session, patterns):
+    with pytest.raises(FloatingPointError, match="lower lr"):
+        train(patterns, "demo", {"width": 0.125, "lr": 1e6, "epochs": 1, "batch_size": 16, "init": "pytorch"})
