@@ -8,10 +8,10 @@ CLUSTER = Path(__file__).resolve().parent.parent / "deploy" / "cluster.yaml"
 
 
 def test_cluster_config_passes_rays_own_schema():
-    from ray.autoscaler._private.util import validate_config
+    from ray.autoscaler._private.util import prepare_config, validate_config
 
     config = yaml.safe_load(CLUSTER.read_text())
-    validate_config(config)  # raises on anything `ray up` would reject
+    validate_config(prepare_config(config))  # what `ray up` does first: raises on anything it would reject
     assert config["head_node_type"] in config["available_node_types"]
     workers = config["available_node_types"]["gpu_worker"]
     assert workers["min_workers"] >= 2  # two towers, one GPU each
