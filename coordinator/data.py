@@ -173,13 +173,14 @@ def to_tensor(crops: np.ndarray, shifts: np.ndarray, stats: ColourStats, normali
     """(N, 227, 227, 3) uint8 and (N, 3) colour shifts -> (N, 3, 227, 227) float32, mean subtracted.
 
     The paper keeps the 0..255 scale; with `normalise`, each channel is also divided by its spread.
+    The result is channels-last in memory, the layout the towers compute in and the wire carries.
     """
     offset = torch.as_tensor(shifts, dtype=torch.float32) - torch.tensor(stats.mean, dtype=torch.float32)
     images = torch.from_numpy(np.ascontiguousarray(crops)).permute(0, 3, 1, 2).float()
     images = images.add_(offset[:, :, None, None])
     if normalise:
         images = images.div_(torch.tensor(stats.std, dtype=torch.float32)[None, :, None, None])
-    return images.contiguous()
+    return images
 
 
 

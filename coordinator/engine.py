@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Optional
@@ -11,7 +12,7 @@ import numpy as np
 import ray
 import torch
 
-from coordinator.exchange import ObjectStoreExchange
+from coordinator.exchange import ObjectStoreExchange, compile_inference
 from coordinator.step import Coordinator
 from coordinator.worker import TowerWorker
 from towers import NetConfig, merge_state_dicts, split_state_dict
@@ -108,19 +109,25 @@ class ModelParallelAlexNet:
         # The coordinator only routes references and computes the loss: it needs no core of its own.
         self._coordinator = ray.remote(Coordinator).options(num_cpus=0).remote(self._workers, self.config)
         self.towers = ray.get([w.describe.remote() for w in self._workers])
+        self._graph, self._graph_lock = None, threading.Lock()
 
     # --- input checks -------------------------------------------------------------------------
     def _images(self, images) -> tuple[list, int]:
+        images = self._check_images(images)
+        # Boxed in a list so the coordinator receives the reference, and the pixels go only to the towers.
+        return [ray.put(ObjectStoreExchange.send(images))], images.shape[0]
+
+    def _check_images(self, images) -> torch.Tensor:
         images = torch.as_tensor(images, dtype=self.dtype)
         size = self.config.image_size
         if images.dim() != 4 or tuple(images.shape[1:]) != (3, size, size):
             raise ValueError(f"images must have shape [N, 3, {size}, {size}], got {list(images.shape)}")
         if images.shape[0] == 0:
             raise ValueError("images is an empty batch")
-        if not torch.isfinite(images).all():
+        # A sum is one fast pass and is NaN or infinite if any pixel is; only then check pixel by pixel.
+        if not torch.isfinite(images.sum()) and not torch.isfinite(images).all():
             raise ValueError("images contain NaN or infinite values")
-        # Boxed in a list so the coordinator receives the reference, and the pixels go only to the towers.
-        return [ray.put(ObjectStoreExchange.send(images))], images.shape[0]
+        return images
 
     def _labels(self, labels, batch: int) -> np.ndarray:
         labels = torch.as_tensor(labels)
@@ -149,14 +156,41 @@ class ModelParallelAlexNet:
 
     def train_step(self, images, labels, dropout_seed: Optional[int] = None) -> float:
         """One SGD step on a batch; returns its loss (before the update)."""
-        loss = self.forward_backward(images, labels, dropout_seed)
-        self.apply_update()
-        return loss
+        return ray.get(self.submit_step(images, labels, dropout_seed))
+
+    def submit_step(self, images, labels, dropout_seed: Optional[int] = None, with_stats: bool = False):
+        """Start one SGD step and return at once: an ObjectRef to its loss (and its timings, with_stats).
+
+        Steps run in the order submitted. Submitting the next batch before the current step ends
+        keeps the towers busy while this process prepares and uploads images.
+        """
+        boxed, batch = self._images(images)
+        labels = self._labels(labels, batch)
+        if dropout_seed is None:
+            dropout_seed = derive_seed(self.seed, "step", self.steps)
+        self.steps += 1
+        return self._coordinator.train_step.remote(boxed, labels, self.lr, dropout_seed, with_stats)
 
     def predict(self, images) -> torch.Tensor:
-        """Logits in eval mode (no dropout)."""
-        boxed, _ = self._images(images)
-        return torch.tensor(ray.get(self._coordinator.predict.remote(boxed)))
+        """Logits in eval mode (no dropout), through the compiled inference graph (made on first use)."""
+        images = self._check_images(images)
+        with self._graph_lock:
+            if self._graph is None:
+                self._graph = compile_inference(self._workers, len(self.config.segments))
+            try:
+                outputs = ray.get(self._graph.execute(ObjectStoreExchange.send(images)))
+            except Exception:
+                self._drop_graph()  # a failed execution can leave the channels unusable: rebuild next time
+                raise
+        return torch.cat([torch.from_numpy(np.array(o)) for o in outputs], dim=1)
+
+    def _drop_graph(self) -> None:
+        if self._graph is not None:
+            graph, self._graph = self._graph, None
+            try:
+                graph.teardown()
+            except Exception:  # already broken; the actors will be replaced or killed anyway
+                pass
 
     def take_stats(self) -> dict:
         """Per-tower compute and exchange timings and bytes since the last call, and the coordinator's time."""
@@ -189,6 +223,7 @@ class ModelParallelAlexNet:
         return ray.get([getattr(w, method).remote() for w in self._workers])
 
     def shutdown(self) -> None:
+        self._drop_graph()
         for actor in [self._coordinator, *self._workers]:
             ray.kill(actor)
         self._workers = []

@@ -10,6 +10,11 @@ from one tower's process to another through shared memory (numpy arrays are read
 copy) and never pass through the coordinator. A GPU-direct transport (NCCL between the tower
 actors) would implement the same five methods; neither the towers' math nor the coordinator's
 step would change.
+
+Inference uses the same all-gather wiring, compiled once into a Ray Compiled Graph
+(compile_inference): the towers then pass activations through shared-memory channels at tens
+of microseconds a hop instead of a task launch of about a millisecond, which is most of the
+latency of a batch of one.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from typing import Sequence
 import numpy as np
 import ray
 import torch
+from ray.dag import InputNode, MultiOutputNode
 
 
 @dataclass
@@ -36,8 +42,8 @@ class Received:
 class ObjectStoreExchange:
     # --- coordinator side: who receives what -------------------------------------------------
     @staticmethod
-    def all_gather(outputs: Sequence[ray.ObjectRef]) -> list[list[ray.ObjectRef]]:
-        """Forward: outputs[t] is tower t's output; every tower is handed all of them."""
+    def all_gather(outputs: Sequence) -> list[list]:
+        """Forward: outputs[t] is tower t's output (a reference or a graph node); every tower is handed all of them."""
         return [list(outputs) for _ in outputs]
 
     @staticmethod
@@ -67,7 +73,7 @@ class ObjectStoreExchange:
         with warnings.catch_warnings():
             # Arrays from the object store are read-only views of shared memory; nothing writes to them.
             warnings.simplefilter("ignore", UserWarning)
-            tensors = [_from_wire(a, device) for a in arrays]
+            tensors = [from_wire(a, device) for a in arrays]
         foreign = sum(a.nbytes for i, a in enumerate(arrays) if i != own)
         return Received(tensors, wait, foreign)
 
@@ -80,7 +86,19 @@ class ObjectStoreExchange:
         return total
 
 
-def _from_wire(array: np.ndarray, device: torch.device) -> torch.Tensor:
+def compile_inference(workers: Sequence, segments: int):
+    """The forward pass as a Ray Compiled Graph over the tower actors: input images, output each
+    tower's logits. Only the process that compiles it may execute it."""
+    with InputNode() as images:
+        outputs = [w.infer.bind(0, images) for w in workers]
+        for k in range(1, segments):
+            delivered = ObjectStoreExchange.all_gather(outputs)
+            outputs = [w.infer.bind(k, *delivered[t]) for t, w in enumerate(workers)]
+        graph = MultiOutputNode(outputs)
+    return graph.experimental_compile()
+
+
+def from_wire(array: np.ndarray, device: torch.device) -> torch.Tensor:
     tensor = torch.from_numpy(array)
     if tensor.dim() == 4:
         tensor = tensor.permute(0, 3, 1, 2)  # back to (N, C, H, W), still channels-last in memory

@@ -55,6 +55,7 @@ SERVICE_NAMES = tuple(
     pb.DESCRIPTOR.services_by_name[name].full_name for name in ("TrainingService", "InferenceService", "ModelService")
 )
 ACTIVE = (pb.PENDING, pb.RUNNING, pb.STOPPING)
+MAX_MESSAGE_BYTES = 64 << 20
 
 
 @dataclass
@@ -635,6 +636,8 @@ class Server:
         self._grpc = grpc.server(
             futures.ThreadPoolExecutor(max_workers=opts.threads, thread_name_prefix="grpc"),
             interceptors=[GrpcMetricsInterceptor(self.metrics)],
+            # A full batch of raw tensors is 32 x 618 KB; gRPC's default cap is 4 MiB.
+            options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)],
         )
         rpc.add_TrainingServiceServicer_to_server(TrainingServicer(self.jobs), self._grpc)
         rpc.add_InferenceServiceServicer_to_server(InferenceServicer(self), self._grpc)

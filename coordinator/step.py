@@ -78,13 +78,13 @@ class Coordinator:
     def apply_update(self, lr: Optional[float] = None) -> None:
         ray.get([w.apply_update.remote(lr) for w in self.workers])
 
-    def train_step(self, boxed_images: list, labels: np.ndarray, lr: Optional[float], dropout_seed: Optional[int]):
+    def train_step(
+        self, boxed_images: list, labels: np.ndarray, lr: Optional[float], dropout_seed: Optional[int], with_stats=False
+    ):
+        """One SGD step: its loss, and with_stats also the step's timings (as take_stats gives them)."""
         loss = self.forward_backward(boxed_images, labels, dropout_seed)
         self.apply_update(lr)
-        return loss
-
-    def predict(self, boxed_images: list) -> np.ndarray:
-        return self._gather_logits(self._forward(boxed_images[0], False, None)).numpy()
+        return (loss, self.take_stats()) if with_stats else loss
 
     def take_stats(self) -> dict:
         """Timings since the last call: each tower's, and the coordinator's own."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from contextlib import closing
 import math
 import os
 import threading
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+import ray
 import torch
 
 from coordinator.data import Dataset, DatasetError, batches, open_dataset
@@ -219,21 +221,23 @@ def evaluate(engine, dataset: Dataset, recipe: Recipe, skips: SkipLog, batch_siz
     mode = "ten-crop" if recipe.ten_crop else "eval"
     limit = recipe.val_images or None
     correct1 = correct5 = total = 0
-    for batch in batches(dataset.val, dataset.stats, batch_size, mode, limit=limit, normalise=recipe.normalise):
-        skips.add(batch.bad_paths)
-        if len(batch.labels) == 0:
-            continue
-        if mode == "ten-crop":
-            n = batch.images.shape[0]
-            probs = engine.predict(batch.images.reshape(n * 10, *batch.images.shape[2:])).softmax(1)
-            probs = probs.reshape(n, 10, -1).mean(1)
-        else:
-            probs = engine.predict(batch.images)
-        top = probs.topk(min(5, probs.shape[1]), dim=1).indices
-        hits = top == batch.labels[:, None]
-        correct1 += hits[:, 0].sum().item()
-        correct5 += hits.any(dim=1).sum().item()
-        total += len(batch.labels)
+    loader = batches(dataset.val, dataset.stats, batch_size, mode, limit=limit, normalise=recipe.normalise)
+    with closing(loader):
+        for batch in loader:
+            skips.add(batch.bad_paths)
+            if len(batch.labels) == 0:
+                continue
+            if mode == "ten-crop":
+                n = batch.images.shape[0]
+                probs = engine.predict(batch.images.reshape(n * 10, *batch.images.shape[2:])).softmax(1)
+                probs = probs.reshape(n, 10, -1).mean(1)
+            else:
+                probs = engine.predict(batch.images)
+            top = probs.topk(min(5, probs.shape[1]), dim=1).indices
+            hits = top == batch.labels[:, None]
+            correct1 += hits[:, 0].sum().item()
+            correct5 += hits.any(dim=1).sum().item()
+            total += len(batch.labels)
     if total == 0:
         raise DatasetError("no validation image could be read")
     return correct1 / total, correct5 / total
@@ -298,33 +302,59 @@ def train(
         history.append(event)
         emit(event)
 
+    last_done, published = 0.0, 0
+
+    def finish_step(pending) -> None:
+        """Wait for a submitted step, then report it."""
+        nonlocal step, loss, last_done
+        ref, images, submitted = pending
+        loss, stats = ray.get(ref)
+        done = time.perf_counter()
+        step_seconds, last_done = done - max(submitted, last_done), done  # its own time, not its wait in line
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"the loss became {loss} at step {step + 1}: lower lr and start again")
+        step += 1
+        window[1] += images
+        if on_stats:
+            on_stats(stats)
+        rate = window[1] / (time.perf_counter() - window[0])
+        report("step", epoch, loss=loss, images_per_second=rate, batch=images, step_seconds=step_seconds)
+        if on_publish and step % plan.publish_every == 0:
+            publish()
+
+    def publish() -> None:
+        nonlocal published
+        if step and published != step:
+            on_publish(step, engine.state_dict())
+            published = step
+
+    pending = None  # one step in flight while the next batch is prepared and uploaded
     try:
         for epoch in range(plan.epochs):
-            window_start, window_images = time.perf_counter(), 0
+            window = [time.perf_counter(), 0]  # start, images: this epoch's throughput
             limit = per_epoch * plan.batch_size
-            for i, batch in enumerate(
-                batches(
-                    dataset.train, dataset.stats, plan.batch_size, "train", plan.seed, epoch, limit, plan.normalise
-                )
-            ):
-                if stop.is_set():
-                    break
-                skips.add(batch.bad_paths)
-                if len(batch.labels) == 0:
-                    continue
-                step_start = time.perf_counter()
-                loss = engine.train_step(batch.images, batch.labels)
-                step_seconds = time.perf_counter() - step_start
-                if not math.isfinite(loss):
-                    raise FloatingPointError(f"the loss became {loss} at step {step + 1}: lower lr and start again")
-                step += 1
-                window_images += len(batch.labels)
-                rate = window_images / (time.perf_counter() - window_start)
-                if on_stats:
-                    on_stats(engine.take_stats())
-                report("step", epoch, loss=loss, images_per_second=rate, batch=len(batch.labels), step_seconds=step_seconds)
-                if on_publish and step % plan.publish_every == 0:
-                    on_publish(step, engine.state_dict())
+            loader = batches(
+                dataset.train, dataset.stats, plan.batch_size, "train", plan.seed, epoch, limit, plan.normalise
+            )
+            # closing(): an error or a stop mid-epoch must end Ray Data's pipeline now, not at garbage collection.
+            with closing(loader):
+                for batch in loader:
+                    if stop.is_set():
+                        break
+                    skips.add(batch.bad_paths)
+                    if len(batch.labels) == 0:
+                        continue
+                    publishing = pending is not None and on_publish and (step + 1) % plan.publish_every == 0
+                    if publishing:  # a published version must hold exactly `step`'s weights: no step may run past it
+                        finish_step(pending)
+                        pending = None
+                    submitted = engine.submit_step(batch.images, batch.labels, with_stats=True)
+                    if pending is not None:
+                        finish_step(pending)
+                    pending = (submitted, len(batch.labels), time.perf_counter())
+            if pending is not None:
+                finish_step(pending)
+                pending = None
             if stop.is_set():
                 state = "stopped"
                 break
@@ -337,9 +367,10 @@ def train(
             epoch = plan.epochs
         if state == "stopped" and checkpoint_dir and step:
             save_checkpoint(checkpoint_dir, engine, dataset, plan, step, epoch)
-        if on_publish and step:
-            on_publish(step, engine.state_dict())
+        if on_publish:
+            publish()
     finally:
+        pending = None  # an error's traceback keeps this frame: let go of the step's ObjectRef now
         if own_engine:
             engine.shutdown()
     return Result(state, step, epoch, top1, top5, loss, len(skips), time.perf_counter() - start, history)

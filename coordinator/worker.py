@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
+import threading
 import time
 from collections import defaultdict
 from typing import Optional, Sequence
@@ -12,8 +14,19 @@ import numpy as np
 import ray
 import torch
 
-from coordinator.exchange import ObjectStoreExchange
+from coordinator.exchange import ObjectStoreExchange, from_wire
 from towers import NetConfig, Tower, paper_sgd
+
+
+def _locked(method):
+    """Run under the worker's lock: the compiled inference graph calls in from another thread."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self.lock:
+            return method(self, *args, **kwargs)
+
+    return wrapper
 
 
 class TowerWorker:
@@ -43,6 +56,7 @@ class TowerWorker:
         self.points = [segment[0].name for segment in config.segments]
         self.stages = config.stage_names
         self._stats = self._empty_stats()
+        self.lock = threading.Lock()
 
     @staticmethod
     def _empty_stats() -> dict:
@@ -70,6 +84,7 @@ class TowerWorker:
         self._stats["compute_seconds"][key] += time.perf_counter() - start
         return out
 
+    @_locked
     def forward(self, k: int, delivered: Sequence[ray.ObjectRef], train: bool, dropout_seed: Optional[int]):
         """Segment k. `delivered` is [image] for k=0, else the all-gather of segment k-1's outputs."""
         self.tower.train(train)
@@ -84,6 +99,19 @@ class TowerWorker:
             out = self._timed((self.stages[k], "forward"), self.tower.forward_segment, k, inputs, dropout_seed)
         return self.exchange.send(out)
 
+    def infer(self, k: int, *pieces):
+        """Segment k in eval mode, inside the compiled inference graph: `pieces` are the arrays themselves.
+
+        The graph runs this on a background thread of the actor; the lock keeps it apart from
+        training calls and weight loads on the main thread.
+        """
+        inputs = [from_wire(p, self.device) for p in pieces]
+        with self.lock, torch.no_grad():
+            self.tower.eval()
+            out = self._timed((self.stages[k], "forward"), self.tower.forward_segment, k, inputs[0] if k == 0 else inputs)
+            return self.exchange.send(out)
+
+    @_locked
     def backward(self, k: int, delivered: Sequence[ray.ObjectRef]):
         """Segment k's backward; `delivered` holds every tower's partial gradient for this tower's output.
 
@@ -99,6 +127,7 @@ class TowerWorker:
             return None
         return tuple(self.exchange.send(p) for p in pieces)
 
+    @_locked
     def apply_update(self, lr: Optional[float] = None) -> None:
         if lr is not None:
             for group in self.optimizer.param_groups:
@@ -106,28 +135,35 @@ class TowerWorker:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
+    @_locked
     def abandon_step(self) -> None:
         """Drop a half-done step: kept graphs and accumulated gradients."""
         self.tower.drop_pending()
         self.optimizer.zero_grad(set_to_none=True)
 
+    @_locked
     def take_stats(self) -> dict:
         stats, self._stats = self._stats, self._empty_stats()
         return {name: dict(values) for name, values in stats.items()}
 
+    @_locked
     def gradients(self) -> dict:
         return {n: p.grad.detach().cpu().numpy() for n, p in self.tower.named_parameters() if p.grad is not None}
 
+    @_locked
     def get_state(self) -> dict:
         return {k: v.detach().cpu().numpy() for k, v in self.tower.state_dict().items()}
 
+    @_locked
     def set_state(self, state: dict) -> None:
         self.tower.load_state_dict({k: torch.as_tensor(np.array(v)) for k, v in state.items()})
         self.optimizer.state.clear()
         self.optimizer.zero_grad(set_to_none=True)
 
+    @_locked
     def get_optimizer_state(self) -> dict:
         return self.optimizer.state_dict()
 
+    @_locked
     def set_optimizer_state(self, state: dict) -> None:
         self.optimizer.load_state_dict(state)

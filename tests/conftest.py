@@ -18,7 +18,9 @@ def ray_session():
     # Logical CPUs: two towers, and room for a second model or a serving pair beside them.
     ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
     yield ray
-    ray.shutdown()
+    # No ray.shutdown() here: Ray's own exit handler runs it after pytest has printed its report.
+    # Shut down earlier, a failure's traceback that still holds an ObjectRef would touch a dead
+    # core worker while being printed, and the process would exit without a summary.
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

@@ -103,10 +103,11 @@ def test_stop_ends_at_a_step_boundary_with_a_checkpoint(ray_session, patterns, t
         on_publish=lambda step, state: published.append((step, state)),
         checkpoint_dir=tmp_path,
     )
-    assert result.state == "stopped" and result.steps == 3
-    assert [step for step, _ in published] == [2, 3]  # every 2 steps, and once more at the end
+    # The step already under way when stop was asked (the loop keeps one in flight) completes; no other starts.
+    assert result.state == "stopped" and result.steps in (3, 4)
+    assert [step for step, _ in published] == sorted({2, result.steps})  # every 2 steps, and at the end
     checkpoint = torch.load(tmp_path / "latest.pt", weights_only=False)
-    assert checkpoint["step"] == 3 and checkpoint["classes"] == patterns.classes
+    assert checkpoint["step"] == result.steps and checkpoint["classes"] == patterns.classes
     assert set(checkpoint["state_dict"]) == set(published[-1][1])
     assert all(torch.equal(checkpoint["state_dict"][k], published[-1][1][k]) for k in checkpoint["state_dict"])
     assert len(checkpoint["optimizer"]) == 2  # each tower's momentum buffers

@@ -327,6 +327,7 @@ class InferenceServiceServicer:
         INVALID_ARGUMENT: no images; an image that cannot be decoded; a tensor whose shape is not
         [3, 227, 227] or whose data is not 3*227*227 little-endian float32 values, or not finite;
         top_k unset, below 1 or above the number of classes; more images than the server's max batch.
+        RESOURCE_EXHAUSTED: a request over 64 MiB.
         UNAVAILABLE: the serving towers are still starting, or the server is shutting down.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
