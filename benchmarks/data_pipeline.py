@@ -40,7 +40,8 @@ def main() -> None:
 
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
     train_dir = Path(args.data) if args.data else generate(default_root()) / "train"
-    dataset = open_dataset(train_dir, stats="imagenet")
+    val_dir = train_dir.parent / "val"  # the built-in dataset's held-out folder; else a share is held out
+    dataset = open_dataset(train_dir, val_dir if val_dir.is_dir() else None, stats="imagenet")
     need = (args.batches + 2) * args.batch
     samples = (dataset.train * (need // len(dataset.train) + 1))[:need]
 

@@ -224,7 +224,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser, port: int, metrics_port
     parser.add_argument("--port", type=int, default=port, help="gRPC port (0: any free port)")
     parser.add_argument("--metrics-port", type=int, default=metrics_port, help="Prometheus /metrics port (-1: none)")
     parser.add_argument("--max-batch", type=int, default=32, help="images per served batch")
-    parser.add_argument("--max-delay-ms", type=float, default=5.0, help="how long a request waits for a batch to fill")
+    parser.add_argument("--max-delay-ms", type=float, default=1.0, help="how long a lone request waits for a batch to fill")
     parser.add_argument("--width", type=float, default=1.0, help="network width (1.0 is the paper's)")
 
 

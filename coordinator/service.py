@@ -65,7 +65,7 @@ class ServeOptions:
     metrics_port: int = 9464  # 0: any free port; -1: no metrics endpoint
     ray_address: Optional[str] = None  # None: RAY_ADDRESS, else a new local Ray
     max_batch: int = 32  # images per served batch
-    max_delay_ms: float = 5.0  # how long the first request of a batch waits for company
+    max_delay_ms: float = 1.0  # how long a lone request waits for company (batches also form while the towers work)
     width: float = 1.0  # the network served before any training
     data_root: Optional[str] = None  # where the built-in dataset is generated
     threads: int = 32  # gRPC handler threads
@@ -284,15 +284,19 @@ class Job:
         self._cv = threading.Condition()
         self.thread: Optional[threading.Thread] = None
 
+    def _progress(self) -> pb.Progress:
+        """The latest progress, with the last validation's accuracy (step events carry none)."""
+        progress = progress_proto(self.progress)
+        progress.top1_accuracy, progress.top5_accuracy = self.top1, self.top5
+        return progress
+
     def proto(self) -> pb.TrainingJob:
         with self._cv:
-            progress = progress_proto(self.progress)
-            progress.top1_accuracy, progress.top5_accuracy = self.top1, self.top5
             return pb.TrainingJob(
                 job_id=self.id,
                 state=self.state,
                 spec=self.spec,
-                progress=progress,
+                progress=self._progress(),
                 error=self.error,
                 model_version=self.model_version,
                 created_unix=self.created,
@@ -301,10 +305,13 @@ class Job:
 
     def _append(self, kind, message: str = "") -> None:
         """Record an event (caller holds the lock)."""
-        progress = progress_proto(self.progress)
-        progress.top1_accuracy, progress.top5_accuracy = self.top1, self.top5
         event = pb.TrainingEvent(
-            job_id=self.id, kind=kind, state=self.state, progress=progress, model_version=self.model_version, message=message
+            job_id=self.id,
+            kind=kind,
+            state=self.state,
+            progress=self._progress(),
+            model_version=self.model_version,
+            message=message,
         )
         self._seq += 1
         self._events.append((self._seq, event))
@@ -342,13 +349,11 @@ class Job:
         """The current state first, then live events, until the job ends (or the watcher leaves)."""
         with self._cv:
             last = self._seq
-            progress = progress_proto(self.progress)
-            progress.top1_accuracy, progress.top5_accuracy = self.top1, self.top5
             yield pb.TrainingEvent(
                 job_id=self.id,
                 kind=pb.TrainingEvent.STATE,
                 state=self.state,
-                progress=progress,
+                progress=self._progress(),
                 model_version=self.model_version,
                 message="current state",
             )

@@ -36,11 +36,11 @@ class Coordinator:
         self.segments = len(config.segments)
         self.seconds = {"loss": 0.0, "dispatch": 0.0}
 
-    def _forward(self, images: ray.ObjectRef, train: bool, dropout_seed: Optional[int]):
-        outputs = [w.forward.remote(0, [images], train, dropout_seed) for w in self.workers]
+    def _forward(self, images: ray.ObjectRef, dropout_seed: Optional[int]):
+        outputs = [w.forward.remote(0, [images], dropout_seed) for w in self.workers]
         for k in range(1, self.segments):
             delivered = self.exchange.all_gather(outputs)
-            outputs = [w.forward.remote(k, delivered[t], train, dropout_seed) for t, w in enumerate(self.workers)]
+            outputs = [w.forward.remote(k, delivered[t], dropout_seed) for t, w in enumerate(self.workers)]
         return outputs
 
     def _gather_logits(self, outputs) -> torch.Tensor:
@@ -52,7 +52,7 @@ class Coordinator:
         images = boxed_images[0]  # boxed, so Ray hands over the reference and not the pixels
         try:
             start = time.perf_counter()
-            outputs = self._forward(images, True, dropout_seed)
+            outputs = self._forward(images, dropout_seed)
             self.seconds["dispatch"] += time.perf_counter() - start
             logits = self._gather_logits(outputs)
             start = time.perf_counter()

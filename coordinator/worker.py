@@ -85,9 +85,9 @@ class TowerWorker:
         return out
 
     @_locked
-    def forward(self, k: int, delivered: Sequence[ray.ObjectRef], train: bool, dropout_seed: Optional[int]):
-        """Segment k. `delivered` is [image] for k=0, else the all-gather of segment k-1's outputs."""
-        self.tower.train(train)
+    def forward(self, k: int, delivered: Sequence[ray.ObjectRef], dropout_seed: Optional[int]):
+        """Segment k of a training step. `delivered` is [image] for k=0, else the all-gather of segment k-1's outputs."""
+        self.tower.train()
         got = self.exchange.receive(delivered, self.index, self.device)
         if k == 0:
             inputs = got.tensors[0]
@@ -95,8 +95,7 @@ class TowerWorker:
             inputs = got.tensors
             self._stats["exchange_seconds"][(self.points[k], "forward")] += got.wait_seconds
             self._stats["exchange_bytes"][(self.points[k], "forward")] += got.foreign_bytes
-        with torch.set_grad_enabled(train):
-            out = self._timed((self.stages[k], "forward"), self.tower.forward_segment, k, inputs, dropout_seed)
+        out = self._timed((self.stages[k], "forward"), self.tower.forward_segment, k, inputs, dropout_seed)
         return self.exchange.send(out)
 
     def infer(self, k: int, *pieces):
