@@ -80,6 +80,8 @@ def follow(client: AlexNetClient, job_id: str) -> pb.TrainingJob:
 
 def jobs_table(jobs) -> Table:
     table = Table("job", "state", "dataset", "step", "epoch", "loss", "top-1", "top-5", "version")
+    for column in table.columns[:2]:
+        column.no_wrap = True  # ids and states are read whole; the dataset path may wrap
     for job in jobs:
         p = job.progress
         dataset = "built-in" if job.spec.WhichOneof("dataset") == "builtin" else job.spec.data_dir
@@ -99,6 +101,7 @@ def jobs_table(jobs) -> Table:
 
 def predictions_table(names, response: pb.ClassifyResponse) -> Table:
     table = Table("image", "rank", "class", "label", "probability", title=f"model version {response.model_version}: {response.model_note}")
+    table.columns[0].overflow = "fold"  # a long path wraps rather than losing its file name
     for name, result in zip(names, response.results):
         for rank, p in enumerate(result.top, 1):
             table.add_row(name if rank == 1 else "", str(rank), str(p.class_index), p.label, f"{p.probability:.1%}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections import OrderedDict
@@ -13,6 +14,8 @@ import ray
 import torch
 
 from coordinator.exchange import ObjectStoreExchange, compile_inference
+
+logging.getLogger("ray.dag").setLevel(logging.WARNING)  # a line per graph built or torn down is noise
 from coordinator.step import Coordinator
 from coordinator.worker import TowerWorker
 from towers import NetConfig, merge_state_dicts, split_state_dict

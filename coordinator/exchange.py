@@ -70,10 +70,7 @@ class ObjectStoreExchange:
         start = time.perf_counter()
         arrays = ray.get(list(delivered))
         wait = time.perf_counter() - start
-        with warnings.catch_warnings():
-            # Arrays from the object store are read-only views of shared memory; nothing writes to them.
-            warnings.simplefilter("ignore", UserWarning)
-            tensors = [from_wire(a, device) for a in arrays]
+        tensors = [from_wire(a, device) for a in arrays]
         foreign = sum(a.nbytes for i, a in enumerate(arrays) if i != own)
         return Received(tensors, wait, foreign)
 
@@ -99,7 +96,10 @@ def compile_inference(workers: Sequence, segments: int):
 
 
 def from_wire(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    tensor = torch.from_numpy(array)
+    with warnings.catch_warnings():
+        # Arrays from Ray are read-only views of shared memory; nothing writes to them.
+        warnings.simplefilter("ignore", UserWarning)
+        tensor = torch.from_numpy(array)
     if tensor.dim() == 4:
         tensor = tensor.permute(0, 3, 1, 2)  # back to (N, C, H, W), still channels-last in memory
     return tensor.to(device)

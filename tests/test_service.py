@@ -325,3 +325,43 @@ def test_the_server_keeps_serving_after_all_that(client):
     response = client.classify([jpeg_bytes(9), jpeg_bytes(10)], top_k=5)
     assert len(response.results) == 2 and response.model_version >= 1
     assert client.info().model_version == response.model_version
+
+
+# --- the CLI, against the same server ------------------------------------------------------------
+def run_cli(server, capsys, *argv):
+    from client.cli import console, main
+
+    console.width = 160  # a terminal's width; captured output has none
+    code = main(["--target", f"127.0.0.1:{server.port}", *argv])
+    return code, capsys.readouterr().out
+
+
+def test_cli_info_and_classify_print_readable_tables(server, client, capsys, tmp_path):
+    code, out = run_cli(server, capsys, "info")
+    assert code == 0 and "conv1" in out and "fc8" in out and "tower" in out and "model version" in out
+    image = tmp_path / "photo.jpg"
+    image.write_bytes(jpeg_bytes(3))
+    code, out = run_cli(server, capsys, "classify", str(image), "--top-k", "3")
+    assert code == 0 and "photo.jpg" in out and "probability" in out
+    assert out.count("%") == 3  # three ranked classes for one image
+    code, out = run_cli(server, capsys, "classify", str(tmp_path / "missing.jpg"))
+    assert code == 2 and "no such file" in out
+
+
+def test_cli_train_follow_status_and_errors(server, client, capsys, dataset):
+    code, out = run_cli(server, capsys, "train", "--data", str(dataset / "train"), "--set", "width=0.25",
+                        "--set", "epochs=1", "--set", "batch_size=8", "--follow")  # fmt: skip
+    assert code == 0 and "started job" in out and "FINISHED" in out and "validation top-1" in out
+    code, out = run_cli(server, capsys, "status")
+    assert code == 0 and "FINISHED" in out
+    code, out = run_cli(server, capsys, "train", "--data", "/no/such/dir")
+    assert code == 1 and "INVALID_ARGUMENT" in out and "does not exist" in out
+    code, out = run_cli(server, capsys, "train", "--builtin", "--set", "lr")
+    assert code == 2 and "NAME=VALUE" in out
+
+
+def test_cli_says_when_no_server_listens(capsys):
+    from client.cli import main
+
+    assert main(["--target", "127.0.0.1:1", "status"]) == 1
+    assert "no alexnet-mp server at 127.0.0.1:1" in capsys.readouterr().out
