@@ -141,13 +141,16 @@ class ModelParallelAlexNet:
         return labels.to(torch.long).numpy()
 
     # --- training -----------------------------------------------------------------------------
-    def forward_backward(self, images, labels, dropout_seed: Optional[int] = None) -> float:
-        """Loss of one batch, leaving its gradients in the towers (see gradients(), apply_update())."""
+    def _batch(self, images, labels, dropout_seed: Optional[int]) -> tuple[list, np.ndarray, int]:
+        """Checked and uploaded inputs of the next step; dropout masks default to a seed per step."""
         boxed, batch = self._images(images)
-        labels = self._labels(labels, batch)
         if dropout_seed is None:
             dropout_seed = derive_seed(self.seed, "step", self.steps)
-        return ray.get(self._coordinator.forward_backward.remote(boxed, labels, dropout_seed))
+        return boxed, self._labels(labels, batch), dropout_seed
+
+    def forward_backward(self, images, labels, dropout_seed: Optional[int] = None) -> float:
+        """Loss of one batch, leaving its gradients in the towers (see gradients(), apply_update())."""
+        return ray.get(self._coordinator.forward_backward.remote(*self._batch(images, labels, dropout_seed)))
 
     def apply_update(self) -> None:
         ray.get(self._coordinator.apply_update.remote(self.lr))
@@ -167,10 +170,7 @@ class ModelParallelAlexNet:
         Steps run in the order submitted. Submitting the next batch before the current step ends
         keeps the towers busy while this process prepares and uploads images.
         """
-        boxed, batch = self._images(images)
-        labels = self._labels(labels, batch)
-        if dropout_seed is None:
-            dropout_seed = derive_seed(self.seed, "step", self.steps)
+        boxed, labels, dropout_seed = self._batch(images, labels, dropout_seed)
         self.steps += 1
         return self._coordinator.train_step.remote(boxed, labels, self.lr, dropout_seed, with_stats)
 

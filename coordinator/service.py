@@ -106,7 +106,7 @@ class Classifier:
 
     def __init__(self, version: ModelVersion, max_batch: int, max_delay: float, metrics: Metrics):
         self.max_batch, self.max_delay, self.metrics = max_batch, max_delay, metrics
-        self.engine = ModelParallelAlexNet(**version.net, dropout=0.0, init="paper")
+        self.engine = self._serving_engine(version)
         self.current, self._next = version, None
         self._queue: collections.deque[_Request] = collections.deque()
         self._cv = threading.Condition()
@@ -114,6 +114,11 @@ class Classifier:
         metrics.version.set(version.version)
         self._thread = threading.Thread(target=self._loop, name="classify-batcher", daemon=True)
         self._thread.start()
+
+    @staticmethod
+    def _serving_engine(version: ModelVersion) -> ModelParallelAlexNet:
+        # Dropout only acts in training; "paper" initial weights are what version 0 serves.
+        return ModelParallelAlexNet(**version.net, dropout=0.0, init="paper")
 
     def submit(self, items: list) -> _Request:
         if len(items) > self.max_batch:
@@ -178,7 +183,8 @@ class Classifier:
     def _activate(self, version: ModelVersion) -> None:
         try:
             if version.net != self.current.net:
-                old, self.engine = self.engine, ModelParallelAlexNet(**version.net, dropout=0.0, init="paper")
+                # Another shape of network (other classes, another width): a new pair of towers.
+                old, self.engine = self.engine, self._serving_engine(version)
                 old.shutdown()
             if version.state is not None:
                 self.engine.load_state_dict(version.state)
