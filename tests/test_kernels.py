@@ -64,6 +64,18 @@ def test_float32_on_the_papers_shapes():
     assert relative_error(actual, expected) < 1e-6
 
 
+@pytest.mark.parametrize("block", [b for b in BLOCKS if b.pool], ids=str)
+def test_ties_in_a_pooling_window_route_the_gradient_like_pytorch(block):
+    # Few distinct values (and ReLU's zeros) make many windows hold their maximum twice: the
+    # gradient must reach the same element max_pool2d's backward picks, the first in the window.
+    x = torch.randint(-2, 3, (2, 6, 11, 11)).to(torch.float64).requires_grad_()
+    expected = plain_pytorch(x, block)
+    grad = torch.randn_like(expected)
+    (expected_grad,) = torch.autograd.grad(expected, x, grad)
+    (actual_grad,) = torch.autograd.grad(kernels._NormC.apply(x, block), x, grad)
+    assert relative_error(actual_grad, expected_grad) < 1e-12
+
+
 def test_nan_propagates_like_pytorch():
     block = NormBlock(True, LRN(), MaxPool())
     x = torch.randn(1, 6, 7, 7)

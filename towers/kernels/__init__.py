@@ -5,7 +5,8 @@ over memory, and autograd keeps every intermediate; on a CPU tower it cost as mu
 convolutions. Here the whole ReLU -> LRN -> max-pool block is one operation:
 
 - on the CPU, a small C kernel (norm.c) that works one sample at a time in cache on
-  channels-last tensors, and recomputes the normalisation in backward instead of storing it.
+  channels-last tensors. It saves only a byte per pooled output (where the maximum was) and
+  recomputes the normalisation in backward instead of storing it.
   It is compiled once per machine into the user's cache on first use (a second or so);
 - elsewhere (CUDA), where no C compiler is found, or with ALEXNET_MP_KERNELS=torch, the same
   block runs as PyTorch operations with a hand-derived LRN backward.
@@ -143,7 +144,7 @@ def _library() -> Optional[ctypes.CDLL]:
     lib = ctypes.CDLL(str(target))
     for suffix in ("f32", "f64"):
         for fn in (getattr(lib, f"norm_forward_{suffix}"), getattr(lib, f"norm_backward_{suffix}")):
-            pointers = 2 if "forward" in fn.__name__ else 3
+            pointers = 3 if "forward" in fn.__name__ else 4
             fn.argtypes = [ctypes.c_void_p] * pointers + [ctypes.c_long] * 5 + [ctypes.c_int] + [ctypes.c_double] * 3 + [ctypes.c_int] * 3
             fn.restype = None
     return lib
@@ -177,22 +178,26 @@ class _NormC(torch.autograd.Function):
         n, c, h, w = x.shape
         ph, pw = (h, w) if block.pool is None else _pooled(h, w, block.pool)
         out = torch.empty((n, c, ph, pw), dtype=x.dtype, memory_format=torch.channels_last)
+        # Where each pooled maximum came from, as its position in the window (9 positions fit a byte).
+        arg = torch.empty(out.shape, dtype=torch.uint8, memory_format=torch.channels_last) if block.pool else None
         suffix = "f32" if x.dtype == torch.float32 else "f64"
-        _run_chunks(getattr(lib, f"norm_forward_{suffix}"), (x.data_ptr(), out.data_ptr()), n, h, w, c, block)
-        ctx.save_for_backward(x)
+        pointers = (x.data_ptr(), out.data_ptr(), arg.data_ptr() if arg is not None else None)
+        _run_chunks(getattr(lib, f"norm_forward_{suffix}"), pointers, n, h, w, c, block)
+        ctx.save_for_backward(x, arg)
         ctx.block = block
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        (x,) = ctx.saved_tensors
+        x, arg = ctx.saved_tensors
         block = ctx.block
         grad_out = grad_out.contiguous(memory_format=torch.channels_last)
         grad_x = torch.empty_like(x, memory_format=torch.channels_last)
         n, c, h, w = x.shape
         suffix = "f32" if x.dtype == torch.float32 else "f64"
         fn = getattr(_library(), f"norm_backward_{suffix}")
-        _run_chunks(fn, (x.data_ptr(), grad_out.data_ptr(), grad_x.data_ptr()), n, h, w, c, block)
+        pointers = (x.data_ptr(), grad_out.data_ptr(), arg.data_ptr() if arg is not None else None, grad_x.data_ptr())
+        _run_chunks(fn, pointers, n, h, w, c, block)
         return grad_x, None
 
 
@@ -206,6 +211,7 @@ def uses_c_kernel(x: torch.Tensor) -> bool:
 
 def fused_norm(x: torch.Tensor, block: NormBlock) -> torch.Tensor:
     """ReLU (if block.relu) -> LRN -> max-pool (if block.pool) on an (N, C, H, W) tensor."""
-    if uses_c_kernel(x):
+    fits_a_byte = block.pool is None or block.pool.kernel**2 <= 256  # the saved window positions
+    if uses_c_kernel(x) and fits_a_byte:
         return _NormC.apply(x, block)
     return _norm_torch(x, block)
