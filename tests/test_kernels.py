@@ -76,6 +76,19 @@ def test_ties_in_a_pooling_window_route_the_gradient_like_pytorch(block):
     assert relative_error(actual_grad, expected_grad) < 1e-12
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_nan_inputs_give_the_gradients_pytorch_gives(dtype):
+    block = NormBlock(True, LRN(), MaxPool())
+    x = torch.randn(2, 6, 9, 9, dtype=dtype)
+    x[0, 1, 0, 1] = x[0, 1, 2, 0] = x[1, 4, 5, 5] = float("nan")  # two in one pooling window
+    grads = []
+    for fn in (plain_pytorch, kernels._NormC.apply):
+        leaf = x.clone().requires_grad_()
+        fn(leaf, block).sum().backward()
+        grads.append(leaf.grad)
+    torch.testing.assert_close(grads[1], grads[0], equal_nan=True)
+
+
 def test_nan_propagates_like_pytorch():
     block = NormBlock(True, LRN(), MaxPool())
     x = torch.randn(1, 6, 7, 7)

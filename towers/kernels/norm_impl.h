@@ -6,7 +6,7 @@
  * backward routes the gradient by those bytes and recomputes the normalisation instead of saving it.
  * Semantics are PyTorch's: LocalResponseNorm's window [c - size/2, c + (size-1)/2] with zero
  * padding and d = k + alpha * (window sum / size); max_pool2d's first maximum in row-major
- * window order receives the gradient, and NaN counts as a maximum.
+ * window order receives the gradient, and NaN counts as a maximum (the last NaN, as max_pool2d).
  */
 
 /* One pixel's channel vector: y = a * d^-beta, where a = relu(x) if relu else x. Fills a, d, s. */
@@ -45,7 +45,7 @@ static void NAME(normalise_sample)(const REAL *x, REAL *y, REAL *scratch, long H
 }
 
 /* out = the maximum over pooling window (ph, pw) of y, channel by channel, and arg its position in the
- * window (row-major): the first maximum, or the first NaN, exactly the element max_pool2d picks.
+ * window (row-major): the first maximum, or the last NaN, exactly the element max_pool2d picks.
  * `where` is REAL scratch so that the selection loop vectorises; arg gets it as bytes at the end. */
 static inline void NAME(window_max)(const REAL *y, REAL *out, unsigned char *arg, REAL *where, long W, long C,
                                     long ph, long pw, int pool_k, int pool_s) {
@@ -56,7 +56,7 @@ static inline void NAME(window_max)(const REAL *y, REAL *out, unsigned char *arg
             const REAL here = (REAL)(i * pool_k + j);
             for (long c = 0; c < C; c++) {
                 REAL v = yp[c], m = out[c];
-                int take = (v > m) | ((v != v) & (m == m));
+                int take = (v > m) | (v != v);
                 out[c] = take ? v : m;
                 where[c] = take ? here : where[c];
             }
@@ -137,7 +137,7 @@ void NAME(norm_backward)(const REAL *x, const REAL *gout, const unsigned char *a
                          int pool_s) {
     const long PH = pool_k ? (H - pool_k) / pool_s + 1 : H, PW = pool_k ? (W - pool_k) / pool_s + 1 : W;
     REAL *gy = pool_k ? (REAL *)malloc(sizeof(REAL) * H * W * C) : NULL;
-    REAL *scratch = (REAL *)calloc(7 * C + 2 * size, sizeof(REAL));
+    REAL *scratch = (REAL *)calloc(6 * C + 2 * size, sizeof(REAL));
     for (long n = first; n < last; n++)
         NAME(backward_sample)(x + n * H * W * C, gout + n * PH * PW * C, arg ? arg + n * PH * PW * C : NULL,
                               gx + n * H * W * C, gy, scratch, H, W, C, size, (REAL)alpha, (REAL)beta, (REAL)k,
