@@ -89,6 +89,19 @@ def test_nan_inputs_give_the_gradients_pytorch_gives(dtype):
     torch.testing.assert_close(grads[1], grads[0], equal_nan=True)
 
 
+def test_a_pooling_window_too_big_for_a_byte_still_matches_pytorch():
+    # 17 x 17 = 289 positions do not fit the byte the C kernel saves per output: fused_norm must not use it.
+    block = NormBlock(True, LRN(), MaxPool(17, 1))
+    x = torch.randn(2, 4, 19, 19, dtype=torch.float64).requires_grad_()
+    expected = plain_pytorch(x, block)
+    grad = torch.randn_like(expected)
+    (expected_grad,) = torch.autograd.grad(expected, x, grad)
+    actual = fused_norm(x, block)
+    (actual_grad,) = torch.autograd.grad(actual, x, grad)
+    assert relative_error(actual, expected) < 1e-12
+    assert relative_error(actual_grad, expected_grad) < 1e-12
+
+
 def test_nan_propagates_like_pytorch():
     block = NormBlock(True, LRN(), MaxPool())
     x = torch.randn(1, 6, 7, 7)
