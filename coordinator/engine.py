@@ -38,6 +38,14 @@ def ensure_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) ->
         ray.init(num_cpus=num_cpus or max(os.cpu_count() or 1, 6), include_dashboard=False)
 
 
+def _free_devices() -> dict:
+    return {k: v for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
+
+
+# One GPU hosts this many models' towers when it is shared: the server's training and serving pairs.
+MODELS_PER_SHARED_GPU = 2
+
+
 @dataclass(frozen=True)
 class Placement:
     """Where the towers go: one GPU each, a shared GPU, or CPU cores."""
@@ -53,7 +61,9 @@ class Placement:
         if gpus >= towers:
             return Placement("gpu", {"num_gpus": 1, "num_cpus": 1})
         if gpus >= 1:
-            return Placement("shared-gpu", {"num_gpus": 1.0 / towers, "num_cpus": 1})
+            # A quarter of the GPU each for two towers: room for the serving pair beside the training pair.
+            share = 1.0 / (MODELS_PER_SHARED_GPU * towers)
+            return Placement("shared-gpu", {"num_gpus": share, "num_cpus": 1})
         cpus = resources.get("CPU", 0)
         if cpus < towers * cpus_per_tower:
             raise RuntimeError(
@@ -69,6 +79,8 @@ class ModelParallelAlexNet:
     Keywords beyond the optimiser's are NetConfig fields (width, image_size, towers, init, layers).
     cpus_per_tower sets each CPU tower's cores and threads; dtype is float32 or float64; tf32 lets
     CUDA towers use TensorFloat-32 (faster, no longer equal to the reference at 1e-5).
+    start_timeout is how long to wait for the towers to be placed and started (an autoscaling
+    cluster may be adding a node); past it a RuntimeError says what they need and what is free.
     """
 
     def __init__(
@@ -83,6 +95,7 @@ class ModelParallelAlexNet:
         cpus_per_tower: int = 1,
         dtype: torch.dtype = torch.float32,
         tf32: bool = False,
+        start_timeout: float = 600.0,
         **config,
     ):
         for name, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)):
@@ -111,7 +124,16 @@ class ModelParallelAlexNet:
         ]
         # The coordinator only routes references and computes the loss: it needs no core of its own.
         self._coordinator = ray.remote(Coordinator).options(num_cpus=0).remote(self._workers, self.config)
-        self.towers = ray.get([w.describe.remote() for w in self._workers])
+        try:
+            self.towers = ray.get([w.describe.remote() for w in self._workers], timeout=start_timeout)
+        except ray.exceptions.GetTimeoutError:
+            for actor in [self._coordinator, *self._workers]:
+                ray.kill(actor)
+            raise RuntimeError(
+                f"the {self.config.towers} towers did not start within {start_timeout:g} s: each needs "
+                f"{self.placement.actor_options}, and the cluster has {_free_devices()} free; "
+                "shut down another model (engine.shutdown()) or add nodes"
+            ) from None
         self._graph, self._graph_lock = None, threading.Lock()
 
     # --- input checks -------------------------------------------------------------------------

@@ -1,5 +1,7 @@
 """ModelParallelAlexNet on a real local Ray, proven equal to the single-process towers.AlexNet."""
 
+import time
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -162,11 +164,24 @@ def test_towers_get_a_cpu_core_each(small_engine):
 def test_placement_follows_the_devices():
     assert Placement.plan(2, resources={"GPU": 8, "CPU": 64}) == Placement("gpu", {"num_gpus": 1, "num_cpus": 1})
     assert Placement.plan(2, resources={"GPU": 1, "CPU": 16}) == Placement(
-        "shared-gpu", {"num_gpus": 0.5, "num_cpus": 1}
+        "shared-gpu", {"num_gpus": 0.25, "num_cpus": 1}  # room for a serving pair beside a training pair
     )
     assert Placement.plan(2, resources={"CPU": 2}) == Placement("cpu", {"num_cpus": 1})
     with pytest.raises(RuntimeError, match="need 2 CPUs"):
         Placement.plan(2, resources={"CPU": 1})
+
+
+def test_towers_that_cannot_be_placed_give_a_clear_error_not_a_hang(small_engine):
+    import ray
+
+    free = ray.available_resources()["CPU"]  # the small engine holds two of the session's six
+    with pytest.raises(RuntimeError, match=r"did not start within 2 s: each needs \{'num_cpus': 3\}, and the cluster has \{'CPU': [\d.]+\} free"):
+        ModelParallelAlexNet(**SMALL, cpus_per_tower=3, start_timeout=2)
+    deadline = time.monotonic() + 30
+    while ray.available_resources().get("CPU") != free and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert ray.available_resources().get("CPU") == free  # the waiting actors were removed
+    small_engine.train_step(torch.randn(2, 3, 99, 99), torch.tensor([0, 1]))  # and the engine beside it still works
 
 
 @pytest.mark.parametrize(
