@@ -77,7 +77,9 @@ def main() -> None:
     parser.add_argument("--width", type=float, default=1.0)
     parser.add_argument("--num-classes", type=int, default=1000)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="the reference's device")
-    parser.add_argument("--tf32", action="store_true", help="CUDA only: TensorFloat-32 matmuls and convolutions on both sides")
+    parser.add_argument(
+        "--tf32", action="store_true", help="CUDA only: TensorFloat-32 matmuls and convolutions on both sides"
+    )
     args = parser.parse_args()
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
 
@@ -168,7 +170,8 @@ def main() -> None:
     print(f"sgemm: {one_thread / 1e9:.0f} GFLOP/s on 1 thread, {all_threads / 1e9:.0f} GFLOP/s on {args.threads}")
     if gpu:
         print(
-            f"GPU float32 matmul{' (TF32)' if args.tf32 else ''}: {gpu / 1e12:.1f} TFLOP/s; engine reaches {flops / engine_s / gpu:.1%} of it, "
+            f"GPU float32 matmul{' (TF32)' if args.tf32 else ''}: {gpu / 1e12:.1f} TFLOP/s; "
+            f"engine reaches {flops / engine_s / gpu:.1%} of it, "
             f"the reference {flops / reference_s / gpu:.1%}"
         )
     against_cpu = ""
