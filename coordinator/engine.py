@@ -14,12 +14,12 @@ import ray
 import torch
 
 from coordinator.exchange import ObjectStoreExchange, compile_inference
-
-logging.getLogger("ray.dag").setLevel(logging.WARNING)  # a line per graph built or torn down is noise
 from coordinator.step import Coordinator
 from coordinator.worker import TowerWorker
 from towers import NetConfig, merge_state_dicts, split_state_dict
 from towers.config import derive_seed
+
+logging.getLogger("ray.dag").setLevel(logging.WARNING)  # a line per graph built or torn down is noise
 
 
 def ensure_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> None:
@@ -61,8 +61,7 @@ class Placement:
         if gpus >= towers:
             return Placement("gpu", {"num_gpus": 1, "num_cpus": 1})
         if gpus >= 1:
-            # A quarter of the GPU each for two towers: room for the serving pair beside the training pair.
-            share = 1.0 / (MODELS_PER_SHARED_GPU * towers)
+            share = 1.0 / (MODELS_PER_SHARED_GPU * towers)  # a quarter each for two towers
             return Placement("shared-gpu", {"num_gpus": share, "num_cpus": 1})
         cpus = resources.get("CPU", 0)
         if cpus < towers * cpus_per_tower:
@@ -124,17 +123,16 @@ class ModelParallelAlexNet:
         ]
         # The coordinator only routes references and computes the loss: it needs no core of its own.
         self._coordinator = ray.remote(Coordinator).options(num_cpus=0).remote(self._workers, self.config)
+        self._graph, self._graph_lock = None, threading.Lock()
         try:
             self.towers = ray.get([w.describe.remote() for w in self._workers], timeout=start_timeout)
         except ray.exceptions.GetTimeoutError:
-            for actor in [self._coordinator, *self._workers]:
-                ray.kill(actor)
+            self.shutdown()
             raise RuntimeError(
                 f"the {self.config.towers} towers did not start within {start_timeout:g} s: each needs "
                 f"{self.placement.actor_options}, and the cluster has {_free_devices()} free; "
                 "shut down another model (engine.shutdown()) or add nodes"
             ) from None
-        self._graph, self._graph_lock = None, threading.Lock()
 
     # --- input checks -------------------------------------------------------------------------
     def _images(self, images) -> tuple[list, int]:

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from contextlib import closing
 import math
 import os
 import threading
 import time
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence

@@ -205,13 +205,14 @@ def _pooled(h: int, w: int, pool: MaxPool) -> tuple[int, int]:
     return (h - pool.kernel) // pool.stride + 1, (w - pool.kernel) // pool.stride + 1
 
 
-def uses_c_kernel(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and _library() is not None
+def uses_c_kernel(x: torch.Tensor, block: NormBlock) -> bool:
+    fits_a_byte = block.pool is None or block.pool.kernel**2 <= 256  # the saved window positions
+    cpu = x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+    return cpu and fits_a_byte and _library() is not None
 
 
 def fused_norm(x: torch.Tensor, block: NormBlock) -> torch.Tensor:
     """ReLU (if block.relu) -> LRN -> max-pool (if block.pool) on an (N, C, H, W) tensor."""
-    fits_a_byte = block.pool is None or block.pool.kernel**2 <= 256  # the saved window positions
-    if uses_c_kernel(x) and fits_a_byte:
+    if uses_c_kernel(x, block):
         return _NormC.apply(x, block)
     return _norm_torch(x, block)
