@@ -10,6 +10,10 @@ Prints medians, their ratio, the FLOP/s achieved against the sgemm rate measured
 run, each tower's time per stage, and the bytes exchanged per step beside the all-gather +
 reduce-scatter volume they should be.
 
+The towers' allocator keeps freed memory for the next step (ModelParallelAlexNet's
+keep_freed_memory); plain PyTorch's does not. --reference-keeps-freed-memory gives the reference
+the same setting, to show how much of the gap that one setting is.
+
 The engine runs as the training loop drives it: channels-last batches (the loader's layout), the
 next one submitted while a step runs; steps are timed completion to completion. Blocks of engine
 and reference steps alternate (--phases) so that drift in the machine hits both alike.
@@ -53,6 +57,22 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def pipelined_steps(engine, images, labels, n: int) -> list[float]:
+    """n engine steps as the training loop runs them, each batch submitted before the previous step
+    ends; their durations, completion to completion."""
+    import ray
+
+    durations, pending = [], engine.submit_step(images, labels)
+    last = time.perf_counter()
+    for i in range(n):
+        following = engine.submit_step(images, labels) if i + 1 < n else None
+        ray.get(pending)
+        now = time.perf_counter()
+        durations.append(now - last)
+        last, pending = now, following
+    return durations
+
+
 def theoretical_exchange_bytes(cfg, batch: int) -> dict:
     """Bytes other towers must deliver per step: all-gather forward, reduce-scatter backward, and the logits."""
     volume = {"forward": 0, "backward": 0}
@@ -80,6 +100,11 @@ def main() -> None:
     parser.add_argument(
         "--tf32", action="store_true", help="CUDA only: TensorFloat-32 matmuls and convolutions on both sides"
     )
+    parser.add_argument(
+        "--reference-keeps-freed-memory",
+        action="store_true",
+        help="give the reference's process the allocator setting the towers use (not plain PyTorch any more)",
+    )
     args = parser.parse_args()
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
 
@@ -96,6 +121,11 @@ def main() -> None:
     engine = ModelParallelAlexNet(**net, cpus_per_tower=args.threads // towers, tf32=args.tf32)
     # The same float32 arithmetic on both sides (PyTorch's own default has TF32 convolutions, not matmuls).
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = args.tf32
+    if args.reference_keeps_freed_memory:
+        from coordinator.worker import keep_freed_memory_in_heap
+
+        if not keep_freed_memory_in_heap():
+            parser.error("--reference-keeps-freed-memory needs Linux with glibc")
     reference = AlexNet(**net)
     reference.load_state_dict(engine.state_dict())
     reference.to(device)
@@ -120,16 +150,7 @@ def main() -> None:
         synchronize(device)
 
     def engine_steps(n):
-        """n steps as the training loop runs them: each batch is submitted before the previous step ends."""
-        durations, pending = [], engine.submit_step(engine_images, labels)
-        last = time.perf_counter()
-        for i in range(n):
-            following = engine.submit_step(engine_images, labels) if i + 1 < n else None
-            ray.get(pending)
-            now = time.perf_counter()
-            durations.append(now - last)
-            last, pending = now, following
-        return durations
+        return pipelined_steps(engine, engine_images, labels, n)
 
     def reference_steps(n):
         durations = []
@@ -160,6 +181,11 @@ def main() -> None:
     print()
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; torch {torch.__version__}")
     print(f"towers: {engine.placement.kind}, on {', '.join(t['device'] for t in engine.towers)}; reference on {device}")
+    towers_keep = all(t["keeps_freed_memory"] for t in engine.towers)
+    print(
+        f"allocator keeps freed memory: towers {'yes' if towers_keep else 'no'}, "
+        f"reference {'yes' if args.reference_keeps_freed_memory else 'no (plain PyTorch)'}"
+    )
     if device == "cuda":
         print(f"TF32 {'on' if args.tf32 else 'off'} on both sides")
     print(f"batch {args.batch} at {args.image_size} px, width {args.width}, {args.steps} timed steps, {args.threads} threads per side")

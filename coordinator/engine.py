@@ -80,6 +80,8 @@ class ModelParallelAlexNet:
     CUDA towers use TensorFloat-32 (faster, no longer equal to the reference at 1e-5).
     start_timeout is how long to wait for the towers to be placed and started (an autoscaling
     cluster may be adding a node); past it a RuntimeError says what they need and what is free.
+    keep_freed_memory has each tower's allocator keep what it frees for the next step (glibc;
+    6-10% faster on CPU, for a step's peak memory staying resident); False returns it.
     """
 
     def __init__(
@@ -95,6 +97,7 @@ class ModelParallelAlexNet:
         dtype: torch.dtype = torch.float32,
         tf32: bool = False,
         start_timeout: float = 600.0,
+        keep_freed_memory: bool = True,
         **config,
     ):
         for name, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)):
@@ -118,6 +121,7 @@ class ModelParallelAlexNet:
                 threads=cpus_per_tower,
                 dtype=dtype,
                 tf32=tf32,
+                keep_freed_memory=keep_freed_memory,
             )
             for t in range(self.config.towers)
         ]

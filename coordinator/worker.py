@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
+import platform
 import socket
 import threading
 import time
@@ -16,6 +18,26 @@ import torch
 
 from coordinator.exchange import ObjectStoreExchange, from_wire
 from towers import NetConfig, Tower, paper_sgd
+
+
+# glibc's mallopt parameters (malloc.h).
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+
+
+def keep_freed_memory_in_heap() -> bool:
+    """Make this process's allocator keep freed memory for reuse; True where it could (glibc).
+
+    A CPU tower allocates and frees the same large tensors every step (conv1's output alone is
+    74 MB at batch 128). By default glibc serves each block over 32 MiB with fresh pages from the
+    kernel, which are faulted in and zeroed again on first touch, step after step: 6-10% of a
+    tower's step. Served from the heap and kept there, they are reused from the third step on.
+    The cost: the step's peak memory stays resident (1.5-1.65 GB for a full-size tower at batch
+    128, against 1.1-1.2 GB).
+    """
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(None)
+    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 def _locked(method):
@@ -43,8 +65,10 @@ class TowerWorker:
         threads: int = 1,
         dtype: torch.dtype = torch.float32,
         tf32: bool = False,
+        keep_freed_memory: bool = True,
     ):
         torch.set_num_threads(threads)
+        self.keeps_freed_memory = keep_freed_memory and keep_freed_memory_in_heap()
         self.device = torch.device("cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu")
         # TF32 trades float32's last 13 mantissa bits for speed; off unless asked, so results match the reference.
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = tf32
@@ -73,6 +97,7 @@ class TowerWorker:
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "threads": torch.get_num_threads(),
+            "keeps_freed_memory": self.keeps_freed_memory,
             "parameters": sum(p.numel() for p in self.tower.parameters()),
         }
 

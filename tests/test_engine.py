@@ -159,6 +159,51 @@ def test_towers_get_a_cpu_core_each(small_engine):
     assert len({t["pid"] for t in small_engine.towers}) == 2  # two processes
     assert all(t["threads"] == 1 and t["device"] == "cpu" for t in small_engine.towers)
     assert sum(t["parameters"] for t in small_engine.towers) == small_engine.config.parameter_count()
+    assert all(t["keeps_freed_memory"] for t in small_engine.towers)  # this machine's libc is glibc
+
+
+def test_towers_can_be_told_to_return_freed_memory(ray_session):
+    engine = ModelParallelAlexNet(**SMALL, keep_freed_memory=False)
+    try:
+        assert not any(t["keeps_freed_memory"] for t in engine.towers)
+        assert engine.train_step(torch.randn(2, 3, 99, 99), torch.tensor([0, 1])) > 0
+    finally:
+        engine.shutdown()
+
+
+# Ten "steps" that each make and free the same few large tensors, as a tower's training step does;
+# prints the page faults of all but the first.
+_STEPS = """
+import resource, sys, torch
+from coordinator.worker import keep_freed_memory_in_heap
+if sys.argv[1] == "keep":
+    assert keep_freed_memory_in_heap()
+faults = []
+for step in range(10):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    activations = torch.ones(18 << 20)
+    pooled = activations[: 12 << 20] * 2
+    gradient = torch.ones_like(activations)
+    del activations, pooled, gradient
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(sum(faults[1:]))
+"""
+
+
+def test_towers_reuse_freed_blocks_instead_of_faulting_in_fresh_pages():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    def faults(mode):
+        root = Path(__file__).resolve().parent.parent
+        run = subprocess.run([sys.executable, "-c", _STEPS, mode], cwd=root, capture_output=True, text=True, check=True)
+        return int(run.stdout.split()[-1])
+
+    fresh = faults("default")
+    assert fresh >= 9 * 48 * 1024  # every step faults in its 192 MiB afresh: 49152 pages of 4 KiB
+    # Kept memory is reused; now and then a block misses a free piece it fits (0-13% in 20 runs).
+    assert faults("keep") < fresh / 3
 
 
 def test_placement_follows_the_devices():
