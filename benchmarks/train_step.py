@@ -191,7 +191,7 @@ def main() -> None:
     print(f"batch {args.batch} at {args.image_size} px, width {args.width}, {args.steps} timed steps, {args.threads} threads per side")
     print(f"engine    median {engine_s:7.3f} s/step  {args.batch / engine_s:7.1f} images/s  (all: {', '.join(f'{t:.2f}' for t in times['engine'])})")
     print(f"reference median {reference_s:7.3f} s/step  {args.batch / reference_s:7.1f} images/s  (all: {', '.join(f'{t:.2f}' for t in times['reference'])})")
-    print(f"speed-up (reference / engine): {reference_s / engine_s:.2f}x")
+    print(f"speed-up (reference / engine): {reference_s / engine_s:.3f}x")
     print()
     print(f"sgemm: {one_thread / 1e9:.0f} GFLOP/s on 1 thread, {all_threads / 1e9:.0f} GFLOP/s on {args.threads}")
     if gpu:
