@@ -81,7 +81,7 @@ class ModelParallelAlexNet:
     start_timeout is how long to wait for the towers to be placed and started (an autoscaling
     cluster may be adding a node); past it a RuntimeError says what they need and what is free.
     keep_freed_memory has each tower's allocator keep what it frees for the next step (glibc;
-    6-10% faster on CPU, for a step's peak memory staying resident); False returns it.
+    5-12% faster steps on CPU, for a step's peak memory staying resident); False returns it.
     """
 
     def __init__(

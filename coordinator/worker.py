@@ -29,7 +29,7 @@ def keep_freed_memory_in_heap() -> bool:
 
     A CPU tower allocates and frees the same large tensors every step (conv1's output alone is
     74 MB at batch 128). By default glibc serves each block over 32 MiB with fresh pages from the
-    kernel, which are faulted in and zeroed again on first touch, step after step: 6-10% of a
+    kernel, which are faulted in and zeroed again on first touch, step after step: 5-12% of a
     tower's step. Served from the heap and kept there, they are reused from the third step on.
     The cost: the step's peak memory stays resident (1.5-1.65 GB for a full-size tower at batch
     128, against 1.1-1.2 GB).
