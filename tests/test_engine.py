@@ -1,6 +1,9 @@
 """ModelParallelAlexNet on a real local Ray, proven equal to the single-process towers.AlexNet."""
 
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -191,10 +194,6 @@ print(sum(faults[1:]))
 
 
 def test_towers_reuse_freed_blocks_instead_of_faulting_in_fresh_pages():
-    import subprocess
-    import sys
-    from pathlib import Path
-
     def faults(mode):
         root = Path(__file__).resolve().parent.parent
         run = subprocess.run([sys.executable, "-c", _STEPS, mode], cwd=root, capture_output=True, text=True, check=True)
