@@ -1,34 +1,69 @@
-"""Is the loader ahead of training? Images/s the Ray Data loader delivers, beside what a step consumes.
+"""Is the loader ahead of training? Whole passes of the Ray Data loader, beside what training consumes.
 
-    python benchmarks/data_pipeline.py                 # the built-in dataset, batch 128
+    python benchmarks/data_pipeline.py                 # the built-in dataset, batch 128, 3 passes
     python benchmarks/data_pipeline.py --data DIR      # any ImageFolder training folder
 
-Three measurements in one run, each a median over several batches after a warm-up:
-  loader    decode + augment + batch, nothing else running
-  training  the two-tower train step on batches already in memory
-  together  training fed by the loader, as the training loop runs it
+A pass is timed whole, as an epoch meets it, and split in two:
+  start-up  from asking for the pass to its first batch (Ray Data planning and starting its
+            tasks, the first blocks' decoding): the towers wait this long at the start of
+            every training pass and every validation pass
+  steady    images/s from the first batch to the last
+  whole     images/s over the whole pass, start-up included
+(A median of the gaps between batches would not do: once the pipeline has run ahead, that is the
+speed of reading buffered batches, not of decoding them.)
+
+Measurements, alternated pass by pass so that drift in the machine hits all alike, medians over
+--passes:
+  loader     a training pass (decode + augment + batch) with nothing else running
+  validation an evaluation pass over the held-out images (centre crops), loader only
+  training   the two-tower step on a batch already in memory, pipelined as the loop runs it
+  together   a training pass fed by the loader, pipelined as the training loop runs it
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
+from contextlib import closing
+from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+@dataclass
+class Pass:
+    startup: float  # seconds to the first batch
+    steady: float  # images/s after it
+    whole: float  # images/s over the pass
+
+    def __str__(self) -> str:
+        return f"start-up {self.startup:5.2f} s, steady {self.steady:6.1f} images/s, whole {self.whole:6.1f} images/s"
 
 
-def rate(times, batch):
-    return batch / statistics.median(times)
+def timed_pass(loader, consume=lambda batch: None, finish=lambda: None) -> Pass:
+    start = time.perf_counter()
+    first, first_images, images = None, 0, 0
+    for batch in loader:
+        if first is None:
+            first, first_images = time.perf_counter(), len(batch.labels)
+        consume(batch)
+        images += len(batch.labels)
+    finish()
+    end = time.perf_counter()
+    return Pass(first - start, (images - first_images) / max(end - first, 1e-9), images / (end - start))
+
+
+def median_pass(passes: list[Pass]) -> Pass:
+    return Pass(*(statistics.median(getattr(p, f) for p in passes) for f in ("startup", "steady", "whole")))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", help="ImageFolder training folder (default: the built-in dataset)")
     parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--batches", type=int, default=12, help="timed batches per measurement")
+    parser.add_argument("--passes", type=int, default=3, help="passes of each kind")
+    parser.add_argument("--images", type=int, default=0, help="images per training pass (0: the whole training set)")
+    parser.add_argument("--steps", type=int, default=6, help="timed steps of training alone, per pass")
     parser.add_argument("--cpus", type=int, default=6, help="logical CPUs for the local Ray")
     args = parser.parse_args()
 
@@ -36,39 +71,57 @@ def main() -> None:
 
     from coordinator import ModelParallelAlexNet
     from coordinator.data import batches, open_dataset
-    from coordinator.patterns import default_root, generate
+    from coordinator.data.patterns import default_root, generate
+    from coordinator.training.loop import StepPipeline
 
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
     train_dir = Path(args.data) if args.data else generate(default_root()) / "train"
     val_dir = train_dir.parent / "val"  # the built-in dataset's held-out folder; else a share is held out
     dataset = open_dataset(train_dir, val_dir if val_dir.is_dir() else None, stats="imagenet")
-    need = (args.batches + 2) * args.batch
-    samples = (dataset.train * (need // len(dataset.train) + 1))[:need]
-
-    def timed(iterator, work=lambda b: None):
-        times, last = [], time.perf_counter()
-        for batch in iterator:
-            work(batch)
-            now = time.perf_counter()
-            times.append(now - last)
-            last = now
-        return times[2:]  # the first batches include the pipeline's start-up
-
-    loader = timed(batches(samples, dataset.stats, args.batch, "train"))
+    samples = dataset.train
+    if args.images:
+        samples = (samples * (args.images // len(samples) + 1))[: args.images]
     engine = ModelParallelAlexNet(num_classes=dataset.num_classes, init="kaiming")
-    fixed = next(batches(samples, dataset.stats, args.batch, "eval"))
-    training = timed(iter([fixed] * (args.batches + 2)), lambda b: engine.train_step(b.images, b.labels))
-    together = timed(
-        batches(samples, dataset.stats, args.batch, "train"), lambda b: engine.train_step(b.images, b.labels)
-    )
+    pipeline = StepPipeline(engine)
+    with closing(batches(samples, dataset.stats, args.batch, "eval")) as loader:
+        fixed = next(loader)
+
+    def train(batch):
+        pipeline.submit(batch.images, batch.labels)
+
+    def training_alone() -> float:
+        """Images/s of the median pipelined step on the fixed batch (one warm-up step)."""
+        times, last = [], None
+        for _ in range(args.steps + 1):
+            pipeline.submit(fixed.images, fixed.labels)
+            now = time.perf_counter()
+            if last is not None:
+                times.append(now - last)
+            last = now
+        pipeline.finish()
+        return len(fixed.labels) / statistics.median(times[1:])
+
+    runs = {"loader": [], "validation": [], "together": []}
+    training = []
+    for p in range(args.passes):
+        runs["loader"].append(timed_pass(batches(samples, dataset.stats, args.batch, "train", epoch=2 * p)))
+        runs["validation"].append(timed_pass(batches(dataset.val, dataset.stats, 64, "eval")))
+        training.append(training_alone())
+        together = batches(samples, dataset.stats, args.batch, "train", epoch=2 * p + 1)
+        runs["together"].append(timed_pass(together, train, pipeline.finish))
+        print(f"pass {p + 1}/{args.passes}: " + "; ".join(f"{k} {v[-1]}" for k, v in runs.items()), flush=True)
     engine.shutdown()
 
-    loader_rate, train_rate, together_rate = (rate(t, args.batch) for t in (loader, training, together))
-    print(f"dataset: {train_dir} ({len(dataset.train)} training images), batch {args.batch}")
-    print(f"loader alone:            {loader_rate:7.1f} images/s")
-    print(f"training alone:          {train_rate:7.1f} images/s")
-    print(f"loader / training:       {loader_rate / train_rate:7.2f}x  (target: at least 2x)")
-    print(f"training fed by loader:  {together_rate:7.1f} images/s ({together_rate / train_rate:.0%} of training alone)")
+    loader, together, train_rate = median_pass(runs["loader"]), median_pass(runs["together"]), statistics.median(training)
+    print()
+    print(f"dataset: {train_dir}; training passes of {len(samples)} images, batch {args.batch}; "
+          f"validation passes of {len(dataset.val)} images; medians of {args.passes} passes")  # fmt: skip
+    print(f"loader alone:           {loader}")
+    print(f"validation loader:      {median_pass(runs['validation'])}")
+    print(f"training alone:         {train_rate:6.1f} images/s")
+    print(f"training fed by loader: {together}")
+    print(f"loader steady / training: {loader.steady / train_rate:.2f}x (target: at least 2x)")
+    print(f"training fed by the loader, whole pass: {together.whole / train_rate:.0%} of training alone")
     ray.shutdown()
 
 

@@ -14,14 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import torch  # noqa: E402
-from train_step import pipelined_steps  # noqa: E402
+import torch
+from train_step import pipelined_steps  # benchmarks/, which Python puts first on the path for a script here
 
 
 def resident_mb(pid: int) -> float:

@@ -25,15 +25,11 @@ import argparse
 import os
 import platform
 import statistics
-import sys
 import time
 from collections import defaultdict
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
 
 def sgemm_rate(threads: int, device: str = "cpu", n: int = 2048, repeats: int = 5) -> float:
@@ -122,7 +118,7 @@ def main() -> None:
     # The same float32 arithmetic on both sides (PyTorch's own default has TF32 convolutions, not matmuls).
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = args.tf32
     if args.reference_keeps_freed_memory:
-        from coordinator.worker import keep_freed_memory_in_heap
+        from coordinator.engine.tower_actor import keep_freed_memory_in_heap
 
         if not keep_freed_memory_in_heap():
             parser.error("--reference-keeps-freed-memory needs Linux with glibc")

@@ -7,6 +7,7 @@ classifies every held-out image through gRPC and prints the accuracy and a few t
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import time
 
@@ -14,7 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from alexnet_api.v1 import alexnet_pb2 as pb
 from client import AlexNetClient
-from client.cli import console, follow, pct, predictions_table, serve_options
+from client.views import console, follow, pct, predictions_table
 
 
 def free_or_any(host: str, port: int) -> int:
@@ -29,8 +30,9 @@ def free_or_any(host: str, port: int) -> int:
     return port
 
 
-def run_demo(args) -> int:
-    from coordinator import patterns
+def run_demo(options, preset: str = "demo", overrides: dict | None = None) -> int:
+    """The demo on a server with these ServeOptions (a taken port is swapped for a free one)."""
+    from coordinator.data import patterns
     from coordinator.service import Server
 
     started = time.monotonic()
@@ -42,21 +44,22 @@ def run_demo(args) -> int:
     val = sorted((root / "val").rglob("*.jpg"))
     console.print(f"dataset: {root} ({len(list((root / 'train').rglob('*.jpg')))} training, {len(val)} held-out images)")
 
-    args.port = free_or_any(args.host, args.port)
-    args.metrics_port = free_or_any(args.host, args.metrics_port)
+    host = options.host
+    options = dataclasses.replace(
+        options, port=free_or_any(host, options.port), metrics_port=free_or_any(host, options.metrics_port)
+    )
     console.print("starting Ray and the server (two serving towers)...")
-    server = Server(serve_options(args)).start()
-    target = f"{args.host}:{server.port}"
-    metrics = f"http://{args.host}:{server.metrics_port}/metrics" if server.metrics_port else None
+    server = Server(options).start()
+    target = f"{host}:{server.port}"
+    metrics = f"http://{host}:{server.metrics_port}/metrics" if server.metrics_port else None
     console.print(f"gRPC on {target}" + (f"; Prometheus metrics at {metrics} (scrape them while it trains)" if metrics else ""))
     try:
         with AlexNetClient(target) as client:
             client.wait_ready()
             towers = ", ".join(f"tower {t.index} on {t.device}" for t in client.info().towers)
             console.print(f"serving: {towers}")
-            overrides = dict(item.split("=", 1) for item in args.set)
-            job = client.train(builtin=True, preset=args.preset, overrides=overrides)
-            console.print(f"training job {job.job_id}: preset {args.preset}, full-size AlexNet on two towers")
+            job = client.train(builtin=True, preset=preset, overrides=overrides)
+            console.print(f"training job {job.job_id}: preset {preset}, full-size AlexNet on two towers")
             job = follow(client, job.job_id)
             if job.state != pb.FINISHED:
                 return 1

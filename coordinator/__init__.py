@@ -1,22 +1,13 @@
-"""Orchestration and the service: tower actors, the coordinator actor, the exchanges, data and training.
+"""Orchestration and the service, one package per subsystem:
 
-Names are imported on first use, so that Ray Data workers, which only need coordinator.images,
-do not pay for importing torch and Ray's actor code.
+    engine/    the driver's handle (ModelParallelAlexNet), placement, the coordinator and tower actors, transports
+    data/      images one at a time (torch-free), datasets, Ray Data batches, the built-in dataset
+    training/  the recipe (presets, overrides, schedules), the loop, checkpoints
+    service/   the gRPC server: jobs, serving, servicers, errors, metrics
+
+Imports flow one way: data <- training <- service, and engine <- training.
 """
 
-from importlib import import_module
+from coordinator.engine import ModelParallelAlexNet, Placement, ensure_ray
 
-_EXPORTS = {
-    "ModelParallelAlexNet": "coordinator.engine",
-    "Placement": "coordinator.engine",
-    "ensure_ray": "coordinator.engine",
-    "ObjectStoreExchange": "coordinator.exchange",
-}
-
-__all__ = list(_EXPORTS)
-
-
-def __getattr__(name):
-    if name in _EXPORTS:
-        return getattr(import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'coordinator' has no attribute {name!r}")
+__all__ = ["ModelParallelAlexNet", "Placement", "ensure_ray"]

@@ -9,22 +9,19 @@ import pytest
 import torch
 from PIL import Image
 
-from coordinator import data
-from coordinator.data import (
+from coordinator.data import DatasetError, batches, open_dataset
+from coordinator.data.images import (
     CROP,
     STORED,
     BadImage,
     ColourStats,
-    DatasetError,
-    batches,
     centre_crop,
     lighting_shift,
     load_image,
-    open_dataset,
     random_crop_and_flip,
     ten_crops,
 )
-from coordinator.patterns import KINDS, draw, generate
+from coordinator.data.patterns import KINDS, draw, generate
 
 
 def gradient_image(width, height, mode="RGB"):
@@ -98,13 +95,12 @@ def test_loader_gives_tensors_and_counts_skips(ray_session, mixed_folder):
 
 
 def test_training_survives_bad_files_and_reports_them(ray_session, mixed_folder, caplog):
-    from coordinator.training import train
+    from coordinator.training import recipe, train
 
     events = []
     result = train(
         mixed_folder / "train",
-        "demo",
-        {"epochs": 2, "batch_size": 4, "width": 0.125, "val_fraction": 0.5, "steps_per_epoch": 2},
+        recipe("demo", {"epochs": 2, "batch_size": 4, "width": 0.125, "val_fraction": 0.5, "steps_per_epoch": 2}),
         on_event=events.append,
     )
     assert result.state == "finished" and result.steps > 0

@@ -1,4 +1,8 @@
-"""ModelParallelAlexNet on a real local Ray, proven equal to the single-process towers.AlexNet."""
+"""ModelParallelAlexNet on a real local Ray, proven equal to the single-process towers.AlexNet.
+
+The equivalence tests run once per transport in coordinator.engine.TRANSPORTS: a new transport
+is proven by registering it there.
+"""
 
 import subprocess
 import sys
@@ -12,6 +16,7 @@ from conftest import SMALL, relative_error
 from equivalence import clear_pool_winners
 
 from coordinator import ModelParallelAlexNet, Placement
+from coordinator.engine import TRANSPORTS
 from towers import AlexNet, paper_sgd
 
 BOUND = 1e-5
@@ -41,9 +46,14 @@ def assert_equivalent(engine, ref, images, labels, names=None, bound=BOUND, drop
     return errors
 
 
+@pytest.fixture(scope="module", params=sorted(TRANSPORTS))
+def transport(request):
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def small_engine(ray_session):
-    engine = ModelParallelAlexNet(**SMALL, dropout=0.0, init="pytorch")
+def small_engine(ray_session, transport):
+    engine = ModelParallelAlexNet(**SMALL, dropout=0.0, init="pytorch", transport=transport)
     yield engine
     engine.shutdown()
 
@@ -89,9 +99,9 @@ def test_three_sgd_steps_match_the_reference(small_engine, small_reference):
     assert all(not torch.equal(expected[k], start[k]) for k in expected)
 
 
-def test_dropout_uses_the_same_masks_given_the_same_seed(ray_session):
+def test_dropout_uses_the_same_masks_given_the_same_seed(ray_session, transport):
     ref = AlexNet(**SMALL, dropout=0.5, init="pytorch", seed=2)
-    engine = ModelParallelAlexNet(**SMALL, dropout=0.5, init="pytorch", seed=2)
+    engine = ModelParallelAlexNet(**SMALL, dropout=0.5, init="pytorch", seed=2, transport=transport)
     try:
         images, seed = clear_pool_winners(ref, batch=4, first_seed=200)
         labels = torch.randint(0, 10, (4,), generator=torch.Generator().manual_seed(seed))
@@ -104,10 +114,10 @@ def test_dropout_uses_the_same_masks_given_the_same_seed(ray_session):
         engine.shutdown()
 
 
-def test_full_size_float64_every_gradient(ray_session):
+def test_full_size_float64_every_gradient(ray_session, transport):
     """Full size, batch 2. In float64 no pooling window is ever a near-tie, so every gradient must agree."""
     ref = AlexNet(init="pytorch", dropout=0.0).double()
-    engine = ModelParallelAlexNet(init="pytorch", dropout=0.0, dtype=torch.float64)
+    engine = ModelParallelAlexNet(init="pytorch", dropout=0.0, dtype=torch.float64, transport=transport)
     try:
         gen = torch.Generator().manual_seed(0)
         images = torch.randn(2, 3, 227, 227, generator=gen, dtype=torch.float64)
@@ -118,12 +128,12 @@ def test_full_size_float64_every_gradient(ray_session):
         engine.shutdown()
 
 
-def test_full_size_float32_logits_loss_and_classifier_gradients(ray_session):
+def test_full_size_float32_logits_loss_and_classifier_gradients(ray_session, transport):
     """Full size, batch 2, float32. The classifier's gradients pass through no max-pool, so they
     must agree whatever the rounding; the convolutions' are proven above (small width in float32,
     full size in float64) because full-size inputs always hold some near-tied pooling windows."""
     ref = AlexNet(init="pytorch", dropout=0.0)
-    engine = ModelParallelAlexNet(init="pytorch", dropout=0.0)
+    engine = ModelParallelAlexNet(init="pytorch", dropout=0.0, transport=transport)
     try:
         gen = torch.Generator().manual_seed(1)
         images = torch.randn(2, 3, 227, 227, generator=gen)
@@ -178,7 +188,7 @@ def test_towers_can_be_told_to_return_freed_memory(ray_session):
 # prints the page faults of all but the first.
 _STEPS = """
 import resource, sys, torch
-from coordinator.worker import keep_freed_memory_in_heap
+from coordinator.engine.tower_actor import keep_freed_memory_in_heap
 if sys.argv[1] == "keep":
     assert keep_freed_memory_in_heap()
 faults = []
@@ -258,6 +268,8 @@ def test_load_state_dict_refuses_a_wrong_shape(small_engine):
 
 
 def test_hyperparameters_are_checked(ray_session):
+    with pytest.raises(ValueError, match="unknown transport 'carrier-pigeon': choose one of object_store"):
+        ModelParallelAlexNet(**SMALL, transport="carrier-pigeon")
     with pytest.raises(ValueError, match="lr must be non-negative"):
         ModelParallelAlexNet(**SMALL, lr=-1)
     with pytest.raises(ValueError, match="dtype must be"):

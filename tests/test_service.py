@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from alexnet_api.v1 import alexnet_pb2 as pb
 from client import AlexNetClient
-from coordinator.patterns import generate
+from coordinator.data.patterns import generate
 from coordinator.service import Server, ServeOptions
 
 WIDTH = 0.25  # the served network and the jobs' networks share it, so publishing never rebuilds towers

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from coordinator.data import open_dataset
-from coordinator.patterns import generate
+from coordinator.data.patterns import generate
 from coordinator.training import PRESETS, PlateauSchedule, StepSchedule, recipe, train
 
 
@@ -70,8 +70,7 @@ def test_learning_on_the_builtin_dataset(ray_session, patterns):
     events = []
     result = train(
         patterns,
-        "demo",
-        {"width": 0.25, "epochs": 12, "batch_size": 32, "lr": 0.005, "dropout": 0.0, "lr_epochs": "11"},
+        recipe("demo", {"width": 0.25, "epochs": 12, "batch_size": 32, "lr": 0.005, "dropout": 0.0, "lr_epochs": "11"}),
         on_event=events.append,
     )
     chance_loss, chance_top1 = math.log(10), 0.1
@@ -97,8 +96,7 @@ def test_stop_ends_at_a_step_boundary_with_a_checkpoint(ray_session, patterns, t
 
     result = train(
         patterns,
-        "demo",
-        {"width": 0.125, "epochs": 50, "batch_size": 16, "publish_every": 2},
+        recipe("demo", {"width": 0.125, "epochs": 50, "batch_size": 16, "publish_every": 2}),
         on_event=on_event,
         stop=stop,
         on_publish=lambda step, state: published.append((step, state)),
@@ -116,4 +114,4 @@ def test_stop_ends_at_a_step_boundary_with_a_checkpoint(ray_session, patterns, t
 
 def test_a_diverging_run_fails_with_advice(ray_session, patterns):
     with pytest.raises(FloatingPointError, match="lower lr"):
-        train(patterns, "demo", {"width": 0.125, "lr": 1e6, "epochs": 1, "batch_size": 16, "init": "pytorch"})
+        train(patterns, recipe("demo", {"width": 0.125, "lr": 1e6, "epochs": 1, "batch_size": 16, "init": "pytorch"}))

@@ -1,7 +1,7 @@
 """One image at a time: decoding, cropping, flipping and colour noise, with numpy and Pillow only.
 
-These run inside Ray Data's workers, so this module imports neither torch nor Ray: a worker
-starts in well under a second.
+These run inside Ray Data's workers, which receive this module by value (loader.py): it must
+import nothing but numpy and Pillow, so that a worker starts in well under a second.
 """
 
 from __future__ import annotations

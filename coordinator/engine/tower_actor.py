@@ -1,4 +1,4 @@
-"""TowerWorker: the Ray actor that hosts one tower on its device, with its optimizer and its timings."""
+"""TowerActor: the Ray actor that hosts one tower (towers.Tower) on its device, with its optimizer and timings."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import numpy as np
 import ray
 import torch
 
-from coordinator.exchange import ObjectStoreExchange, from_wire
+from coordinator.engine.transport import Received, Transport
 from towers import NetConfig, Tower, paper_sgd
 
 
@@ -27,12 +27,11 @@ M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
 def keep_freed_memory_in_heap() -> bool:
     """Make this process's allocator keep freed memory for reuse; True where it could (glibc).
 
-    A CPU tower allocates and frees the same large tensors every step (conv1's output alone is
-    74 MB at batch 128). By default glibc serves each block over 32 MiB with fresh pages from the
-    kernel, which are faulted in and zeroed again on first touch, step after step: 5-12% of a
-    tower's step. Served from the heap and kept there, they are reused from the third step on.
-    The cost: the step's peak memory stays resident (1.5-1.65 GB for a full-size tower at batch
-    128, against 1.1-1.2 GB).
+    A CPU tower allocates and frees the same large tensors every step (conv1's output is tens of
+    MB). By default glibc serves each block over 32 MiB with fresh pages from the kernel, which
+    are faulted in and zeroed again on first touch, step after step. Served from the heap and
+    kept there, they are reused from the third step on. The cost: the step's peak memory stays
+    resident. Both are measured in docs/performance.md.
     """
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
@@ -41,7 +40,7 @@ def keep_freed_memory_in_heap() -> bool:
 
 
 def _locked(method):
-    """Run under the worker's lock: the compiled inference graph calls in from another thread."""
+    """Run under the actor's lock: the compiled inference graph calls in from another thread."""
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
@@ -51,13 +50,15 @@ def _locked(method):
     return wrapper
 
 
-class TowerWorker:
-    """One tower of the model. The coordinator drives it one segment at a time."""
+class TowerActor:
+    """One tower of the model. The coordinator drives it one segment at a time; the transport
+    carries what it sends and receives."""
 
     def __init__(
         self,
         config: NetConfig,
         index: int,
+        transport: Transport,
         seed: int,
         lr: float,
         momentum: float,
@@ -73,7 +74,7 @@ class TowerWorker:
         # TF32 trades float32's last 13 mantissa bits for speed; off unless asked, so results match the reference.
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = tf32
         self.index = index
-        self.exchange = ObjectStoreExchange()
+        self.transport = transport
         self.tower = Tower(config, index, seed).to(self.device, dtype)
         self.optimizer = paper_sgd(self.tower, lr, momentum, weight_decay)
         # Exchange points are named by the layer that receives: conv3, fc6, fc7, fc8.
@@ -109,47 +110,49 @@ class TowerWorker:
         self._stats["compute_seconds"][key] += time.perf_counter() - start
         return out
 
+    def _record_exchange(self, key: tuple[str, str], got: Received) -> None:
+        self._stats["exchange_seconds"][key] += got.wait_seconds
+        self._stats["exchange_bytes"][key] += got.foreign_bytes
+
     @_locked
-    def forward(self, k: int, delivered: Sequence[ray.ObjectRef], dropout_seed: Optional[int]):
-        """Segment k of a training step. `delivered` is [image] for k=0, else the all-gather of segment k-1's outputs."""
+    def forward(self, k: int, delivered: Sequence, dropout_seed: Optional[int]):
+        """Segment k of a training step. `delivered` is the batch for k=0, else the all-gather of segment k-1's outputs."""
         self.tower.train()
-        got = self.exchange.receive(delivered, self.index, self.device)
+        got = self.transport.receive(delivered, self.index, self.device)
         if k == 0:
             inputs = got.tensors[0]
         else:
             inputs = got.tensors
-            self._stats["exchange_seconds"][(self.points[k], "forward")] += got.wait_seconds
-            self._stats["exchange_bytes"][(self.points[k], "forward")] += got.foreign_bytes
+            self._record_exchange((self.points[k], "forward"), got)
         out = self._timed((self.stages[k], "forward"), self.tower.forward_segment, k, inputs, dropout_seed)
-        return self.exchange.send(out)
+        return self.transport.send(out)
 
     def infer(self, k: int, *pieces):
-        """Segment k in eval mode, inside the compiled inference graph: `pieces` are the arrays themselves.
+        """Segment k in eval mode, inside the inference graph: `pieces` are what the graph hands over.
 
         The graph runs this on a background thread of the actor; the lock keeps it apart from
         training calls and weight loads on the main thread.
         """
-        inputs = [from_wire(p, self.device) for p in pieces]
+        inputs = [self.transport.decode(p, self.device) for p in pieces]
         with self.lock, torch.no_grad():
             self.tower.eval()
             out = self._timed((self.stages[k], "forward"), self.tower.forward_segment, k, inputs[0] if k == 0 else inputs)
-            return self.exchange.send(out)
+            return self.transport.send(out)
 
     @_locked
-    def backward(self, k: int, delivered: Sequence[ray.ObjectRef]):
+    def backward(self, k: int, delivered: Sequence):
         """Segment k's backward; `delivered` holds every tower's partial gradient for this tower's output.
 
         Returns this tower's partial gradients for each tower's piece of the segment's input (k > 0).
         """
-        got = self.exchange.receive(delivered, self.index, self.device)
+        got = self.transport.receive(delivered, self.index, self.device)
         if k + 1 < len(self.points):  # the last segment's gradient comes from the loss, not from a tower
-            self._stats["exchange_seconds"][(self.points[k + 1], "backward")] += got.wait_seconds
-            self._stats["exchange_bytes"][(self.points[k + 1], "backward")] += got.foreign_bytes
-        grad = self.exchange.reduce(got)
+            self._record_exchange((self.points[k + 1], "backward"), got)
+        grad = self.transport.reduce(got)
         pieces = self._timed((self.stages[k], "backward"), self.tower.backward_segment, k, grad)
         if pieces is None:
             return None
-        return tuple(self.exchange.send(p) for p in pieces)
+        return tuple(self.transport.send(p) for p in pieces)
 
     @_locked
     def apply_update(self, lr: Optional[float] = None) -> None:
@@ -187,7 +190,3 @@ class TowerWorker:
     @_locked
     def get_optimizer_state(self) -> dict:
         return self.optimizer.state_dict()
-
-    @_locked
-    def set_optimizer_state(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state)

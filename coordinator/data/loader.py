@@ -1,0 +1,94 @@
+"""Batches of images for the towers, decoded and augmented in parallel by Ray Data.
+
+Ray Data runs the decoding and augmenting tasks (images.Augment) wherever the cluster has room
+and streams the batches to the training loop. A worker sends cropped bytes and a per-image colour
+shift; the consumer turns them into float32 in one vectorised pass, which keeps the object store
+traffic at a quarter of what float pixels would cost.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+import ray.cloudpickle
+import torch
+
+from coordinator.data import images
+from coordinator.data.images import CROP, Augment, ColourStats
+
+# Ray Data's workers get the per-image code by value, so they never import this package (and with
+# it torch and the engine: seconds and hundreds of MB per worker, for code they do not run).
+ray.cloudpickle.register_pickle_by_value(images)
+
+
+def to_tensor(crops: np.ndarray, shifts: np.ndarray, stats: ColourStats, normalise: bool = False) -> torch.Tensor:
+    """(N, 227, 227, 3) uint8 and (N, 3) colour shifts -> (N, 3, 227, 227) float32, mean subtracted.
+
+    The paper keeps the 0..255 scale; with `normalise`, each channel is also divided by its spread.
+    The result is channels-last in memory, the layout the towers compute in and the wire carries.
+    """
+    offset = torch.as_tensor(shifts, dtype=torch.float32) - torch.tensor(stats.mean, dtype=torch.float32)
+    pixels = torch.from_numpy(np.ascontiguousarray(crops)).permute(0, 3, 1, 2).float()
+    pixels = pixels.add_(offset[:, :, None, None])
+    if normalise:
+        pixels = pixels.div_(torch.tensor(stats.std, dtype=torch.float32)[None, :, None, None])
+    return pixels
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor  # (N, 3, 227, 227), or (N, 10, 3, 227, 227) for ten-crop
+    labels: torch.Tensor
+    bad_paths: list[str]
+
+
+def batches(
+    samples: Sequence[tuple[str, int]],
+    stats: ColourStats,
+    batch_size: int,
+    mode: str = "train",
+    seed: int = 0,
+    epoch: int = 0,
+    limit: Optional[int] = None,
+    normalise: bool = False,
+) -> Iterator[Batch]:
+    """Batches of one pass over `samples`, reshuffled per epoch in training, decoded by Ray Data.
+
+    A batch may be a few images short where files were unreadable; their paths come with it.
+    """
+    import ray.data
+
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # its per-pipeline INFO lines are noise here
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
+    if mode not in ("train", "eval", "ten-crop"):
+        raise ValueError(f"mode must be train, eval or ten-crop, got {mode!r}")
+    order = list(range(len(samples)))
+    if mode == "train":
+        random.Random(f"{seed}/{epoch}").shuffle(order)
+    if limit is not None:
+        order = order[:limit]
+    if not order:
+        return
+    rows = [{"path": samples[i][0], "label": samples[i][1], "position": p} for p, i in enumerate(order)]
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.execution_options.preserve_order = True  # the same seed gives the same batches: reproducible runs
+    # Blocks of ~64 images: big enough to amortise a task's start, small enough to stream early.
+    dataset = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // 64, 256))).map_batches(
+        Augment(stats, mode, seed, epoch), batch_size=32, num_cpus=0.5
+    )
+    for block in dataset.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=2, drop_last=False):
+        ok = block["ok"]
+        bad = [str(p) for p in block["path"][~ok]]
+        crops, shift = block["crops"][ok], block["shift"][ok]
+        if mode == "ten-crop":
+            n = crops.shape[0]
+            pixels = to_tensor(crops.reshape(n * 10, CROP, CROP, 3), np.repeat(shift, 10, axis=0), stats, normalise)
+            pixels = pixels.reshape(n, 10, 3, CROP, CROP)
+        else:
+            pixels = to_tensor(crops, shift, stats, normalise)
+        yield Batch(pixels, torch.as_tensor(block["label"][ok], dtype=torch.long), bad)

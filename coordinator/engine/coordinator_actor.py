@@ -1,0 +1,91 @@
+"""Coordinator: the Ray actor that runs one training step across the towers.
+
+Forward, it submits every segment of every tower at once: each call carries what the transport's
+all-gather hands that tower, so the towers pull what they need as soon as it exists and the
+coordinator does not sit between segments. It waits only for the logits, applies the loss, and
+submits the whole backward the same way (the reduce-scatter), then the update.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Optional, Sequence
+
+import numpy as np
+import ray
+import torch
+import torch.nn.functional as F
+
+from coordinator.engine.transport import Transport
+from towers import NetConfig
+
+
+def softmax_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """Mean softmax cross-entropy and its gradient with respect to the logits."""
+    leaf = logits.detach().requires_grad_(True)
+    loss = F.cross_entropy(leaf, labels)
+    loss.backward()
+    return loss.item(), leaf.grad
+
+
+class Coordinator:
+    def __init__(self, towers: Sequence, config: NetConfig, transport: Transport):
+        self.towers = list(towers)
+        self.config = config
+        self.transport = transport
+        self.segments = len(config.segments)
+        self.seconds = {"loss": 0.0, "dispatch": 0.0}
+
+    def _forward(self, images, dropout_seed: Optional[int]) -> list:
+        outputs = [t.forward.remote(0, images, dropout_seed) for t in self.towers]
+        for k in range(1, self.segments):
+            delivered = self.transport.all_gather(outputs)
+            outputs = [tower.forward.remote(k, delivered[t], dropout_seed) for t, tower in enumerate(self.towers)]
+        return outputs
+
+    def _backward(self, delivered: list) -> list:
+        """Every segment's backward, from the loss's gradient down to segment 0; what to wait for."""
+        for k in range(self.segments - 1, 0, -1):
+            partials = [
+                tower.backward.options(num_returns=len(self.towers)).remote(k, delivered[t])
+                for t, tower in enumerate(self.towers)
+            ]
+            delivered = self.transport.reduce_scatter(partials)
+        return [tower.backward.remote(0, delivered[t]) for t, tower in enumerate(self.towers)]
+
+    def forward_backward(self, images, labels: np.ndarray, dropout_seed: Optional[int]) -> float:
+        """Forward and backward of one batch (`images` as the transport put them); gradients are
+        left accumulated in the towers."""
+        try:
+            start = time.perf_counter()
+            outputs = self._forward(images, dropout_seed)
+            self.seconds["dispatch"] += time.perf_counter() - start
+            # The one tensor that reaches the coordinator: the loss needs all the logits.
+            logits = torch.cat(self.transport.gather(outputs), dim=1)
+            start = time.perf_counter()
+            loss, grad = softmax_cross_entropy(logits, torch.tensor(labels, dtype=torch.long))
+            delivered = self.transport.scatter(torch.split(grad, list(self.config.shapes[-1].out_split), dim=1))
+            self.seconds["loss"] += time.perf_counter() - start
+            start = time.perf_counter()
+            done = self._backward(delivered)
+            self.seconds["dispatch"] += time.perf_counter() - start
+            ray.get(done)
+        except Exception:
+            ray.get([t.abandon_step.remote() for t in self.towers])
+            raise
+        return loss
+
+    def apply_update(self, lr: Optional[float] = None) -> None:
+        ray.get([t.apply_update.remote(lr) for t in self.towers])
+
+    def train_step(self, images, labels: np.ndarray, lr: Optional[float], dropout_seed: Optional[int], with_stats=False):
+        """One SGD step: its loss, and with_stats also the step's timings (as take_stats gives them)."""
+        loss = self.forward_backward(images, labels, dropout_seed)
+        self.apply_update(lr)
+        return (loss, self.take_stats()) if with_stats else loss
+
+    def take_stats(self) -> dict:
+        """Timings since the last call: each tower's, and the coordinator's own."""
+        towers = ray.get([t.take_stats.remote() for t in self.towers])
+        own, self.seconds = self.seconds, {"loss": 0.0, "dispatch": 0.0}
+        return {"towers": towers, "coordinator_seconds": own}

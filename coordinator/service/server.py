@@ -1,0 +1,126 @@
+"""The gRPC server: its options, and the wiring of jobs, serving, servicers, health and metrics.
+
+    server = Server(ServeOptions(port=50051)).start(); server.wait()
+
+Two pairs of tower actors run side by side: the training pair belongs to the running job
+(jobs.py), the serving pair answers Classify from the latest published version (serving.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from alexnet_api.v1 import alexnet_pb2 as pb
+from alexnet_api.v1 import alexnet_pb2_grpc as rpc
+from coordinator.data import ColourStats, patterns
+from coordinator.engine import ensure_ray
+from coordinator.service.jobs import JobManager
+from coordinator.service.metrics import GrpcMetricsInterceptor, Metrics
+from coordinator.service.servicers import InferenceServicer, ModelServicer, TrainingServicer
+from coordinator.service.serving import Classifier, ModelVersion
+from towers import NetConfig
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = tuple(
+    pb.DESCRIPTOR.services_by_name[name].full_name for name in ("TrainingService", "InferenceService", "ModelService")
+)
+MAX_MESSAGE_BYTES = 64 << 20  # a full batch of raw tensors is 32 x 618 KB; gRPC's default cap is 4 MiB
+
+
+@dataclass
+class ServeOptions:
+    host: str = "127.0.0.1"
+    port: int = 50051  # 0: any free port (see Server.port)
+    metrics_port: int = 9464  # 0: any free port; -1: no metrics endpoint
+    ray_address: Optional[str] = None  # None: RAY_ADDRESS, else a new local Ray
+    max_batch: int = 32  # images per served batch
+    max_delay_ms: float = 1.0  # how long a lone request waits for company (batches also form while the towers work)
+    width: float = 1.0  # the network served before any training
+    data_root: Optional[str] = None  # where the built-in dataset is generated
+    threads: int = 32  # gRPC handler threads
+
+
+class Server:
+    def __init__(self, options: ServeOptions = ServeOptions()):
+        self.options = options
+        self.metrics = Metrics()
+        self.classifier = Classifier(options.max_batch, options.max_delay_ms / 1000.0, self.metrics)
+        data_root = Path(options.data_root) if options.data_root else patterns.default_root()
+        self.jobs = JobManager(self.metrics, self.classifier.publish, data_root)
+        self.health = health.HealthServicer()
+        self.port = self.metrics_port = None
+        self._grpc: Optional[grpc.Server] = None
+        self._http = None
+
+    def start(self) -> "Server":
+        opts = self.options
+        # Version 0: the initial weights, for the built-in dataset's classes.
+        initial = ModelVersion(
+            0,
+            None,
+            list(patterns.KINDS.values()),
+            ColourStats.imagenet(),
+            True,
+            dict(num_classes=len(patterns.KINDS), width=opts.width),
+        )
+        self.metrics.prepare(NetConfig(**initial.net))  # a bad --width fails here, before anything starts
+        ensure_ray(opts.ray_address)
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        # The gRPC server is made here, after Ray has started its processes: nothing forks after this.
+        self._grpc = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=opts.threads, thread_name_prefix="grpc"),
+            interceptors=[GrpcMetricsInterceptor(self.metrics)],
+            options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)],
+        )
+        rpc.add_TrainingServiceServicer_to_server(TrainingServicer(self.jobs), self._grpc)
+        rpc.add_InferenceServiceServicer_to_server(InferenceServicer(self.classifier, self.metrics), self._grpc)
+        rpc.add_ModelServiceServicer_to_server(ModelServicer(self.classifier), self._grpc)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
+        reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc)
+        try:
+            self.port = self._grpc.add_insecure_port(f"{opts.host}:{opts.port}")
+        except RuntimeError as exc:
+            raise RuntimeError(f"cannot listen on {opts.host}:{opts.port} ({exc}); is the port taken? try --port") from None
+        self._grpc.start()
+        if opts.metrics_port >= 0:
+            try:
+                self._http = self.metrics.serve_http(opts.host, opts.metrics_port)
+            except OSError as exc:
+                raise RuntimeError(f"cannot serve metrics on port {opts.metrics_port}: {exc}; try --metrics-port") from None
+            self.metrics_port = self._http.server_address[1]
+        self.classifier.start(initial)
+        self._set_health(health_pb2.HealthCheckResponse.SERVING)  # towers are up: now we serve
+        log.info("serving gRPC on %s:%d, metrics on :%s", opts.host, self.port, self.metrics_port)
+        return self
+
+    def _set_health(self, status) -> None:
+        for name in ("", *SERVICE_NAMES):
+            self.health.set(name, status)
+
+    def stop(self, grace: float = 5.0) -> None:
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.jobs.stop_all()
+        if self._grpc is not None:
+            self._grpc.stop(grace).wait()
+        self.classifier.close()
+        if self._http is not None:
+            self._http.shutdown()
+
+    def wait(self) -> None:
+        """Block until SIGINT or SIGTERM, then stop cleanly (jobs stop at a step boundary, checkpoints kept)."""
+        done = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: done.set())
+        done.wait()
+        self.stop()

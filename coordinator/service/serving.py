@@ -1,0 +1,205 @@
+"""Serving: the model versions, and the serving pair of towers behind a dynamic batcher.
+
+Training publishes a version every `publish_every` steps and at its end; the batcher thread loads
+it between two batches, so a classification never waits for a training step and never mixes two
+versions.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from concurrent import futures
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+
+from coordinator.data import ColourStats, to_tensor
+from coordinator.engine import ModelParallelAlexNet
+from coordinator.service.errors import InvalidRequest, Unavailable
+from coordinator.service.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelVersion:
+    """Weights and everything needed to use them: labels and the input preprocessing."""
+
+    version: int
+    state: Optional[dict]  # None: the serving towers' own initial weights
+    labels: list[str]
+    stats: ColourStats
+    normalise: bool
+    net: dict  # NetConfig fields
+
+    @property
+    def note(self) -> str:
+        return "initial weights: not trained yet" if self.version == 0 else f"trained, version {self.version}"
+
+
+@dataclass
+class Prediction:
+    class_index: int
+    label: str
+    probability: float
+
+
+@dataclass
+class _Request:
+    items: list  # ("crop", uint8 HxWx3) or ("tensor", float32 3x227x227)
+    enqueued: float = field(default_factory=time.perf_counter)
+    done: futures.Future = field(default_factory=futures.Future)
+
+
+class Classifier:
+    """The serving pair of towers behind a dynamic batcher thread, and the versions it serves."""
+
+    def __init__(self, max_batch: int, max_delay: float, metrics: Metrics):
+        self.max_batch, self.max_delay, self.metrics = max_batch, max_delay, metrics
+        self.engine: Optional[ModelParallelAlexNet] = None
+        self.current: Optional[ModelVersion] = None
+        self._next: Optional[ModelVersion] = None
+        self._queue: collections.deque[_Request] = collections.deque()
+        self._cv = threading.Condition()
+        self._closing = False
+        self._thread: Optional[threading.Thread] = None
+        self._version_lock = threading.Lock()
+        self._last_version = 0
+
+    def start(self, initial: ModelVersion) -> None:
+        """Start the serving towers on the initial version, then the batcher."""
+        self.engine = self._serving_engine(initial)
+        self.current = initial
+        self.metrics.version.set(initial.version)
+        self._thread = threading.Thread(target=self._loop, name="classify-batcher", daemon=True)
+        self._thread.start()
+
+    def serving(self) -> tuple[ModelParallelAlexNet, ModelVersion]:
+        """The serving engine and the version it serves now."""
+        if self._thread is None:
+            raise Unavailable("the serving towers are still starting; retry shortly")
+        return self.engine, self.current
+
+    @staticmethod
+    def _serving_engine(version: ModelVersion) -> ModelParallelAlexNet:
+        # Dropout only acts in training; "paper" initial weights are what version 0 serves.
+        return ModelParallelAlexNet(**version.net, dropout=0.0, init="paper")
+
+    def classify(self, items: list, top_k: int) -> tuple[list[list[Prediction]], ModelVersion]:
+        """The top_k classes of each item, most probable first, and the version that answered."""
+        classes = len(self.serving()[1].labels)
+        if not 1 <= top_k <= classes:
+            raise InvalidRequest(f"top_k must be between 1 and {classes} (the classes), got {top_k}")
+        probs, version = self._submit(items).done.result()
+        values, indices = probs.topk(min(top_k, len(version.labels)), dim=1)
+        return [
+            [Prediction(int(i), version.labels[int(i)], float(p)) for p, i in zip(row_p, row_i)]
+            for row_p, row_i in zip(values, indices)
+        ], version
+
+    def _submit(self, items: list) -> _Request:
+        if len(items) > self.max_batch:
+            raise InvalidRequest(
+                f"{len(items)} images in one request; this server batches at most {self.max_batch}: split the request"
+            )
+        request = _Request(items)
+        with self._cv:
+            if self._closing:
+                raise Unavailable("the server is shutting down")
+            self._queue.append(request)
+            self.metrics.pending.set(len(self._queue))
+            self._cv.notify()
+        return request
+
+    def publish(self, version: ModelVersion) -> int:
+        """Number a new model version and hand it to the batcher; returns its number."""
+        with self._version_lock:
+            self._last_version += 1
+            version.version = self._last_version
+        with self._cv:
+            self._next = version
+            self._cv.notify()
+        return version.version
+
+    def close(self) -> None:
+        with self._cv:
+            self._closing = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        for request in self._queue:
+            request.done.set_exception(Unavailable("the server is shutting down"))
+        if self.engine is not None:
+            self.engine.shutdown()
+
+    def _take_batch(self) -> list[_Request]:
+        """The oldest requests that fit in one batch, waiting up to max_delay for more to arrive."""
+        with self._cv:
+            deadline = self._queue[0].enqueued + self.max_delay
+            while sum(len(r.items) for r in self._queue) < self.max_batch and not self._closing:
+                remaining = deadline - time.perf_counter()
+                if remaining <= 0:
+                    break
+                self._cv.wait(remaining)
+            batch, size = [], 0
+            while self._queue and size + len(self._queue[0].items) <= self.max_batch:
+                size += len(self._queue[0].items)
+                batch.append(self._queue.popleft())
+            self.metrics.pending.set(len(self._queue))
+            return batch
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._queue and self._next is None and not self._closing:
+                    self._cv.wait()
+                if self._closing:
+                    return
+                version, self._next = self._next, None
+            if version is not None:
+                self._activate(version)  # between batches: no batch ever sees two versions
+            if self._queue:
+                batch = self._take_batch()
+                if batch:
+                    self._run(batch)
+
+    def _activate(self, version: ModelVersion) -> None:
+        try:
+            if version.net != self.current.net:
+                # Another shape of network (other classes, another width): a new pair of towers.
+                old, self.engine = self.engine, self._serving_engine(version)
+                old.shutdown()
+            if version.state is not None:
+                self.engine.load_state_dict(version.state)
+            self.current = version
+            self.metrics.version.set(version.version)
+        except Exception:
+            log.exception("could not load model version %d; still serving version %d", version.version, self.current.version)
+
+    def _run(self, batch: list[_Request]) -> None:
+        version, started = self.current, time.perf_counter()
+        try:
+            inputs = []
+            for request in batch:
+                self.metrics.queue_seconds.observe(started - request.enqueued)
+                for kind, value in request.items:
+                    if kind == "crop":
+                        inputs.append(to_tensor(value[None], np.zeros((1, 3)), version.stats, version.normalise)[0])
+                    else:
+                        inputs.append(value)
+            self.metrics.batch_size.observe(len(inputs))
+            probs = self.engine.predict(torch.stack(inputs)).softmax(dim=1)
+        except Exception as exc:
+            for request in batch:
+                request.done.set_exception(exc)
+            return
+        offset = 0
+        for request in batch:
+            n = len(request.items)
+            request.done.set_result((probs[offset : offset + n], version))
+            offset += n

@@ -1,0 +1,279 @@
+"""The training loop: a recipe and a dataset driving the two towers, step by step, epoch by epoch.
+
+    result = train(open_dataset("imagenet/train"), recipe("paper", {"epochs": 10}), on_event=print)
+
+`train` reports Progress events to a callback, publishes the weights every `publish_every`
+steps, checkpoints after every epoch, and stops cleanly at a step boundary when `stop` is set.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from contextlib import closing
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import ray
+
+from coordinator.data import Dataset, DatasetError, batches, open_dataset
+from coordinator.engine import ModelParallelAlexNet
+from coordinator.training.checkpoints import save_checkpoint
+from coordinator.training.recipe import Recipe, schedule_for
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Progress:
+    """One report from the loop. kind: "step" after each step, "epoch" after each validation."""
+
+    kind: str
+    step: int
+    epoch: int  # epochs completed
+    loss: float = math.nan
+    top1: float = math.nan  # validation accuracy (fraction), on "epoch" events
+    top5: float = math.nan
+    images_per_second: float = math.nan
+    lr: float = math.nan
+    skipped: int = 0  # unreadable images met so far
+    steps_per_epoch: int = 0
+    epochs: int = 0
+    elapsed: float = 0.0
+    batch: int = 0  # images in this step
+    step_seconds: float = math.nan
+
+
+@dataclass
+class Result:
+    state: str  # "finished" or "stopped"
+    steps: int
+    epochs_done: int
+    top1: float
+    top5: float
+    loss: float
+    skipped: int
+    seconds: float
+
+
+class SkipLog:
+    """Unreadable files: each is reported once and counted."""
+
+    def __init__(self):
+        self.paths: set[str] = set()
+
+    def add(self, paths) -> None:
+        for path in paths:
+            if path not in self.paths:
+                self.paths.add(path)
+                log.warning("skipping unreadable image %s", path)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def evaluate(engine, dataset: Dataset, plan: Recipe, skips: SkipLog, batch_size: int = 64) -> tuple[float, float]:
+    """Top-1 and top-5 accuracy on the validation set (centre crop, or ten crops averaging softmax)."""
+    mode = "ten-crop" if plan.ten_crop else "eval"
+    correct1 = correct5 = total = 0
+    loader = batches(dataset.val, dataset.stats, batch_size, mode, limit=plan.val_images or None, normalise=plan.normalise)
+    with closing(loader):
+        for batch in loader:
+            skips.add(batch.bad_paths)
+            if len(batch.labels) == 0:
+                continue
+            if mode == "ten-crop":
+                n = batch.images.shape[0]
+                probs = engine.predict(batch.images.reshape(n * 10, *batch.images.shape[2:])).softmax(1)
+                probs = probs.reshape(n, 10, -1).mean(1)
+            else:
+                probs = engine.predict(batch.images)
+            top = probs.topk(min(5, probs.shape[1]), dim=1).indices
+            hits = top == batch.labels[:, None]
+            correct1 += hits[:, 0].sum().item()
+            correct5 += hits.any(dim=1).sum().item()
+            total += len(batch.labels)
+    if total == 0:
+        raise DatasetError("no validation image could be read")
+    return correct1 / total, correct5 / total
+
+
+@dataclass
+class FinishedStep:
+    loss: float
+    stats: dict  # the towers' timings (ModelParallelAlexNet.take_stats)
+    images: int
+    seconds: float  # its own time, not its wait in line behind the step before it
+
+
+class StepPipeline:
+    """One step in flight while this process checks and uploads the next batch, so the towers never wait for it."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.pending = None  # (ObjectRef to (loss, stats), images, submitted at)
+        self.last_done = 0.0
+
+    def submit(self, images, labels) -> Optional[FinishedStep]:
+        """Start a step on this batch; returns the step that was in flight, now finished (None if none was)."""
+        ref = self.engine.submit_step(images, labels, with_stats=True)
+        finished = self.finish()
+        self.pending = (ref, len(labels), time.perf_counter())
+        return finished
+
+    def finish(self) -> Optional[FinishedStep]:
+        """Wait for the step in flight, if any."""
+        if self.pending is None:
+            return None
+        ref, images, submitted = self.pending
+        self.pending = None
+        loss, stats = ray.get(ref)
+        done = time.perf_counter()
+        seconds, self.last_done = done - max(submitted, self.last_done), done
+        return FinishedStep(loss, stats, images, seconds)
+
+
+class Trainer:
+    """One run of `train`: its counters as attributes, its phases as methods."""
+
+    def __init__(self, dataset: Dataset, plan: Recipe, engine, stop: threading.Event, checkpoint_dir, on_event,
+                 on_publish, on_stats):  # fmt: skip
+        self.dataset, self.plan, self.engine, self.stop, self.checkpoint_dir = dataset, plan, engine, stop, checkpoint_dir
+        self.on_event, self.on_publish, self.on_stats = on_event, on_publish, on_stats
+        self.schedule = schedule_for(plan)
+        engine.lr = plan.lr
+        self.per_epoch = math.ceil(len(dataset.train) / plan.batch_size)
+        if plan.steps_per_epoch:
+            self.per_epoch = min(self.per_epoch, plan.steps_per_epoch)
+        self.pipeline = StepPipeline(engine)
+        self.skips = SkipLog()
+        self.step, self.epoch, self.published = 0, 0, 0
+        self.loss = self.top1 = self.top5 = math.nan
+        self.started = self.window_started = time.perf_counter()
+        self.window_images = 0  # this epoch's, for its throughput
+
+    def run(self) -> Result:
+        state = "finished"
+        try:
+            for epoch in range(self.plan.epochs):
+                self.epoch = epoch  # epochs completed so far
+                self._train_epoch()
+                if self.stop.is_set():
+                    state = "stopped"
+                    break
+                self._validate()
+            else:
+                self.epoch = self.plan.epochs
+            if state == "stopped" and self.checkpoint_dir and self.step:
+                self._checkpoint(epochs_done=self.epoch)
+            if self.on_publish:
+                self._publish()
+        finally:
+            self.pipeline.pending = None  # an error's traceback keeps this frame: let go of the step's ObjectRef now
+        return Result(state, self.step, self.epoch, self.top1, self.top5, self.loss, len(self.skips), self._elapsed())
+
+    def _train_epoch(self) -> None:
+        plan, data = self.plan, self.dataset
+        self.window_started, self.window_images = time.perf_counter(), 0
+        limit = self.per_epoch * plan.batch_size
+        loader = batches(data.train, data.stats, plan.batch_size, "train", plan.seed, self.epoch, limit, plan.normalise)
+        # closing(): an error or a stop mid-epoch must end Ray Data's pipeline now, not at garbage collection.
+        with closing(loader):
+            for batch in loader:
+                if self.stop.is_set():
+                    break
+                self.skips.add(batch.bad_paths)
+                if len(batch.labels) == 0:
+                    continue
+                if self._publish_due(self.step + 1):
+                    # A published version must hold exactly that step's weights: no step may run past it.
+                    self._completed(self.pipeline.finish())
+                self._completed(self.pipeline.submit(batch.images, batch.labels))
+        self._completed(self.pipeline.finish())
+
+    def _completed(self, finished: Optional[FinishedStep]) -> None:
+        if finished is None:
+            return
+        if not math.isfinite(finished.loss):
+            raise FloatingPointError(f"the loss became {finished.loss} at step {self.step + 1}: lower lr and start again")
+        self.step, self.loss = self.step + 1, finished.loss
+        self.window_images += finished.images
+        if self.on_stats:
+            self.on_stats(finished.stats)
+        rate = self.window_images / (time.perf_counter() - self.window_started)
+        self._report("step", self.epoch, images_per_second=rate, batch=finished.images, step_seconds=finished.seconds)
+        if self._publish_due(self.step):
+            self._publish()
+
+    def _validate(self) -> None:
+        self.top1, self.top5 = evaluate(self.engine, self.dataset, self.plan, self.skips)
+        self._report("epoch", self.epoch + 1, top1=self.top1, top5=self.top5)  # with the rate this epoch used
+        self.engine.lr = self.schedule.update(self.epoch, 1 - self.top1)
+        if self.checkpoint_dir:
+            self._checkpoint(epochs_done=self.epoch + 1)
+
+    def _checkpoint(self, epochs_done: int) -> None:
+        save_checkpoint(self.checkpoint_dir, self.engine, self.dataset, self.plan, self.step, epochs_done)
+
+    def _publish_due(self, step: int) -> bool:
+        return self.on_publish is not None and step % self.plan.publish_every == 0
+
+    def _publish(self) -> None:
+        if self.step and self.published != self.step:
+            self.on_publish(self.step, self.engine.state_dict())
+            self.published = self.step
+
+    def _report(self, kind: str, epochs_done: int, **values) -> None:
+        self.on_event(Progress(
+            kind, self.step, epochs_done, loss=self.loss, lr=self.engine.lr, skipped=len(self.skips),
+            steps_per_epoch=self.per_epoch, epochs=self.plan.epochs, elapsed=self._elapsed(), **values,
+        ))  # fmt: skip
+
+    def _elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+
+def train(
+    dataset,
+    plan: Recipe,
+    *,
+    on_event: Optional[Callable[[Progress], None]] = None,
+    stop: Optional[threading.Event] = None,
+    on_publish: Optional[Callable[[int, dict], None]] = None,
+    on_stats: Optional[Callable[[dict], None]] = None,
+    checkpoint_dir=None,
+    engine=None,
+) -> Result:
+    """Train the two-tower network on `dataset` (a Dataset or a training folder path) by `plan`.
+
+    on_event gets a Progress after every step and every validation; on_publish(step, state_dict)
+    gets the weights every `publish_every` steps and at the end; setting `stop` ends the run at
+    the next step boundary. on_stats gets each step's tower timings (ModelParallelAlexNet.take_stats).
+    With a checkpoint_dir, the weights, optimiser and progress are saved there after every epoch
+    and when stopped. An engine may be passed in to reuse its actors.
+    """
+    if not isinstance(plan, Recipe):
+        raise TypeError(f"plan must be a Recipe (training.recipe(preset, overrides) makes one), got {type(plan).__name__}")
+    if not isinstance(dataset, Dataset):
+        dataset = open_dataset(dataset, val_fraction=plan.val_fraction)
+    own_engine = engine is None
+    if own_engine:
+        engine = ModelParallelAlexNet(
+            num_classes=dataset.num_classes,
+            dropout=plan.dropout,
+            lr=plan.lr,
+            momentum=plan.momentum,
+            weight_decay=plan.weight_decay,
+            seed=plan.seed,
+            init=plan.init,
+            width=plan.width,
+        )
+    try:
+        trainer = Trainer(dataset, plan, engine, stop or threading.Event(), checkpoint_dir, on_event or (lambda e: None),
+                          on_publish, on_stats)  # fmt: skip
+        return trainer.run()
+    finally:
+        if own_engine:
+            engine.shutdown()

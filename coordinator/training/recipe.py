@@ -1,0 +1,144 @@
+"""The recipe: everything that decides a training run besides the data. Presets, overrides, schedules."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+from towers.config import INITS
+
+
+@dataclass(frozen=True)
+class Recipe:
+    epochs: int = 90
+    batch_size: int = 128
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    dropout: float = 0.5
+    init: str = "paper"  # "paper", "pytorch" or "kaiming" (see towers/init.py)
+    normalise: bool = False  # divide pixels by each channel's spread (the paper keeps 0..255 minus the mean)
+    schedule: str = "plateau"  # "plateau": /10 when validation error stalls; "step": /10 at lr_epochs
+    lr_epochs: tuple[int, ...] = (25, 51)  # the 2012 code's: 0.01, 0.001 from epoch 25, 0.0001 from 51
+    patience: int = 1  # epochs without improvement before a plateau drop
+    max_drops: int = 3
+    steps_per_epoch: int = 0  # 0: a full pass over the training set
+    val_images: int = 0  # 0: the whole validation set
+    ten_crop: bool = False  # validate on the paper's ten views, averaging softmax
+    val_fraction: float = 0.1  # held out when no validation folder is given
+    seed: int = 0
+    width: float = 1.0  # 1.0 is the paper's network
+    publish_every: int = 50  # steps between published model versions (see training.train's on_publish)
+
+    def validate(self) -> "Recipe":
+        problems = []
+        for name in ("epochs", "batch_size", "patience", "publish_every"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("steps_per_epoch", "val_images", "max_drops"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must be 0 or more, got {getattr(self, name)}")
+        for name in ("lr", "momentum", "weight_decay"):
+            if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):
+                problems.append(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
+        if self.lr == 0:
+            problems.append("lr must be positive")
+        if not 0 <= self.dropout < 1:
+            problems.append(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.init not in INITS:
+            problems.append(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
+        if self.schedule not in ("plateau", "step"):
+            problems.append(f"schedule must be plateau or step, got {self.schedule!r}")
+        if not 0 < self.val_fraction < 1:
+            problems.append(f"val_fraction must be between 0 and 1, got {self.val_fraction}")
+        if not self.width > 0:
+            problems.append(f"width must be positive, got {self.width}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+PRESETS = {
+    # Krizhevsky et al. 2012, section 5.
+    "paper": Recipe(),
+    # The same network, tuned so that learning shows within minutes on a 2-core CPU: He
+    # initialisation with a zero fc8 and unit-scale pixels leave the plateau at the start where the
+    # paper's N(0, 0.01) takes epochs; the last epoch runs at a tenth of the rate (docs/performance.md).
+    "demo": Recipe(
+        epochs=5,
+        batch_size=64,
+        lr=0.003,
+        init="kaiming",
+        normalise=True,
+        schedule="step",
+        lr_epochs=(4,),
+        publish_every=10,
+    ),
+}
+
+
+def recipe(preset: str = "demo", overrides: Optional[dict] = None) -> Recipe:
+    """A preset with overrides applied and checked; unknown names and bad values raise ValueError."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
+    overrides = dict(overrides or {})
+    fields = {f.name: f for f in dataclasses.fields(Recipe)}
+    unknown = sorted(set(overrides) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown override {', '.join(unknown)}: known are {', '.join(fields)}")
+    base = PRESETS[preset]
+    converted = {}
+    for name, value in overrides.items():
+        kind = type(getattr(base, name))
+        try:
+            if kind is tuple:
+                items = value.split(",") if isinstance(value, str) else value
+                converted[name] = tuple(int(v) for v in items)
+            elif kind is bool and isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(value)
+                converted[name] = value.lower() in ("true", "1", "yes")
+            else:
+                converted[name] = kind(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"override {name}={value!r} is not a valid {kind.__name__}") from None
+    return dataclasses.replace(base, **converted).validate()
+
+
+# --- learning-rate schedules -------------------------------------------------------------------
+class PlateauSchedule:
+    """Divide the rate by 10 when validation error has not improved for `patience` epochs, at most `max_drops` times."""
+
+    def __init__(self, lr: float, patience: int = 1, max_drops: int = 3, min_improvement: float = 1e-4):
+        self.lr, self.patience, self.max_drops, self.min_improvement = lr, patience, max_drops, min_improvement
+        self.best, self.stalled, self.drops = math.inf, 0, 0
+
+    def update(self, epoch: int, val_error: float) -> float:
+        if val_error < self.best - self.min_improvement:
+            self.best, self.stalled = val_error, 0
+        else:
+            self.stalled += 1
+            if self.stalled >= self.patience and self.drops < self.max_drops:
+                self.lr, self.stalled, self.drops = self.lr / 10, 0, self.drops + 1
+        return self.lr
+
+
+class StepSchedule:
+    """Divide the rate by 10 at each of the given epochs (counted from 0)."""
+
+    def __init__(self, lr: float, epochs: Sequence[int]):
+        self.base, self.epochs, self.lr = lr, sorted(epochs), lr
+
+    def update(self, epoch: int, val_error: float) -> float:
+        """Called after `epoch` finished: the rate for epoch + 1."""
+        self.lr = self.base * 0.1 ** sum(1 for e in self.epochs if e <= epoch + 1)
+        return self.lr
+
+
+def schedule_for(plan: Recipe):
+    """The recipe's learning-rate schedule, at its starting rate."""
+    if plan.schedule == "plateau":
+        return PlateauSchedule(plan.lr, plan.patience, plan.max_drops)
+    return StepSchedule(plan.lr, plan.lr_epochs)

@@ -1,0 +1,92 @@
+"""The layout's rules, checked: one way for imports between coordinator's packages, modules of a
+readable size, one owner for the exchanged tensors, and Ray Data workers that stay light."""
+
+import ast
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+COORDINATOR = ROOT / "coordinator"
+# What each package may import: data <- training <- service, and engine <- training.
+ALLOWED = {
+    "data": set(),
+    "engine": set(),
+    "training": {"data", "engine"},
+    "service": {"data", "engine", "training"},
+}
+MAX_LINES = 350
+
+
+def modules():
+    return sorted(COORDINATOR.rglob("*.py"))
+
+
+def imported_packages(path: Path) -> set[str]:
+    """The coordinator packages a module imports (coordinator.<package>...)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module]
+        for name in names:
+            parts = name.split(".")
+            if parts[0] == "coordinator" and len(parts) > 1:
+                found.add(parts[1])
+    return found
+
+
+def test_every_module_lives_in_one_of_the_four_packages():
+    loose = [p.name for p in COORDINATOR.glob("*.py") if p.name != "__init__.py"]
+    assert loose == []
+    assert {p.name for p in COORDINATOR.iterdir() if p.is_dir() and p.name != "__pycache__"} == set(ALLOWED)
+
+
+def test_imports_between_packages_go_one_way():
+    wrong = []
+    for path in modules():
+        package = path.relative_to(COORDINATOR).parts[0]
+        if package not in ALLOWED:
+            continue  # coordinator/__init__.py re-exports the engine
+        for target in imported_packages(path) - ALLOWED[package] - {package}:
+            wrong.append(f"{path.relative_to(ROOT)} imports coordinator.{target}")
+    assert wrong == []
+
+
+def test_no_module_is_longer_than_a_reader_holds():
+    long = {str(p.relative_to(ROOT)): n for p in modules() if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert long == {}
+
+
+def test_only_the_transport_puts_tensors_into_the_object_store():
+    transport = COORDINATOR / "engine" / "transport"
+    callers = [str(p.relative_to(ROOT)) for p in modules() if "ray.put(" in p.read_text() and transport not in p.parents]
+    assert callers == []
+
+
+_WORKER = """
+import pickle, sys
+augment = pickle.loads(sys.stdin.buffer.read())
+out = augment({"path": [sys.argv[1]], "label": [3], "position": [0]})
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "coordinator"))  # a worker has Ray anyway
+print(out["crops"].shape, bool(out["ok"][0]), heavy)
+"""
+
+
+def test_ray_data_workers_get_the_image_code_without_importing_the_package(tmp_path):
+    """The augmentation reaches a worker by value: decoding an image there imports neither this
+    package nor torch, which would cost every worker seconds and hundreds of MB."""
+    import ray.cloudpickle
+
+    from coordinator.data.images import Augment, ColourStats
+    from coordinator.data.loader import batches  # noqa: F401 (registers the by-value pickling)
+
+    image = tmp_path / "photo.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 280, 3), dtype=np.uint8)).save(image)
+    blob = ray.cloudpickle.dumps(Augment(ColourStats.imagenet(), "train", seed=0, epoch=0), protocol=pickle.HIGHEST_PROTOCOL)
+    run = subprocess.run([sys.executable, "-c", _WORKER, str(image)], input=blob, capture_output=True, check=True)
+    assert run.stdout.decode().split() == ["(1,", "227,", "227,", "3)", "True", "[]"]
