@@ -14,10 +14,13 @@ speed of reading buffered batches, not of decoding them.)
 
 Measurements, alternated pass by pass so that drift in the machine hits all alike, medians over
 --passes:
-  loader     a training pass (decode + augment + batch) with nothing else running
-  validation an evaluation pass over the held-out images (centre crops), loader only
-  training   the two-tower step on a batch already in memory, pipelined as the loop runs it
-  together   a training pass fed by the loader, pipelined as the training loop runs it
+  loader        a training pass (decode + augment + batch) with nothing else running
+  validation    an evaluation pass over the held-out images (centre crops), loader only
+  training      the two-tower step on a batch already in memory, pipelined as the loop runs it
+  together      a training pass fed by the loader, started when it is read
+  early         the same, but started (loader.EarlyStart) --steps steps of training before it is
+                read, as the training loop starts each pass during the previous one; with
+  beside early  the rate of those steps, which share the machine with the pass's start-up
 """
 
 from __future__ import annotations
@@ -71,6 +74,7 @@ def main() -> None:
 
     from coordinator import ModelParallelAlexNet
     from coordinator.data import batches, open_dataset
+    from coordinator.data.loader import EarlyStart
     from coordinator.data.patterns import default_root, generate
     from coordinator.training.loop import StepPipeline
 
@@ -101,18 +105,22 @@ def main() -> None:
         pipeline.finish()
         return len(fixed.labels) / statistics.median(times[1:])
 
-    runs = {"loader": [], "validation": [], "together": []}
-    training = []
+    runs = {"loader": [], "validation": [], "together": [], "early": []}
+    training, beside_early = [], []
     for p in range(args.passes):
-        runs["loader"].append(timed_pass(batches(samples, dataset.stats, args.batch, "train", epoch=2 * p)))
+        runs["loader"].append(timed_pass(batches(samples, dataset.stats, args.batch, "train", epoch=3 * p)))
         runs["validation"].append(timed_pass(batches(dataset.val, dataset.stats, 64, "eval")))
         training.append(training_alone())
-        together = batches(samples, dataset.stats, args.batch, "train", epoch=2 * p + 1)
+        together = batches(samples, dataset.stats, args.batch, "train", epoch=3 * p + 1)
         runs["together"].append(timed_pass(together, train, pipeline.finish))
+        with closing(EarlyStart(batches(samples, dataset.stats, args.batch, "train", epoch=3 * p + 2))) as early:
+            beside_early.append(training_alone())
+            runs["early"].append(timed_pass(early, train, pipeline.finish))
         print(f"pass {p + 1}/{args.passes}: " + "; ".join(f"{k} {v[-1]}" for k, v in runs.items()), flush=True)
     engine.shutdown()
 
     loader, together, train_rate = median_pass(runs["loader"]), median_pass(runs["together"]), statistics.median(training)
+    early = median_pass(runs["early"])
     print()
     print(f"dataset: {train_dir}; training passes of {len(samples)} images, batch {args.batch}; "
           f"validation passes of {len(dataset.val)} images; medians of {args.passes} passes")  # fmt: skip
@@ -120,8 +128,11 @@ def main() -> None:
     print(f"validation loader:      {median_pass(runs['validation'])}")
     print(f"training alone:         {train_rate:6.1f} images/s")
     print(f"training fed by loader: {together}")
+    print(f"the same, started early: {early}")
+    print(f"training beside an early start: {statistics.median(beside_early):6.1f} images/s")
     print(f"loader steady / training: {loader.steady / train_rate:.2f}x (target: at least 2x)")
-    print(f"training fed by the loader, whole pass: {together.whole / train_rate:.0%} of training alone")
+    print(f"training fed by the loader, whole pass: {together.whole / train_rate:.0%} of training alone; "
+          f"{early.whole / train_rate:.0%} started early")  # fmt: skip
     ray.shutdown()
 
 

@@ -2,6 +2,7 @@
 
 import io
 import math
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import torch
 from PIL import Image
 
 from coordinator.data import DatasetError, batches, open_dataset
+from coordinator.data.loader import EarlyStart
 from coordinator.data.images import (
     CROP,
     STORED,
@@ -218,6 +220,32 @@ def test_evaluation_is_deterministic(ray_session, tmp_path):
     train_a = torch.cat([b.images for b in batches(dataset.train, dataset.stats, 8, "train", seed=1, epoch=0)])
     train_b = torch.cat([b.images for b in batches(dataset.train, dataset.stats, 8, "train", seed=1, epoch=1)])
     assert not torch.equal(train_a, train_b)  # training views change with the epoch
+
+
+def test_a_pass_started_early_has_its_first_batch_before_it_is_read_and_the_same_batches(ray_session, tmp_path):
+    generate(tmp_path / "p", train_per_class=3, val_per_class=1)
+    dataset = open_dataset(tmp_path / "p" / "train", tmp_path / "p" / "val", stats="imagenet")
+
+    def one_pass():
+        return batches(dataset.train, dataset.stats, 8, "train", seed=3, epoch=2)
+
+    early = EarlyStart(one_pass())
+    early._first.result(timeout=120)  # fetched with nobody reading
+    with closing(early):
+        started_early = list(early)
+    plain = list(one_pass())
+    assert [len(b.labels) for b in started_early] == [8, 8, 8, 6]
+    assert all(torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels) for a, b in zip(started_early, plain))
+
+
+def test_a_pass_started_early_can_be_closed_unread_or_midway_and_reports_its_errors(ray_session, tmp_path):
+    generate(tmp_path / "p", train_per_class=3, val_per_class=1)
+    dataset = open_dataset(tmp_path / "p" / "train", tmp_path / "p" / "val", stats="imagenet")
+    EarlyStart(batches(dataset.train, dataset.stats, 8, "train")).close()
+    with closing(EarlyStart(batches(dataset.train, dataset.stats, 8, "train"))) as early:
+        assert len(next(iter(early)).labels) == 8
+    with pytest.raises(ValueError, match="mode must be train, eval or ten-crop"):
+        list(EarlyStart(batches(dataset.train, dataset.stats, 8, "sideways")))
 
 
 def test_ten_crop_views_are_the_papers():

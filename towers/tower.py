@@ -45,10 +45,6 @@ class Tower(nn.Module):
             module.weight.copy_(weight)
             module.bias.copy_(bias)
 
-    @property
-    def num_segments(self) -> int:
-        return len(self.config.segments)
-
     def forward_segment(
         self, k: int, inputs: torch.Tensor | Sequence[torch.Tensor], dropout_seed: Optional[int] = None
     ) -> torch.Tensor:

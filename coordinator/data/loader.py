@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
+from concurrent import futures
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
@@ -92,3 +94,36 @@ def batches(
         else:
             pixels = to_tensor(crops, shift, stats, normalise)
         yield Batch(pixels, torch.as_tensor(block["label"][ok], dtype=torch.long), bad)
+
+
+class EarlyStart:
+    """A pass of batches that starts now, though it is read later.
+
+    Its first batch is fetched on a background thread from the moment it is made, so Ray Data's
+    start-up (planning, starting tasks, decoding the first blocks: seconds a pass, see
+    docs/performance.md) overlaps what runs before the pass is read, instead of stalling the
+    towers. After the first batch, the pass is read on the caller's thread as usual.
+    """
+
+    def __init__(self, loader: Iterator[Batch]):
+        self._loader = loader
+        self._first: futures.Future = futures.Future()
+        self._thread = threading.Thread(target=self._fetch_first, name="loader-early-start", daemon=True)
+        self._thread.start()
+
+    def _fetch_first(self) -> None:
+        try:
+            self._first.set_result(next(self._loader, None))  # None: an empty pass
+        except BaseException as exc:  # handed to the reader
+            self._first.set_exception(exc)
+
+    def __iter__(self) -> Iterator[Batch]:
+        first, self._first = self._first.result(), None  # read once; the pass does not keep its first batch
+        if first is not None:
+            yield first
+            yield from self._loader
+
+    def close(self) -> None:
+        """End the pass's pipeline now (after its first batch, if that is still coming)."""
+        self._thread.join()
+        self._loader.close()

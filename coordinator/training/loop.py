@@ -4,6 +4,8 @@
 
 `train` reports Progress events to a callback, publishes the weights every `publish_every`
 steps, checkpoints after every epoch, and stops cleanly at a step boundary when `stop` is set.
+Each pass over the data starts before the towers need it (EarlyStart): the validation pass
+during the last training step, the next training pass during validation.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Callable, Optional
 import ray
 
 from coordinator.data import Dataset, DatasetError, batches, open_dataset
+from coordinator.data.loader import EarlyStart
 from coordinator.engine import ModelParallelAlexNet
 from coordinator.training.checkpoints import save_checkpoint
 from coordinator.training.recipe import Recipe, schedule_for
@@ -74,17 +77,27 @@ class SkipLog:
         return len(self.paths)
 
 
-def evaluate(engine, dataset: Dataset, plan: Recipe, skips: SkipLog, batch_size: int = 64) -> tuple[float, float]:
-    """Top-1 and top-5 accuracy on the validation set (centre crop, or ten crops averaging softmax)."""
+def validation_pass(dataset: Dataset, plan: Recipe, batch_size: int = 64):
+    """Batches of the validation set: centre crops, or with ten_crop the paper's ten views of each image."""
     mode = "ten-crop" if plan.ten_crop else "eval"
+    return batches(dataset.val, dataset.stats, batch_size, mode, limit=plan.val_images or None, normalise=plan.normalise)
+
+
+def training_pass(dataset: Dataset, plan: Recipe, epoch: int, steps: int):
+    """The batches of one epoch's `steps` steps, shuffled and augmented for that epoch."""
+    return batches(dataset.train, dataset.stats, plan.batch_size, "train", plan.seed, epoch, steps * plan.batch_size,
+                   plan.normalise)  # fmt: skip
+
+
+def evaluate(engine, loader, skips: SkipLog) -> tuple[float, float]:
+    """Top-1 and top-5 accuracy over a validation pass (ten-crop batches average the views' softmax)."""
     correct1 = correct5 = total = 0
-    loader = batches(dataset.val, dataset.stats, batch_size, mode, limit=plan.val_images or None, normalise=plan.normalise)
     with closing(loader):
         for batch in loader:
             skips.add(batch.bad_paths)
             if len(batch.labels) == 0:
                 continue
-            if mode == "ten-crop":
+            if batch.images.dim() == 5:  # ten crops of each image
                 n = batch.images.shape[0]
                 probs = engine.predict(batch.images.reshape(n * 10, *batch.images.shape[2:])).softmax(1)
                 probs = probs.reshape(n, 10, -1).mean(1)
@@ -148,6 +161,8 @@ class Trainer:
         if plan.steps_per_epoch:
             self.per_epoch = min(self.per_epoch, plan.steps_per_epoch)
         self.pipeline = StepPipeline(engine)
+        self.upcoming: Optional[EarlyStart] = None  # the next training pass, started before it is read
+        self.validation: Optional[EarlyStart] = None  # this epoch's validation pass, likewise
         self.skips = SkipLog()
         self.step, self.epoch, self.published = 0, 0, 0
         self.loss = self.top1 = self.top5 = math.nan
@@ -155,32 +170,36 @@ class Trainer:
         self.window_images = 0  # this epoch's, for its throughput
 
     def run(self) -> Result:
-        state = "finished"
+        state, plan = "finished", self.plan
         try:
-            for epoch in range(self.plan.epochs):
+            self.upcoming = EarlyStart(training_pass(self.dataset, plan, 0, self.per_epoch))
+            for epoch in range(plan.epochs):
                 self.epoch = epoch  # epochs completed so far
                 self._train_epoch()
                 if self.stop.is_set():
                     state = "stopped"
                     break
+                if epoch + 1 < plan.epochs:  # the next pass starts while this one's validation runs
+                    self.upcoming = EarlyStart(training_pass(self.dataset, plan, epoch + 1, self.per_epoch))
                 self._validate()
             else:
-                self.epoch = self.plan.epochs
+                self.epoch = plan.epochs
             if state == "stopped" and self.checkpoint_dir and self.step:
                 self._checkpoint(epochs_done=self.epoch)
             if self.on_publish:
                 self._publish()
         finally:
             self.pipeline.pending = None  # an error's traceback keeps this frame: let go of the step's ObjectRef now
+            # An error or a stop must end Ray Data's pipelines now, not at garbage collection.
+            for loader in (self.upcoming, self.validation):
+                if loader is not None:
+                    loader.close()
         return Result(state, self.step, self.epoch, self.top1, self.top5, self.loss, len(self.skips), self._elapsed())
 
     def _train_epoch(self) -> None:
-        plan, data = self.plan, self.dataset
+        """Train on the upcoming pass; when it runs out, start the validation pass beside the last step."""
         self.window_started, self.window_images = time.perf_counter(), 0
-        limit = self.per_epoch * plan.batch_size
-        loader = batches(data.train, data.stats, plan.batch_size, "train", plan.seed, self.epoch, limit, plan.normalise)
-        # closing(): an error or a stop mid-epoch must end Ray Data's pipeline now, not at garbage collection.
-        with closing(loader):
+        with closing(self.upcoming) as loader:
             for batch in loader:
                 if self.stop.is_set():
                     break
@@ -191,6 +210,8 @@ class Trainer:
                     # A published version must hold exactly that step's weights: no step may run past it.
                     self._completed(self.pipeline.finish())
                 self._completed(self.pipeline.submit(batch.images, batch.labels))
+            else:
+                self.validation = EarlyStart(validation_pass(self.dataset, self.plan))
         self._completed(self.pipeline.finish())
 
     def _completed(self, finished: Optional[FinishedStep]) -> None:
@@ -208,7 +229,7 @@ class Trainer:
             self._publish()
 
     def _validate(self) -> None:
-        self.top1, self.top5 = evaluate(self.engine, self.dataset, self.plan, self.skips)
+        self.top1, self.top5 = evaluate(self.engine, self.validation, self.skips)
         self._report("epoch", self.epoch + 1, top1=self.top1, top5=self.top5)  # with the rate this epoch used
         self.engine.lr = self.schedule.update(self.epoch, 1 - self.top1)
         if self.checkpoint_dir:
