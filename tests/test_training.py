@@ -8,7 +8,9 @@ import torch
 
 from coordinator.data import open_dataset
 from coordinator.data.patterns import generate
+from coordinator import ModelParallelAlexNet
 from coordinator.training import PRESETS, PlateauSchedule, StepSchedule, recipe, train
+from coordinator.training.loop import SkipLog, class_probabilities, evaluate, validation_pass
 
 
 def test_paper_preset_is_the_papers_recipe():
@@ -115,3 +117,30 @@ def test_stop_ends_at_a_step_boundary_with_a_checkpoint(ray_session, patterns, t
 def test_a_diverging_run_fails_with_advice(ray_session, patterns):
     with pytest.raises(FloatingPointError, match="lower lr"):
         train(patterns, recipe("demo", {"width": 0.125, "lr": 1e6, "epochs": 1, "batch_size": 16, "init": "pytorch"}))
+
+
+class MeanColourClassifier:
+    """A stand-in for the engine whose logits are each image's mean colour: every view scores differently."""
+
+    def predict(self, images):
+        return images.mean(dim=(2, 3)) * 5
+
+
+def test_ten_crop_probabilities_average_each_images_ten_softmaxes():
+    views = torch.randn(4, 10, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    probs = class_probabilities(MeanColourClassifier(), views)
+    by_hand = torch.stack([torch.stack([(v.mean(dim=(1, 2)) * 5).softmax(0) for v in image]).mean(0) for image in views])
+    assert torch.allclose(probs, by_hand, atol=1e-6)
+    assert not torch.allclose(probs, class_probabilities(MeanColourClassifier(), views[:, 4]), atol=1e-3)
+
+
+def test_ten_crop_validation_ranks_the_averaged_softmax(ray_session, patterns):
+    plan = recipe("demo", {"ten_crop": "true", "val_images": 12, "width": 0.125})
+    with ModelParallelAlexNet(num_classes=10, width=0.125, dropout=0.0, init="pytorch", seed=4) as engine:
+        [batch] = list(validation_pass(patterns, plan))
+        assert batch.images.shape == (12, 10, 3, 227, 227)  # the paper's ten views of each image
+        probs = class_probabilities(engine, batch.images)
+        top1, top5 = evaluate(engine, validation_pass(patterns, plan), SkipLog())
+    ranked = probs.argsort(dim=1, descending=True)
+    assert top1 == (ranked[:, 0] == batch.labels).float().mean().item()
+    assert top5 == (ranked[:, :5] == batch.labels[:, None]).any(dim=1).float().mean().item()

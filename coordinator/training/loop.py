@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import ray
+import torch
 
 from coordinator.data import Dataset, DatasetError, batches, open_dataset
 from coordinator.data.loader import EarlyStart
@@ -89,20 +90,23 @@ def training_pass(dataset: Dataset, plan: Recipe, epoch: int, steps: int):
                    plan.normalise)  # fmt: skip
 
 
+def class_probabilities(engine, images: torch.Tensor) -> torch.Tensor:
+    """Each image's softmax; for a ten-crop batch (N, 10, 3, H, W), the mean over its ten views."""
+    if images.dim() == 5:
+        n = images.shape[0]
+        return engine.predict(images.reshape(n * 10, *images.shape[2:])).softmax(1).reshape(n, 10, -1).mean(1)
+    return engine.predict(images).softmax(1)
+
+
 def evaluate(engine, loader, skips: SkipLog) -> tuple[float, float]:
-    """Top-1 and top-5 accuracy over a validation pass (ten-crop batches average the views' softmax)."""
+    """Top-1 and top-5 accuracy over a validation pass."""
     correct1 = correct5 = total = 0
     with closing(loader):
         for batch in loader:
             skips.add(batch.bad_paths)
             if len(batch.labels) == 0:
                 continue
-            if batch.images.dim() == 5:  # ten crops of each image
-                n = batch.images.shape[0]
-                probs = engine.predict(batch.images.reshape(n * 10, *batch.images.shape[2:])).softmax(1)
-                probs = probs.reshape(n, 10, -1).mean(1)
-            else:
-                probs = engine.predict(batch.images)
+            probs = class_probabilities(engine, batch.images)
             top = probs.topk(min(5, probs.shape[1]), dim=1).indices
             hits = top == batch.labels[:, None]
             correct1 += hits[:, 0].sum().item()
