@@ -2,6 +2,7 @@
 
 import io
 import math
+import threading
 from contextlib import closing
 from pathlib import Path
 
@@ -246,6 +247,25 @@ def test_a_pass_started_early_can_be_closed_unread_or_midway_and_reports_its_err
         assert len(next(iter(early)).labels) == 8
     with pytest.raises(ValueError, match="mode must be train, eval or ten-crop"):
         list(EarlyStart(batches(dataset.train, dataset.stats, 8, "sideways")))
+
+
+def test_closing_a_pass_whose_first_batch_is_still_coming_does_not_wait_for_it():
+    release, ended = threading.Event(), threading.Event()
+
+    def slow_pass():  # a pipeline whose first batch takes as long as the test says
+        try:
+            release.wait()
+            yield "first batch"
+        finally:
+            ended.set()
+
+    early = EarlyStart(slow_pass())
+    closer = threading.Thread(target=early.close)
+    closer.start()
+    closer.join(timeout=10)
+    assert not closer.is_alive() and not ended.is_set()  # close() returned with the batch still coming
+    release.set()
+    assert ended.wait(timeout=10)  # and the pipeline ended as soon as it came
 
 
 def test_ten_crop_views_are_the_papers():

@@ -108,22 +108,37 @@ class EarlyStart:
     def __init__(self, loader: Iterator[Batch]):
         self._loader = loader
         self._first: futures.Future = futures.Future()
-        self._thread = threading.Thread(target=self._fetch_first, name="loader-early-start", daemon=True)
-        self._thread.start()
+        self._lock = threading.Lock()
+        self._closed = False
+        threading.Thread(target=self._fetch_first, name="loader-early-start", daemon=True).start()
 
     def _fetch_first(self) -> None:
         try:
-            self._first.set_result(next(self._loader, None))  # None: an empty pass
+            first = next(self._loader, None)  # None: an empty pass
         except BaseException as exc:  # handed to the reader
             self._first.set_exception(exc)
+            return
+        with self._lock:
+            if self._closed:  # closed while this thread fetched: the pipeline ends here
+                self._loader.close()
+            else:
+                self._first.set_result(first)
 
     def __iter__(self) -> Iterator[Batch]:
-        first, self._first = self._first.result(), None  # read once; the pass does not keep its first batch
+        first = self._first.result()
+        self._first = _READ  # the pass does not keep its first batch
         if first is not None:
             yield first
             yield from self._loader
 
     def close(self) -> None:
-        """End the pass's pipeline now (after its first batch, if that is still coming)."""
-        self._thread.join()
+        """End the pass's pipeline; at once, or as soon as a first batch still being fetched arrives."""
+        with self._lock:
+            self._closed = True
+            if not self._first.done():
+                return  # the fetching thread closes it
         self._loader.close()
+
+
+_READ: futures.Future = futures.Future()
+_READ.set_result(None)
