@@ -26,17 +26,21 @@ from client.demo import run_demo
 from client.views import STATE, console, follow, jobs_table, predictions_table, show_model
 
 
+def overrides(args) -> dict:
+    """--set NAME=VALUE items as a dict (main() has refused any without '=')."""
+    return dict(item.split("=", 1) for item in args.set)
+
+
 # --- client commands -----------------------------------------------------------------------------
 def cmd_train(args) -> int:
     with AlexNetClient(args.target) as client:
-        overrides = dict(item.split("=", 1) for item in args.set)
         job = client.train(
             args.data,
             builtin=args.builtin,
             val_dir=args.val or "",
             class_names_file=args.classes or "",
             preset=args.preset,
-            overrides=overrides,
+            overrides=overrides(args),
             checkpoint_dir=args.checkpoint_dir or "",
         )
         console.print(f"started job [bold]{job.job_id}[/] ({STATE(job.state)})")
@@ -113,8 +117,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    overrides = dict(item.split("=", 1) for item in args.set)
-    return run_demo(serve_options(args), args.preset, overrides)
+    return run_demo(serve_options(args), args.preset, overrides(args))
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser, port: int, metrics_port: int) -> None:
