@@ -2,6 +2,7 @@
 
     python benchmarks/train_step.py                     # batch 128 at 227 px, 2 threads in total
     python benchmarks/train_step.py --steps 3 --batch 32  # quicker look
+    python benchmarks/train_step.py --transport collective  # the towers linked by torch.distributed
 
 Both sides get the same total CPU threads: the reference runs with --threads threads, the engine
 with --threads / towers per tower. The reference is plain PyTorch as a user would write it:
@@ -93,6 +94,7 @@ def main() -> None:
     parser.add_argument("--width", type=float, default=1.0)
     parser.add_argument("--num-classes", type=int, default=1000)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="the reference's device")
+    parser.add_argument("--transport", default="auto", help="the engine's: auto, object_store or collective")
     parser.add_argument(
         "--tf32", action="store_true", help="CUDA only: TensorFloat-32 matmuls and convolutions on both sides"
     )
@@ -114,7 +116,7 @@ def main() -> None:
         parser.error(f"--threads must be a multiple of the {towers} towers")
     net = dict(num_classes=args.num_classes, width=args.width, image_size=args.image_size)
     ray.init(num_cpus=args.threads, include_dashboard=False, log_to_driver=False)
-    engine = ModelParallelAlexNet(**net, cpus_per_tower=args.threads // towers, tf32=args.tf32)
+    engine = ModelParallelAlexNet(**net, cpus_per_tower=args.threads // towers, tf32=args.tf32, transport=args.transport)
     # The same float32 arithmetic on both sides (PyTorch's own default has TF32 convolutions, not matmuls).
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = args.tf32
     if args.reference_keeps_freed_memory:
@@ -176,7 +178,10 @@ def main() -> None:
 
     print()
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; torch {torch.__version__}")
-    print(f"towers: {engine.placement.kind}, on {', '.join(t['device'] for t in engine.towers)}; reference on {device}")
+    print(
+        f"towers: {engine.placement.kind}, on {', '.join(t['device'] for t in engine.towers)}, exchanging over "
+        f"{engine.transport.describe()}; reference on {device}"
+    )
     towers_keep = all(t["keeps_freed_memory"] for t in engine.towers)
     print(
         f"allocator keeps freed memory: towers {'yes' if towers_keep else 'no'}, "
@@ -233,6 +238,9 @@ def main() -> None:
     for direction in ("forward", "backward"):
         print(f"  {direction:8s} {measured[direction] / steps / 1e6:9.2f} MB  vs {expected[direction] / 1e6:9.2f} MB")
     print(f"  logits to the coordinator's loss and their gradient back: {expected['logits'] / 1e6:.2f} MB")
+    moved = sum(measured.values()) / steps
+    waited = max(sum(tower["exchange_seconds"].values()) for tower in stats["towers"]) / steps
+    print(f"  the longest exchange wait, {waited:.4f} s/step, is {moved / max(waited, 1e-9) / 1e9:.2f} GB/s for the bytes moved")
     engine.shutdown()
     ray.shutdown()
 

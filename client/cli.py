@@ -90,8 +90,13 @@ def cmd_info(args) -> int:
 
 # --- server commands -----------------------------------------------------------------------------
 def serve_options(args):
+    from coordinator.engine.transport import check_transport
     from coordinator.service import ServeOptions
 
+    try:
+        check_transport(args.transport)
+    except ValueError as error:
+        raise SystemExit(f"alexnet-mp: --transport: {error}") from None
     return ServeOptions(
         host=args.host,
         port=args.port,
@@ -100,6 +105,7 @@ def serve_options(args):
         max_batch=args.max_batch,
         max_delay_ms=args.max_delay_ms,
         width=args.width,
+        transport=args.transport,
     )
 
 
@@ -128,6 +134,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser, port: int, metrics_port
     parser.add_argument("--max-batch", type=int, default=32, help="images per served batch")
     parser.add_argument("--max-delay-ms", type=float, default=1.0, help="how long a lone request waits for a batch to fill")
     parser.add_argument("--width", type=float, default=1.0, help="network width (1.0 is the paper's)")
+    parser.add_argument("--transport", default="auto",
+                        help="how the serving towers exchange tensors: auto (NCCL with a GPU each, else the object store), object_store or collective")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:

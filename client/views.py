@@ -110,6 +110,6 @@ def show_model(info: pb.ModelInfo) -> None:
         towers.add_row(str(tower.index), tower.device, tower.host, f"{tower.parameters:,}")
     console.print(towers)
     console.print(
-        f"{info.parameters:,} parameters, {len(info.classes)} classes, input {info.image_size}px; "
-        f"model version {info.model_version} ({info.model_note})"
+        f"{info.parameters:,} parameters, {len(info.classes)} classes, input {info.image_size}px, "
+        f"exchanges over {info.transport}; model version {info.model_version} ({info.model_note})"
     )

@@ -267,9 +267,25 @@ def test_load_state_dict_refuses_a_wrong_shape(small_engine):
         small_engine.load_state_dict(sd)
 
 
+def test_the_transport_in_use_is_reported(small_engine, transport):
+    expected = {"object_store": "object_store", "collective": "collective (gloo)"}[transport]
+    assert small_engine.transport.describe() == expected
+    assert small_engine.take_stats()["transport"] == expected
+
+
+def test_auto_takes_the_object_store_on_cpu_towers(ray_session):
+    engine = ModelParallelAlexNet(**SMALL)
+    try:
+        assert engine.transport.describe() == "object_store"  # faster than Gloo on CPUs: docs/performance.md
+    finally:
+        engine.shutdown()
+
+
 def test_hyperparameters_are_checked(ray_session):
-    with pytest.raises(ValueError, match="unknown transport 'carrier-pigeon': choose one of object_store"):
+    with pytest.raises(ValueError, match="unknown transport .carrier-pigeon.: choose one of auto, object_store, collective"):
         ModelParallelAlexNet(**SMALL, transport="carrier-pigeon")
+    with pytest.raises(ValueError, match="exchange_timeout must be positive"):
+        ModelParallelAlexNet(**SMALL, exchange_timeout=0)
     with pytest.raises(ValueError, match="lr must be non-negative"):
         ModelParallelAlexNet(**SMALL, lr=-1)
     with pytest.raises(ValueError, match="dtype must be"):

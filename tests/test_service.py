@@ -117,6 +117,7 @@ def test_model_info_shows_the_table_the_towers_and_the_classes(client):
     assert all(t.device == "cpu" for t in info.towers)
     assert sum(t.parameters for t in info.towers) == info.parameters
     assert len(info.classes) == 10 and info.image_size == 227
+    assert info.transport == "object_store"  # "auto" on CPU towers
 
 
 def test_tensor_input_matches_the_same_image_encoded(client):
@@ -172,6 +173,7 @@ def test_unknown_and_empty_jobs(client, call):
         (dict(data_dir="DATA", overrides={"batch_size": "0"}), "batch_size must be at least 1"),
         (dict(data_dir="DATA", overrides={"epochs": "many"}), "epochs='many' is not a valid int"),
         (dict(data_dir="DATA", overrides={"learning_rate": "0.1"}), "unknown override learning_rate"),
+        (dict(data_dir="DATA", overrides={"transport": "pigeon"}), "transport must be one of auto, object_store, collective"),
     ],
 )
 def test_bad_training_specs_get_invalid_argument(client, dataset, tmp_path, spec, message):
@@ -339,6 +341,7 @@ def run_cli(server, capsys, *argv):
 def test_cli_info_and_classify_print_readable_tables(server, client, capsys, tmp_path):
     code, out = run_cli(server, capsys, "info")
     assert code == 0 and "conv1" in out and "fc8" in out and "tower" in out and "model version" in out
+    assert "exchanges over object_store" in out
     image = tmp_path / "photo.jpg"
     image.write_bytes(jpeg_bytes(3))
     code, out = run_cli(server, capsys, "classify", str(image), "--top-k", "3")
@@ -346,6 +349,8 @@ def test_cli_info_and_classify_print_readable_tables(server, client, capsys, tmp
     assert out.count("%") == 3  # three ranked classes for one image
     code, out = run_cli(server, capsys, "classify", str(tmp_path / "missing.jpg"))
     assert code == 2 and "no such file" in out
+    with pytest.raises(SystemExit, match="--transport: unknown transport 'pigeon': choose one of auto, object_store"):
+        run_cli(server, capsys, "serve", "--port", "0", "--transport", "pigeon")  # refused before anything starts
 
 
 def test_cli_train_follow_status_and_errors(server, client, capsys, dataset):

@@ -38,6 +38,9 @@ def test_overrides_are_converted_and_checked():
         recipe("demo", {"dropout": "1.5"})
     with pytest.raises(ValueError, match="ten_crop='maybe' is not a valid bool"):
         recipe("demo", {"ten_crop": "maybe"})
+    with pytest.raises(ValueError, match="transport must be one of auto, object_store, collective, got 'pigeon'"):
+        recipe("demo", {"transport": "pigeon"})
+    assert recipe("demo", {"transport": "collective"}).transport == "collective"
 
 
 def test_plateau_schedule_divides_when_validation_error_stalls():
@@ -90,7 +93,7 @@ def test_learning_on_the_builtin_dataset(ray_session, patterns):
 
 def test_stop_ends_at_a_step_boundary_with_a_checkpoint(ray_session, patterns, tmp_path):
     stop = threading.Event()
-    published = []
+    published, stats = [], []
 
     def on_event(event):
         if event.kind == "step" and event.step == 3:
@@ -98,12 +101,14 @@ def test_stop_ends_at_a_step_boundary_with_a_checkpoint(ray_session, patterns, t
 
     result = train(
         patterns,
-        recipe("demo", {"width": 0.125, "epochs": 50, "batch_size": 16, "publish_every": 2}),
+        recipe("demo", {"width": 0.125, "epochs": 50, "batch_size": 16, "publish_every": 2, "transport": "collective"}),
         on_event=on_event,
         stop=stop,
         on_publish=lambda step, state: published.append((step, state)),
+        on_stats=stats.append,
         checkpoint_dir=tmp_path,
     )
+    assert stats and all(s["transport"] == "collective (gloo)" for s in stats)  # the recipe's transport was used
     # The step already under way when stop was asked (the loop keeps one in flight) completes; no other starts.
     assert result.state == "stopped" and result.steps in (3, 4)
     assert [step for step, _ in published] == sorted({2, result.steps})  # every 2 steps, and at the end

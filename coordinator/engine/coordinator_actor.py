@@ -28,13 +28,62 @@ def softmax_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[f
     return loss.item(), leaf.grad
 
 
+class TowerFailure(RuntimeError):
+    """A step that failed because towers died or stopped answering; `towers` are their indices."""
+
+    def __init__(self, message: str, towers: list[int]):
+        super().__init__(message)
+        self.towers = towers
+
+    def __reduce__(self):  # Ray pickles it on its way to the driver
+        return TowerFailure, (str(self), self.towers)
+
+
+# How long a tower may take to answer a liveness check after a failed step.
+PROBE_SECONDS = 10.0
+
+
 class Coordinator:
     def __init__(self, towers: Sequence, config: NetConfig, transport: Transport):
-        self.towers = list(towers)
         self.config = config
         self.transport = transport
         self.segments = len(config.segments)
         self.seconds = {"loss": 0.0, "dispatch": 0.0}
+        self.generation = -1
+        self.relink = False  # set when a step failed with towers that did not answer: link again first
+        self.towers: list = []
+        self.connect(towers)  # a constructor's error reaches the engine at its first call
+
+    def connect(self, towers: Sequence) -> int:
+        """Link these towers through the transport, as its next generation (a replaced tower rejoins).
+
+        Every tower must answer first: one that is dead or hung is named in a TowerFailure, and
+        the others are not asked to wait for it.
+        """
+        self.towers = list(towers)
+        lost = self._probe([t.describe.remote() for t in self.towers])
+        if lost:
+            self.relink = True
+            raise TowerFailure(f"cannot link the towers: {'; '.join(lost.values())}", list(lost))
+        self.generation += 1
+        self.transport.connect(self.towers, self.generation)
+        self.relink = False
+        return self.generation
+
+    @staticmethod
+    def _probe(probes: list) -> dict[int, str]:
+        """Which towers did not answer their probe (a call to each, in tower order), and why."""
+        ready, _ = ray.wait(probes, num_returns=len(probes), timeout=PROBE_SECONDS)
+        lost = {}
+        for t, probe in enumerate(probes):
+            if probe not in ready:
+                lost[t] = f"tower {t} did not answer within {PROBE_SECONDS:g} s"
+                continue
+            try:
+                ray.get(probe)
+            except ray.exceptions.RayActorError:
+                lost[t] = f"tower {t} died"
+        return lost
 
     def _forward(self, images, dropout_seed: Optional[int]) -> list:
         outputs = [t.forward.remote(0, images, dropout_seed) for t in self.towers]
@@ -56,6 +105,8 @@ class Coordinator:
     def forward_backward(self, images, labels: np.ndarray, dropout_seed: Optional[int]) -> float:
         """Forward and backward of one batch (`images` as the transport put them); gradients are
         left accumulated in the towers."""
+        if self.relink:
+            self.connect(self.towers)
         try:
             start = time.perf_counter()
             outputs = self._forward(images, dropout_seed)
@@ -70,10 +121,23 @@ class Coordinator:
             done = self._backward(delivered)
             self.seconds["dispatch"] += time.perf_counter() - start
             ray.get(done)
-        except Exception:
-            ray.get([t.abandon_step.remote() for t in self.towers])
+        except Exception as error:
+            self._recover_from(error)
             raise
         return loss
+
+    def _recover_from(self, error: Exception) -> None:
+        """After a failed step: drop its remains in the towers that answer, and name those that do not.
+
+        Raises TowerFailure when a tower died or hangs. Otherwise (the step's own error, say bad
+        input) the towers stay usable, with their links formed again if an exchange broke them.
+        """
+        lost = self._probe([t.abandon_step.remote() for t in self.towers])
+        if lost:
+            self.relink = True
+            what = "; ".join(lost.values())
+            raise TowerFailure(f"{what} during the step, which was abandoned ({_summary(error)})", list(lost)) from error
+        self.connect(self.towers)  # a failed collective leaves the group unusable; a new generation is cheap
 
     def apply_update(self, lr: Optional[float] = None) -> None:
         ray.get([t.apply_update.remote(lr) for t in self.towers])
@@ -85,7 +149,14 @@ class Coordinator:
         return (loss, self.take_stats()) if with_stats else loss
 
     def take_stats(self) -> dict:
-        """Timings since the last call: each tower's, and the coordinator's own."""
+        """Timings since the last call: each tower's, and the coordinator's own; and the transport."""
         towers = ray.get([t.take_stats.remote() for t in self.towers])
         own, self.seconds = self.seconds, {"loss": 0.0, "dispatch": 0.0}
-        return {"towers": towers, "coordinator_seconds": own}
+        return {"towers": towers, "coordinator_seconds": own, "transport": self.transport.describe()}
+
+
+def _summary(error: Exception) -> str:
+    """The first line of an error, without Ray's wrapping or colour codes."""
+    cause = getattr(error, "cause", None) or error
+    lines = [line for line in str(cause).splitlines() if line.strip()]
+    return f"{type(cause).__name__}: {lines[0][:300] if lines else ''}"

@@ -13,7 +13,7 @@ import torch
 from coordinator.engine.coordinator_actor import Coordinator
 from coordinator.engine.placement import Placement, ensure_ray, free_devices
 from coordinator.engine.tower_actor import TowerActor
-from coordinator.engine.transport import InferenceGraph, make_transport
+from coordinator.engine.transport import EXCHANGE_TIMEOUT, InferenceGraph, check_transport, make_transport
 from towers import NetConfig, merge_state_dicts, split_state_dict
 from towers.config import derive_seed
 
@@ -22,7 +22,9 @@ class ModelParallelAlexNet:
     """AlexNet with each tower in its own Ray actor and a coordinator actor for the exchanges.
 
     Keywords beyond the optimiser's are NetConfig fields (width, image_size, towers, init, layers).
-    transport names how exchanged tensors travel (coordinator.engine.transport.TRANSPORTS).
+    transport names how exchanged tensors travel: "object_store", "collective" (a torch.distributed
+    group: NCCL between GPUs, Gloo otherwise) or "auto" (coordinator.engine.transport.make_transport);
+    exchange_timeout is how long a collective exchange may wait for a peer before the step fails.
     cpus_per_tower sets each CPU tower's cores and threads; dtype is float32 or float64; tf32 lets
     CUDA towers use TensorFloat-32 (faster, no longer equal to the reference at 1e-5).
     start_timeout is how long to wait for the towers to be placed and started (an autoscaling
@@ -41,7 +43,8 @@ class ModelParallelAlexNet:
         weight_decay: float = 5e-4,
         seed: int = 0,
         *,
-        transport: str = "object_store",
+        transport: str = "auto",
+        exchange_timeout: float = EXCHANGE_TIMEOUT,
         cpus_per_tower: int = 1,
         dtype: torch.dtype = torch.float32,
         tf32: bool = False,
@@ -55,29 +58,25 @@ class ModelParallelAlexNet:
         self.config = NetConfig(num_classes=num_classes, dropout=dropout, **config)
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-        self.transport = make_transport(transport)
+        check_transport(transport)
+        if not exchange_timeout > 0:
+            raise ValueError(f"exchange_timeout must be positive, got {exchange_timeout}")
         self.lr, self.seed, self.steps, self.dtype = lr, seed, 0, dtype
         ensure_ray()
         self.placement = Placement.plan(self.config.towers, cpus_per_tower)
-        tower_cls = ray.remote(TowerActor)
-        self._towers = [
-            tower_cls.options(**self.placement.actor_options).remote(
-                self.config,
-                t,
-                self.transport,
-                seed=seed,
-                lr=lr,
-                momentum=momentum,
-                weight_decay=weight_decay,
-                threads=cpus_per_tower,
-                dtype=dtype,
-                tf32=tf32,
-                keep_freed_memory=keep_freed_memory,
-            )
-            for t in range(self.config.towers)
-        ]
-        # The coordinator only routes and computes the loss: it needs no core of its own.
-        self._coordinator = ray.remote(Coordinator).options(num_cpus=0).remote(self._towers, self.config, self.transport)
+        self.transport = make_transport(transport, self.placement.kind, exchange_timeout)
+        self._tower_args = dict(
+            seed=seed,
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            threads=cpus_per_tower,
+            dtype=dtype,
+            tf32=tf32,
+            keep_freed_memory=keep_freed_memory,
+        )
+        self._towers = [self._start_tower(t) for t in range(self.config.towers)]
+        self._coordinator = None
         self._graph: Optional[InferenceGraph] = None
         self._graph_lock = threading.Lock()
         try:
@@ -89,6 +88,25 @@ class ModelParallelAlexNet:
                 f"{self.placement.actor_options}, and the cluster has {free_devices()} free; "
                 "shut down another model (engine.shutdown()) or add nodes"
             ) from None
+        # The coordinator only routes and computes the loss: it needs no core of its own.
+        self._coordinator = ray.remote(Coordinator).options(num_cpus=0).remote(self._towers, self.config, self.transport)
+        ray.get(self._coordinator.take_stats.remote())  # surfaces a transport that could not link the towers
+
+    def _start_tower(self, t: int):
+        return ray.remote(TowerActor).options(**self.placement.actor_options).remote(self.config, t, self.transport, **self._tower_args)
+
+    def restart_tower(self, t: int) -> None:
+        """Replace tower t with a new actor (the old one is killed if it still runs) and link it
+        in: the transport forms its next generation. The new tower has its initial weights and
+        no momentum; load the model's weights (load_state_dict) before training on."""
+        if not 0 <= t < len(self._towers):
+            raise ValueError(f"tower must be in [0, {len(self._towers)}), got {t}")
+        with self._graph_lock:
+            self._drop_graph()
+        ray.kill(self._towers[t])
+        self._towers[t] = self._start_tower(t)
+        self.towers[t] = ray.get(self._towers[t].describe.remote())
+        ray.get(self._coordinator.connect.remote(self._towers))
 
     # --- input checks -------------------------------------------------------------------------
     def _check_images(self, images) -> torch.Tensor:
@@ -190,7 +208,8 @@ class ModelParallelAlexNet:
     def shutdown(self) -> None:
         self._drop_graph()
         for actor in [self._coordinator, *self._towers]:
-            ray.kill(actor)
+            if actor is not None:
+                ray.kill(actor)
         self._towers = []
 
     def __enter__(self):

@@ -118,14 +118,14 @@ class TowerActor:
     def forward(self, k: int, delivered: Sequence, dropout_seed: Optional[int]):
         """Segment k of a training step. `delivered` is the batch for k=0, else the all-gather of segment k-1's outputs."""
         self.tower.train()
-        got = self.transport.receive(delivered, self.index, self.device)
+        got = self.transport.receive(delivered, self.index, self.device, self.points[k])
         if k == 0:
             inputs = got.tensors[0]
         else:
             inputs = got.tensors
             self._record_exchange((self.points[k], "forward"), got)
         out = self._timed((self.stages[k], "forward"), self.tower.forward_segment, k, inputs, dropout_seed)
-        return self.transport.send(out)
+        return self.transport.send(out) if k + 1 < len(self.points) else self.transport.encode(out)  # logits go to the loss
 
     def infer(self, k: int, *pieces):
         """Segment k in eval mode, inside the inference graph: `pieces` are what the graph hands over.
@@ -137,7 +137,8 @@ class TowerActor:
         with self.lock, torch.no_grad():
             self.tower.eval()
             out = self._timed((self.stages[k], "forward"), self.tower.forward_segment, k, inputs[0] if k == 0 else inputs)
-            return self.transport.send(out)
+            on_device = self.transport.graph_on_device and k + 1 < len(self.points)
+            return out if on_device else self.transport.encode(out)
 
     @_locked
     def backward(self, k: int, delivered: Sequence):
@@ -145,7 +146,8 @@ class TowerActor:
 
         Returns this tower's partial gradients for each tower's piece of the segment's input (k > 0).
         """
-        got = self.transport.receive(delivered, self.index, self.device)
+        point = self.points[k + 1] if k + 1 < len(self.points) else "the loss"
+        got = self.transport.receive(delivered, self.index, self.device, point)
         if k + 1 < len(self.points):  # the last segment's gradient comes from the loss, not from a tower
             self._record_exchange((self.points[k + 1], "backward"), got)
         grad = self.transport.reduce(got)
@@ -167,6 +169,14 @@ class TowerActor:
         """Drop a half-done step: kept graphs and accumulated gradients."""
         self.tower.drop_pending()
         self.optimizer.zero_grad(set_to_none=True)
+        self.transport.reset()
+
+    # --- the transport's links (collective transports: see transport/collective.py) ------------
+    def host_rendezvous(self):
+        return self.transport.host_rendezvous()
+
+    def join_exchange(self, address, generation: int, world: int) -> None:
+        self.transport.join(address, self.index, world, generation)
 
     @_locked
     def take_stats(self) -> dict:

@@ -172,6 +172,7 @@ def model_info(engine, version: ModelVersion) -> pb.ModelInfo:
         parameters=config.parameter_count(),
         model_note=version.note,
         image_size=config.image_size,
+        transport=engine.transport.describe(),
     )
 
 

@@ -49,13 +49,14 @@ class ServeOptions:
     width: float = 1.0  # the network served before any training
     data_root: Optional[str] = None  # where the built-in dataset is generated
     threads: int = 32  # gRPC handler threads
+    transport: str = "auto"  # the serving towers' exchanges (a training job's come from its recipe)
 
 
 class Server:
     def __init__(self, options: ServeOptions = ServeOptions()):
         self.options = options
         self.metrics = Metrics()
-        self.classifier = Classifier(options.max_batch, options.max_delay_ms / 1000.0, self.metrics)
+        self.classifier = Classifier(options.max_batch, options.max_delay_ms / 1000.0, self.metrics, options.transport)
         data_root = Path(options.data_root) if options.data_root else patterns.default_root()
         self.jobs = JobManager(self.metrics, self.classifier.publish, data_root)
         self.health = health.HealthServicer()

@@ -59,8 +59,8 @@ class _Request:
 class Classifier:
     """The serving pair of towers behind a dynamic batcher thread, and the versions it serves."""
 
-    def __init__(self, max_batch: int, max_delay: float, metrics: Metrics):
-        self.max_batch, self.max_delay, self.metrics = max_batch, max_delay, metrics
+    def __init__(self, max_batch: int, max_delay: float, metrics: Metrics, transport: str = "auto"):
+        self.max_batch, self.max_delay, self.metrics, self.transport = max_batch, max_delay, metrics, transport
         self.engine: Optional[ModelParallelAlexNet] = None
         self.current: Optional[ModelVersion] = None
         self._next: Optional[ModelVersion] = None
@@ -85,10 +85,9 @@ class Classifier:
             raise Unavailable("the serving towers are still starting; retry shortly")
         return self.engine, self.current
 
-    @staticmethod
-    def _serving_engine(version: ModelVersion) -> ModelParallelAlexNet:
+    def _serving_engine(self, version: ModelVersion) -> ModelParallelAlexNet:
         # Dropout only acts in training; "paper" initial weights are what version 0 serves.
-        return ModelParallelAlexNet(**version.net, dropout=0.0, init="paper")
+        return ModelParallelAlexNet(**version.net, dropout=0.0, init="paper", transport=self.transport)
 
     def classify(self, items: list, top_k: int) -> tuple[list[list[Prediction]], ModelVersion]:
         """The top_k classes of each item, most probable first, and the version that answered."""

@@ -294,6 +294,7 @@ def train(
             seed=plan.seed,
             init=plan.init,
             width=plan.width,
+            transport=plan.transport,
         )
     try:
         trainer = Trainer(dataset, plan, engine, stop or threading.Event(), checkpoint_dir, on_event or (lambda e: None),

@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+from coordinator.engine.transport import CHOICES as TRANSPORT_CHOICES
 from towers.config import INITS
 
 
@@ -31,6 +32,7 @@ class Recipe:
     seed: int = 0
     width: float = 1.0  # 1.0 is the paper's network
     publish_every: int = 50  # steps between published model versions (see training.train's on_publish)
+    transport: str = "auto"  # how the towers exchange tensors: auto, object_store or collective (engine.transport)
 
     def validate(self) -> "Recipe":
         problems = []
@@ -55,6 +57,8 @@ class Recipe:
             problems.append(f"val_fraction must be between 0 and 1, got {self.val_fraction}")
         if not self.width > 0:
             problems.append(f"width must be positive, got {self.width}")
+        if self.transport not in TRANSPORT_CHOICES:
+            problems.append(f"transport must be one of {', '.join(TRANSPORT_CHOICES)}, got {self.transport!r}")
         if problems:
             raise ValueError("; ".join(problems))
         return self

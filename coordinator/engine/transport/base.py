@@ -14,6 +14,8 @@ A transport owns every put, get, encode and decode of those tensors, on every si
   each tower       sends its outputs and partial gradients, receives and reduces what it is handed.
 
 The coordinator decides who receives what; the towers' math (towers/) knows nothing of any of it.
+No wait is unbounded: a tower waits `timeout` seconds at most for what its peers send, then
+raises an ExchangeError that names the towers it waited for.
 A new transport subclasses Transport and registers its name in transport/__init__.py; the
 equivalence tests then run on it too.
 """
@@ -24,7 +26,27 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar, Sequence
 
+import ray
 import torch
+
+# How long, by default, a tower waits for what its peers send before the step fails.
+EXCHANGE_TIMEOUT = 120.0
+
+
+class ExchangeError(RuntimeError):
+    """An exchange that could not complete: a peer that is late, failed or gone."""
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """What the coordinator hands a tower for one collective: the op, and what every tower sent
+    (ObjectRefs of their `send`s, in tower order)."""
+
+    op: str  # "all_gather" or "reduce_scatter"
+    refs: list
+
+    def describe(self, own: int, point: str) -> str:
+        return f"tower {own}: the {self.op.replace('_', '-')}{f' at {point}' if point else ''}"
 
 
 @dataclass
@@ -34,6 +56,21 @@ class Received:
     tensors: list[torch.Tensor]
     wait_seconds: float
     foreign_bytes: int  # bytes that came from other towers
+    reduced: bool = False  # the pieces were already summed on the way (a true reduce-scatter)
+
+
+def to_wire(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor as it travels: contiguous, feature maps as (N, H, W, C), which for the towers'
+    channels-last maps is a view, not a copy."""
+    tensor = tensor.detach()
+    if tensor.dim() == 4:
+        tensor = tensor.permute(0, 2, 3, 1)
+    return tensor.contiguous()
+
+
+def from_wire(tensor: torch.Tensor) -> torch.Tensor:
+    """Back to (N, C, H, W), still channels-last in memory."""
+    return tensor.permute(0, 3, 1, 2) if tensor.dim() == 4 else tensor
 
 
 class InferenceGraph(ABC):
@@ -50,6 +87,27 @@ class InferenceGraph(ABC):
 
 class Transport(ABC):
     name: ClassVar[str]
+    graph_on_device: ClassVar[bool] = False  # the inference graph passes device tensors between towers
+
+    def __init__(self, timeout: float = EXCHANGE_TIMEOUT):
+        self.timeout = timeout  # seconds a tower waits for its peers before the step fails
+
+    @classmethod
+    def for_devices(cls, devices: str, timeout: float = EXCHANGE_TIMEOUT) -> "Transport":
+        """This transport for towers on `devices` (gpu, shared-gpu or cpu)."""
+        return cls(timeout=timeout)
+
+    def describe(self) -> str:
+        """The transport in use, as GetModelInfo and `alexnet-mp info` report it."""
+        return self.name
+
+    # --- the links between the towers ------------------------------------------------------------
+    def connect(self, towers: Sequence, generation: int) -> None:
+        """Coordinator: (re)form what links the towers, as generation `generation`; a tower that
+        replaced a dead one joins like the others. Nothing to do for a transport without links."""
+
+    def reset(self) -> None:
+        """Tower: forget what was sent during an abandoned step."""
 
     # --- the driver ------------------------------------------------------------------------------
     @abstractmethod
@@ -62,7 +120,7 @@ class Transport(ABC):
 
     # --- forward: all-gather ---------------------------------------------------------------------
     @abstractmethod
-    def all_gather(self, outputs: Sequence) -> list[list]:
+    def all_gather(self, outputs: Sequence) -> list[Exchange]:
         """Coordinator: outputs[t] is what tower t's `send` produced; returns what each tower is handed."""
 
     @abstractmethod
@@ -70,8 +128,27 @@ class Transport(ABC):
         """Tower: a segment's output (or a partial gradient) as it leaves the tower."""
 
     @abstractmethod
-    def receive(self, delivered: Sequence, own: int, device: torch.device) -> Received:
-        """Tower: the pieces it was handed, in tower order, on its device. `own` is its index."""
+    def receive(self, delivered: Sequence, own: int, device: torch.device, point: str = "") -> Received:
+        """Tower: the pieces it was handed, in tower order, on its device. `own` is its index;
+        `point` names the exchange (conv3, fc6...) for error messages."""
+
+    @abstractmethod
+    def encode(self, tensor: torch.Tensor) -> Any:
+        """Tower: a tensor leaving by value, for the coordinator or the driver (the logits, and
+        what the inference graph hands on); `decode` is its inverse."""
+
+    def await_sent(self, delivered: Exchange | Sequence, own: int, point: str) -> list:
+        """Tower: the values of what it was handed, once every sender has sent; an ExchangeError
+        names the senders still missing after the timeout. A sender's failure is raised at once."""
+        refs = delivered.refs if isinstance(delivered, Exchange) else list(delivered)
+        unique = list(dict.fromkeys(refs))
+        _, late = ray.wait(unique, num_returns=len(unique), timeout=self.timeout)
+        if late and isinstance(delivered, Exchange):
+            towers = [t for t, ref in enumerate(refs) if ref in late]
+            raise ExchangeError(f"{delivered.describe(own, point)} timed out after {self.timeout:g} s waiting for tower(s) {towers}")
+        if late:  # the batch, or the loss's gradient
+            raise ExchangeError(f"tower {own}: what the coordinator sent for {point} did not arrive within {self.timeout:g} s")
+        return ray.get(refs)
 
     @abstractmethod
     def decode(self, sent: Any, device: torch.device) -> torch.Tensor:
@@ -79,11 +156,13 @@ class Transport(ABC):
 
     # --- backward: reduce-scatter ----------------------------------------------------------------
     @abstractmethod
-    def reduce_scatter(self, partials: Sequence[Sequence]) -> list[list]:
+    def reduce_scatter(self, partials: Sequence[Sequence]) -> list[Exchange]:
         """Coordinator: partials[src][dst] is src's gradient for dst's output; dst is handed every src's piece."""
 
     def reduce(self, received: Received) -> torch.Tensor:
         """Tower: the reduce half of reduce-scatter, the sum of every tower's partial gradient."""
+        if received.reduced:
+            return received.tensors[0]
         total = received.tensors[0].clone()
         for piece in received.tensors[1:]:
             total += piece

@@ -22,7 +22,7 @@ import ray
 import torch
 from ray.dag import InputNode, MultiOutputNode
 
-from coordinator.engine.transport.base import InferenceGraph, Received, Transport
+from coordinator.engine.transport.base import Exchange, InferenceGraph, Received, Transport, from_wire, to_wire
 
 logging.getLogger("ray.dag").setLevel(logging.WARNING)  # a line per graph built or torn down is noise
 
@@ -34,19 +34,16 @@ class ObjectStoreTransport(Transport):
     @staticmethod
     def encode(tensor: torch.Tensor) -> np.ndarray:
         """A numpy array, which Ray stores without pickling; feature maps as (N, H, W, C)."""
-        tensor = tensor.detach().to("cpu")
-        if tensor.dim() == 4:
-            tensor = tensor.permute(0, 2, 3, 1)
-        return tensor.contiguous().numpy()
+        return to_wire(tensor.to("cpu")).numpy()
 
-    def decode(self, array: np.ndarray, device: torch.device) -> torch.Tensor:
+    def decode(self, array: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
+        if isinstance(array, torch.Tensor):  # a device tensor from the inference graph's NCCL channels
+            return array.to(device)
         with warnings.catch_warnings():
             # Arrays from Ray are read-only views of shared memory; nothing writes to them.
             warnings.simplefilter("ignore", UserWarning)
             tensor = torch.from_numpy(array)
-        if tensor.dim() == 4:
-            tensor = tensor.permute(0, 3, 1, 2)  # back to (N, C, H, W), still channels-last in memory
-        return tensor.to(device)
+        return from_wire(tensor).to(device)
 
     # --- the driver ------------------------------------------------------------------------------
     def put_images(self, images: torch.Tensor) -> list[ray.ObjectRef]:
@@ -57,24 +54,23 @@ class ObjectStoreTransport(Transport):
         return CompiledInference(self, towers, segments)
 
     # --- forward: all-gather ---------------------------------------------------------------------
-    def all_gather(self, outputs: Sequence) -> list[list]:
-        """outputs[t] is tower t's output (an ObjectRef, or a node of the inference graph)."""
-        return [list(outputs) for _ in outputs]
+    def all_gather(self, outputs: Sequence[ray.ObjectRef]) -> list[Exchange]:
+        return [Exchange("all_gather", list(outputs)) for _ in outputs]
 
     def send(self, tensor: torch.Tensor) -> np.ndarray:
         return self.encode(tensor)
 
-    def receive(self, delivered: Sequence[ray.ObjectRef], own: int, device: torch.device) -> Received:
+    def receive(self, delivered: Exchange | Sequence[ray.ObjectRef], own: int, device: torch.device, point: str = "") -> Received:
         start = time.perf_counter()
-        arrays = ray.get(list(delivered))
+        arrays = self.await_sent(delivered, own, point)
         wait = time.perf_counter() - start
         foreign = sum(a.nbytes for i, a in enumerate(arrays) if i != own)
         return Received([self.decode(a, device) for a in arrays], wait, foreign)
 
     # --- backward: reduce-scatter ----------------------------------------------------------------
-    def reduce_scatter(self, partials: Sequence[Sequence[ray.ObjectRef]]) -> list[list[ray.ObjectRef]]:
+    def reduce_scatter(self, partials: Sequence[Sequence[ray.ObjectRef]]) -> list[Exchange]:
         towers = len(partials)
-        return [[partials[src][dst] for src in range(towers)] for dst in range(towers)]
+        return [Exchange("reduce_scatter", [partials[src][dst] for src in range(towers)]) for dst in range(towers)]
 
     # --- the loss, at the coordinator --------------------------------------------------------------
     def gather(self, outputs: Sequence[ray.ObjectRef]) -> list[torch.Tensor]:
@@ -93,8 +89,9 @@ class CompiledInference(InferenceGraph):
         with InputNode() as images:
             outputs = [t.infer.bind(0, images) for t in towers]
             for k in range(1, segments):
-                delivered = transport.all_gather(outputs)
-                outputs = [tower.infer.bind(k, *delivered[t]) for t, tower in enumerate(towers)]
+                if transport.graph_on_device:  # GPU to GPU over NCCL; the last segment's logits come back by value
+                    outputs = [o.with_tensor_transport(transport="nccl") for o in outputs]
+                outputs = [tower.infer.bind(k, *outputs) for tower in towers]  # the all-gather: every output to every tower
             self.graph = MultiOutputNode(outputs).experimental_compile()
 
     def run(self, images: torch.Tensor) -> torch.Tensor:

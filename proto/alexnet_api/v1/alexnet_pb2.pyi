@@ -234,7 +234,7 @@ class TowerInfo(_message.Message):
     def __init__(self, index: _Optional[int] = ..., device: _Optional[str] = ..., host: _Optional[str] = ..., parameters: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("layers", "towers", "classes", "model_version", "parameters", "model_note", "image_size")
+    __slots__ = ("layers", "towers", "classes", "model_version", "parameters", "model_note", "image_size", "transport")
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     TOWERS_FIELD_NUMBER: _ClassVar[int]
     CLASSES_FIELD_NUMBER: _ClassVar[int]
@@ -242,6 +242,7 @@ class ModelInfo(_message.Message):
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     MODEL_NOTE_FIELD_NUMBER: _ClassVar[int]
     IMAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     layers: _containers.RepeatedCompositeFieldContainer[LayerInfo]
     towers: _containers.RepeatedCompositeFieldContainer[TowerInfo]
     classes: _containers.RepeatedScalarFieldContainer[str]
@@ -249,4 +250,5 @@ class ModelInfo(_message.Message):
     parameters: int
     model_note: str
     image_size: int
-    def __init__(self, layers: _Optional[_Iterable[_Union[LayerInfo, _Mapping]]] = ..., towers: _Optional[_Iterable[_Union[TowerInfo, _Mapping]]] = ..., classes: _Optional[_Iterable[str]] = ..., model_version: _Optional[int] = ..., parameters: _Optional[int] = ..., model_note: _Optional[str] = ..., image_size: _Optional[int] = ...) -> None: ...
+    transport: str
+    def __init__(self, layers: _Optional[_Iterable[_Union[LayerInfo, _Mapping]]] = ..., towers: _Optional[_Iterable[_Union[TowerInfo, _Mapping]]] = ..., classes: _Optional[_Iterable[str]] = ..., model_version: _Optional[int] = ..., parameters: _Optional[int] = ..., model_note: _Optional[str] = ..., image_size: _Optional[int] = ..., transport: _Optional[str] = ...) -> None: ...
