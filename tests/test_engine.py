@@ -290,3 +290,27 @@ def test_hyperparameters_are_checked(ray_session):
         ModelParallelAlexNet(**SMALL, lr=-1)
     with pytest.raises(ValueError, match="dtype must be"):
         ModelParallelAlexNet(**SMALL, dtype=torch.float16)
+
+
+def test_inference_graph_can_hand_tensors_on_as_they_are(ray_session, monkeypatch):
+    """The path GPU towers take (activations over the graph's NCCL channels, not by value), run on
+    the CPU over Ray's shared-memory tensor channels: the logits still match the reference."""
+    import coordinator.engine.model as model
+    from coordinator.engine.transport import CollectiveTransport
+
+    def tensors_as_they_are(name, devices, timeout):
+        transport = CollectiveTransport("gloo", timeout)
+        transport.graph_channel = "shm"  # what "accelerator" is on GPUs
+        return transport
+
+    monkeypatch.setattr(model, "make_transport", tensors_as_they_are)
+    engine = ModelParallelAlexNet(**SMALL, dropout=0.0, init="pytorch", transport="collective")
+    try:
+        ref = AlexNet(**SMALL, dropout=0.0, init="pytorch", seed=3)
+        engine.load_state_dict(ref.state_dict())
+        images = torch.randn(3, 3, 99, 99, generator=torch.Generator().manual_seed(3))
+        ref.eval()
+        with torch.no_grad():
+            assert relative_error(engine.predict(images), ref(images)) <= BOUND
+    finally:
+        engine.shutdown()

@@ -190,7 +190,7 @@ def test_collective_refuses_to_exchange_before_joining(ray_session):
 
 def test_auto_is_nccl_collective_with_a_gpu_each_and_the_object_store_elsewhere():
     gpu = make_transport("auto", "gpu")
-    assert isinstance(gpu, CollectiveTransport) and gpu.describe() == "collective (nccl)" and gpu.graph_on_device
+    assert isinstance(gpu, CollectiveTransport) and gpu.describe() == "collective (nccl)" and gpu.graph_channel == "accelerator"
     assert make_transport("auto", "shared-gpu").describe() == "object_store"  # NCCL takes one rank per GPU
     assert make_transport("auto", "cpu").describe() == "object_store"  # faster than Gloo here: docs/performance.md
     assert make_transport("collective", "cpu").describe() == "collective (gloo)"

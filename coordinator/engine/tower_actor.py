@@ -16,7 +16,7 @@ import numpy as np
 import ray
 import torch
 
-from coordinator.engine.transport import Received, Transport
+from coordinator.engine.transport import Received, Transport, to_wire
 from towers import NetConfig, Tower, paper_sgd
 
 
@@ -137,8 +137,8 @@ class TowerActor:
         with self.lock, torch.no_grad():
             self.tower.eval()
             out = self._timed((self.stages[k], "forward"), self.tower.forward_segment, k, inputs[0] if k == 0 else inputs)
-            on_device = self.transport.graph_on_device and k + 1 < len(self.points)
-            return out if on_device else self.transport.encode(out)
+            as_tensor = self.transport.graph_channel and k + 1 < len(self.points)  # the logits leave by value
+            return to_wire(out) if as_tensor else self.transport.encode(out)
 
     @_locked
     def backward(self, k: int, delivered: Sequence):

@@ -1,6 +1,15 @@
 """Transports: how exchanged tensors travel between the towers. See base.py for the seam."""
 
-from coordinator.engine.transport.base import EXCHANGE_TIMEOUT, Exchange, ExchangeError, InferenceGraph, Received, Transport
+from coordinator.engine.transport.base import (
+    EXCHANGE_TIMEOUT,
+    Exchange,
+    ExchangeError,
+    InferenceGraph,
+    Received,
+    Transport,
+    from_wire,
+    to_wire,
+)
 from coordinator.engine.transport.collective import CollectiveTransport
 from coordinator.engine.transport.object_store import ObjectStoreTransport
 
@@ -39,5 +48,7 @@ __all__ = [
     "Received",
     "Transport",
     "check_transport",
+    "from_wire",
+    "to_wire",
     "make_transport",
 ]

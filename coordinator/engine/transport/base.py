@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, Optional, Sequence
 
 import ray
 import torch
@@ -87,7 +87,9 @@ class InferenceGraph(ABC):
 
 class Transport(ABC):
     name: ClassVar[str]
-    graph_on_device: ClassVar[bool] = False  # the inference graph passes device tensors between towers
+    # The Ray tensor transport (with_tensor_transport) on which the inference graph hands tensors
+    # from tower to tower as they are, e.g. "accelerator" (NCCL) to keep them on the GPUs; None: by value.
+    graph_channel: Optional[str] = None
 
     def __init__(self, timeout: float = EXCHANGE_TIMEOUT):
         self.timeout = timeout  # seconds a tower waits for its peers before the step fails

@@ -43,6 +43,8 @@ class CollectiveTransport(ObjectStoreTransport):
             raise ValueError(f"backend must be gloo or nccl, got {backend!r}")
         super().__init__(timeout)
         self.backend = backend
+        # The inference graph's activations stay on the GPUs, over Ray's NCCL channels.
+        self.graph_channel = "accelerator" if backend == "nccl" else None
         # Tower side, in each tower's own copy of the transport:
         self.outbox: list[torch.Tensor] = []  # what the tower sent since its last exchange, in order
         self.rank: Optional[int] = None
@@ -56,9 +58,6 @@ class CollectiveTransport(ObjectStoreTransport):
     def describe(self) -> str:
         return f"{self.name} ({self.backend})"
 
-    @property
-    def graph_on_device(self) -> bool:
-        return self.backend == "nccl"  # the inference graph's channels then carry CUDA tensors over NCCL
 
     # --- forming the group -----------------------------------------------------------------------
     def connect(self, towers: Sequence, generation: int) -> None:

@@ -37,8 +37,8 @@ class ObjectStoreTransport(Transport):
         return to_wire(tensor.to("cpu")).numpy()
 
     def decode(self, array: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
-        if isinstance(array, torch.Tensor):  # a device tensor from the inference graph's NCCL channels
-            return array.to(device)
+        if isinstance(array, torch.Tensor):  # as the inference graph's tensor channels hand it over
+            return from_wire(array).to(device)
         with warnings.catch_warnings():
             # Arrays from Ray are read-only views of shared memory; nothing writes to them.
             warnings.simplefilter("ignore", UserWarning)
@@ -89,8 +89,8 @@ class CompiledInference(InferenceGraph):
         with InputNode() as images:
             outputs = [t.infer.bind(0, images) for t in towers]
             for k in range(1, segments):
-                if transport.graph_on_device:  # GPU to GPU over NCCL; the last segment's logits come back by value
-                    outputs = [o.with_tensor_transport(transport="nccl") for o in outputs]
+                if transport.graph_channel:  # tensors as they are, GPU to GPU; the logits come back by value
+                    outputs = [o.with_tensor_transport(transport=transport.graph_channel) for o in outputs]
                 outputs = [tower.infer.bind(k, *outputs) for tower in towers]  # the all-gather: every output to every tower
             self.graph = MultiOutputNode(outputs).experimental_compile()
 
