@@ -43,6 +43,21 @@ class TowerFailure(RuntimeError):
 PROBE_SECONDS = 10.0
 
 
+def unanswered(probes: list) -> dict[int, str]:
+    """Which towers did not answer their probe (a call to each, in tower order), and why."""
+    ready, _ = ray.wait(probes, num_returns=len(probes), timeout=PROBE_SECONDS)
+    lost = {}
+    for t, probe in enumerate(probes):
+        if probe not in ready:
+            lost[t] = f"tower {t} did not answer within {PROBE_SECONDS:g} s"
+            continue
+        try:
+            ray.get(probe)
+        except ray.exceptions.RayActorError:
+            lost[t] = f"tower {t} died"
+    return lost
+
+
 class Coordinator:
     def __init__(self, towers: Sequence, config: NetConfig, transport: Transport):
         self.config = config
@@ -61,7 +76,7 @@ class Coordinator:
         the others are not asked to wait for it.
         """
         self.towers = list(towers)
-        lost = self._probe([t.describe.remote() for t in self.towers])
+        lost = unanswered([t.describe.remote() for t in self.towers])
         if lost:
             self.relink = True
             raise TowerFailure(f"cannot link the towers: {'; '.join(lost.values())}", list(lost))
@@ -70,20 +85,6 @@ class Coordinator:
         self.relink = False
         return self.generation
 
-    @staticmethod
-    def _probe(probes: list) -> dict[int, str]:
-        """Which towers did not answer their probe (a call to each, in tower order), and why."""
-        ready, _ = ray.wait(probes, num_returns=len(probes), timeout=PROBE_SECONDS)
-        lost = {}
-        for t, probe in enumerate(probes):
-            if probe not in ready:
-                lost[t] = f"tower {t} did not answer within {PROBE_SECONDS:g} s"
-                continue
-            try:
-                ray.get(probe)
-            except ray.exceptions.RayActorError:
-                lost[t] = f"tower {t} died"
-        return lost
 
     def _forward(self, images, dropout_seed: Optional[int]) -> list:
         outputs = [t.forward.remote(0, images, dropout_seed) for t in self.towers]
@@ -132,7 +133,7 @@ class Coordinator:
         Raises TowerFailure when a tower died or hangs. Otherwise (the step's own error, say bad
         input) the towers stay usable, with their links formed again if an exchange broke them.
         """
-        lost = self._probe([t.abandon_step.remote() for t in self.towers])
+        lost = unanswered([t.abandon_step.remote() for t in self.towers])
         if lost:
             self.relink = True
             what = "; ".join(lost.values())

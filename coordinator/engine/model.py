@@ -10,7 +10,7 @@ import numpy as np
 import ray
 import torch
 
-from coordinator.engine.coordinator_actor import Coordinator
+from coordinator.engine.coordinator_actor import Coordinator, unanswered
 from coordinator.engine.placement import Placement, ensure_ray, free_devices
 from coordinator.engine.tower_actor import TowerActor
 from coordinator.engine.transport import EXCHANGE_TIMEOUT, InferenceGraph, check_transport, make_transport
@@ -24,7 +24,8 @@ class ModelParallelAlexNet:
     Keywords beyond the optimiser's are NetConfig fields (width, image_size, towers, init, layers).
     transport names how exchanged tensors travel: "object_store", "collective" (a torch.distributed
     group: NCCL between GPUs, Gloo otherwise) or "auto" (coordinator.engine.transport.make_transport);
-    exchange_timeout is how long a collective exchange may wait for a peer before the step fails.
+    exchange_timeout is how long a tower waits for its peers in an exchange before the step fails
+    (a TowerFailure then names the towers that died or stopped answering); restart_tower replaces one.
     cpus_per_tower sets each CPU tower's cores and threads; dtype is float32 or float64; tf32 lets
     CUDA towers use TensorFloat-32 (faster, no longer equal to the reference at 1e-5).
     start_timeout is how long to wait for the towers to be placed and started (an autoscaling
@@ -107,6 +108,10 @@ class ModelParallelAlexNet:
         self._towers[t] = self._start_tower(t)
         self.towers[t] = ray.get(self._towers[t].describe.remote())
         ray.get(self._coordinator.connect.remote(self._towers))
+
+    def lost_towers(self) -> dict[int, str]:
+        """The towers that are dead or do not answer within seconds, each with what happened to it."""
+        return unanswered([t.describe.remote() for t in self._towers])
 
     # --- input checks -------------------------------------------------------------------------
     def _check_images(self, images) -> torch.Tensor:

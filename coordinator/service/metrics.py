@@ -65,6 +65,13 @@ class Metrics:
         )
         self.pending = Gauge("alexnet_classify_pending_requests", "Requests waiting for a batch", registry=r)
         self.version = Gauge("alexnet_model_version", "The model version being served", registry=r)
+        # Recovery
+        self.tower_restarts = Counter(
+            "alexnet_tower_restarts_total", "Towers replaced after they died, by role (serving, training)", ["role"], registry=r
+        )
+        self.recovery_seconds = Counter(
+            "alexnet_recovery_seconds_total", "Seconds spent replacing lost towers, by role", ["role"], registry=r
+        )
         # gRPC
         self.rpcs = Counter(
             "alexnet_grpc_server_handled_total", "RPCs handled, by method and code", ["method", "code"], registry=r
@@ -75,6 +82,9 @@ class Metrics:
 
     def prepare(self, config) -> None:
         """Create every tower/stage and exchange series at zero, so dashboards see them before training."""
+        for role in ("serving", "training"):
+            self.tower_restarts.labels(role)
+            self.recovery_seconds.labels(role)
         for tower in range(config.towers):
             for stage in config.stage_names:
                 for direction in ("forward", "backward"):

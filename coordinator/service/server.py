@@ -56,7 +56,9 @@ class Server:
     def __init__(self, options: ServeOptions = ServeOptions()):
         self.options = options
         self.metrics = Metrics()
-        self.classifier = Classifier(options.max_batch, options.max_delay_ms / 1000.0, self.metrics, options.transport)
+        self.classifier = Classifier(
+            options.max_batch, options.max_delay_ms / 1000.0, self.metrics, options.transport, self._serving_changed
+        )
         data_root = Path(options.data_root) if options.data_root else patterns.default_root()
         self.jobs = JobManager(self.metrics, self.classifier.publish, data_root)
         self.health = health.HealthServicer()
@@ -104,6 +106,10 @@ class Server:
         self._set_health(health_pb2.HealthCheckResponse.SERVING)  # towers are up: now we serve
         log.info("serving gRPC on %s:%d, metrics on :%s", opts.host, self.port, self.metrics_port)
         return self
+
+    def _serving_changed(self, serving: bool) -> None:
+        """The classifier lost its serving towers (False) or has them again (True)."""
+        self._set_health(health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING)
 
     def _set_health(self, status) -> None:
         for name in ("", *SERVICE_NAMES):

@@ -3,6 +3,10 @@
 Training publishes a version every `publish_every` steps and at its end; the batcher thread loads
 it between two batches, so a classification never waits for a training step and never mixes two
 versions.
+
+A serving tower that dies is found by the batch that fails on it, or by the batcher's check
+every WATCH_SECONDS when idle. The batcher then refuses requests (UNAVAILABLE, "retry"), reports
+not serving, and starts a new pair with the version it was serving before it serves again.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import threading
 import time
 from concurrent import futures
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -24,6 +28,9 @@ from coordinator.service.errors import InvalidRequest, Unavailable
 from coordinator.service.metrics import Metrics
 
 log = logging.getLogger(__name__)
+
+# How often an idle batcher checks that its serving towers are alive.
+WATCH_SECONDS = 5.0
 
 
 @dataclass
@@ -59,8 +66,17 @@ class _Request:
 class Classifier:
     """The serving pair of towers behind a dynamic batcher thread, and the versions it serves."""
 
-    def __init__(self, max_batch: int, max_delay: float, metrics: Metrics, transport: str = "auto"):
+    def __init__(
+        self,
+        max_batch: int,
+        max_delay: float,
+        metrics: Metrics,
+        transport: str = "auto",
+        on_serving: Callable[[bool], None] = lambda serving: None,
+    ):
         self.max_batch, self.max_delay, self.metrics, self.transport = max_batch, max_delay, metrics, transport
+        self.on_serving = on_serving  # told False while the serving pair is rebuilt, True when it serves again
+        self._rebuilding: Optional[str] = None  # why requests are refused meanwhile
         self.engine: Optional[ModelParallelAlexNet] = None
         self.current: Optional[ModelVersion] = None
         self._next: Optional[ModelVersion] = None
@@ -110,6 +126,8 @@ class Classifier:
         with self._cv:
             if self._closing:
                 raise Unavailable("the server is shutting down")
+            if self._rebuilding:
+                raise Unavailable(self._rebuilding)
             self._queue.append(request)
             self.metrics.pending.set(len(self._queue))
             self._cv.notify()
@@ -155,11 +173,17 @@ class Classifier:
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not self._queue and self._next is None and not self._closing:
-                    self._cv.wait()
+                if not self._queue and self._next is None and not self._closing:
+                    self._cv.wait(WATCH_SECONDS)
                 if self._closing:
                     return
+                idle = not self._queue and self._next is None
                 version, self._next = self._next, None
+            if idle:
+                lost = self.engine.lost_towers()
+                if lost:
+                    self._rebuild(lost, [])
+                continue
             if version is not None:
                 self._activate(version)  # between batches: no batch ever sees two versions
             if self._queue:
@@ -194,6 +218,10 @@ class Classifier:
             self.metrics.batch_size.observe(len(inputs))
             probs = self.engine.predict(torch.stack(inputs)).softmax(dim=1)
         except Exception as exc:
+            lost = self.engine.lost_towers()
+            if lost:
+                self._rebuild(lost, batch)
+                return
             for request in batch:
                 request.done.set_exception(exc)
             return
@@ -202,3 +230,47 @@ class Classifier:
             n = len(request.items)
             request.done.set_result((probs[offset : offset + n], version))
             offset += n
+
+    def _rebuild(self, lost: dict[int, str], batch: list[_Request]) -> None:
+        """Serving towers died: refuse requests, then start a new pair with the version served.
+
+        The new pair replaces the old only once it is whole and loaded; until then requests are
+        refused at once, never queued behind the rebuild."""
+        version, start = self.current, time.perf_counter()
+        reason = (
+            f"a serving tower was lost ({'; '.join(lost.values())}); the server is starting new serving "
+            f"towers with model version {version.version}: retry in a few seconds"
+        )
+        log.error("%s", reason)
+        with self._cv:
+            self._rebuilding = reason
+            refused, self._queue = [*batch, *self._queue], collections.deque()
+            self.metrics.pending.set(0)
+        self.on_serving(False)
+        for request in refused:
+            request.done.set_exception(Unavailable(reason))
+        self.engine.shutdown()
+        while not self._closing:
+            try:
+                engine = self._serving_engine(version)
+            except Exception:
+                log.exception("could not start new serving towers; trying again in %g s", WATCH_SECONDS)
+                time.sleep(WATCH_SECONDS)
+                continue
+            try:
+                if version.state is not None:
+                    engine.load_state_dict(version.state)
+            except Exception:
+                engine.shutdown()
+                log.exception("could not load model version %d into new serving towers; trying again in %g s", version.version, WATCH_SECONDS)
+                time.sleep(WATCH_SECONDS)
+                continue
+            self.engine = engine
+            break
+        self.metrics.tower_restarts.labels("serving").inc(len(lost))
+        self.metrics.recovery_seconds.labels("serving").inc(time.perf_counter() - start)
+        with self._cv:
+            self._rebuilding = None
+        if not self._closing:
+            self.on_serving(True)
+            log.warning("serving again: model version %d on new towers, after %.1f s", version.version, time.perf_counter() - start)
