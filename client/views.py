@@ -51,6 +51,8 @@ def follow(client, job_id: str) -> pb.TrainingJob:
                     f"epoch {p.epoch}/{p.epochs}: loss {p.loss:.3f}, validation top-1 {pct(p.top1_accuracy)} "
                     f"(error {pct(1 - p.top1_accuracy)}), top-5 {pct(p.top5_accuracy)}, {rate:.0f} img/s"
                 )
+            elif event.kind == pb.TrainingEvent.RECOVERED:
+                bar.console.print(f"[yellow]recovered: {event.message}")
             elif event.kind == pb.TrainingEvent.STATE and event.message and event.message != "current state":
                 bar.console.print(f"[dim]{STATE(event.state).lower()}: {event.message}")
     job = client.get(job_id)

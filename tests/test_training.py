@@ -1,6 +1,8 @@
 """The training loop: presets and overrides, schedules, stopping, checkpoints, and real learning."""
 
 import math
+import os
+import signal
 import threading
 
 import pytest
@@ -149,3 +151,32 @@ def test_ten_crop_validation_ranks_the_averaged_softmax(ray_session, patterns):
     ranked = probs.argsort(dim=1, descending=True)
     assert top1 == (ranked[:, 0] == batch.labels).float().mean().item()
     assert top5 == (ranked[:, :5] == batch.labels[:, None]).any(dim=1).float().mean().item()
+
+
+def test_a_tower_killed_mid_run_is_replaced_and_the_run_finishes(ray_session, patterns):
+    """kill -9 of a training tower: the run replaces it, goes back to its last snapshot, and finishes."""
+    plan = recipe("demo", {"width": 0.125, "epochs": 2, "batch_size": 16, "steps_per_epoch": 8, "snapshot_every": 3})
+    engine = ModelParallelAlexNet(num_classes=patterns.num_classes, width=0.125, init="kaiming")
+    events, killed = [], []
+
+    def on_event(event):
+        events.append(event)
+        if event.kind == "step" and event.step == 5 and not killed:
+            killed.append(engine.towers[1]["pid"])
+            os.kill(killed[0], signal.SIGKILL)
+
+    try:
+        result = train(patterns, plan, on_event=on_event, engine=engine)
+        assert killed[0] not in [t["pid"] for t in engine.towers]  # a new process hosts tower 1
+    finally:
+        engine.shutdown()
+    [recovered] = [e for e in events if e.kind == "recovered"]
+    assert result.state == "finished" and result.restarts == 1 and recovered.restarts == 1
+    assert f"replaced tower 1 (died; pid {killed[0]}" in recovered.message
+    assert "resumed from the snapshot at step 3: 2 steps undone" in recovered.message and recovered.step == 3
+    assert recovered.replaced == 1 and recovered.step_seconds > 0
+    steps = [e.step for e in events if e.kind == "step"]
+    assert steps[steps.index(5) + 1] == 4  # the step after the recovery counts on from the snapshot
+    skipped = int(recovered.message.split("undone, ")[1].split()[0])
+    assert 1 <= skipped <= 2  # the failed step, and the next one if it was sent already
+    assert result.steps == 16 - 2 - skipped and math.isfinite(result.loss)  # the data stream went on

@@ -86,6 +86,10 @@ class Coordinator:
         return self.generation
 
 
+    def ping(self) -> int:
+        """Liveness, touching no tower: the generation of the links."""
+        return self.generation
+
     def _forward(self, images, dropout_seed: Optional[int]) -> list:
         outputs = [t.forward.remote(0, images, dropout_seed) for t in self.towers]
         for k in range(1, self.segments):
@@ -137,7 +141,7 @@ class Coordinator:
         if lost:
             self.relink = True
             what = "; ".join(lost.values())
-            raise TowerFailure(f"{what} during the step, which was abandoned ({_summary(error)})", list(lost)) from error
+            raise TowerFailure(f"{what} during the step, which was abandoned ({error_summary(error)})", list(lost)) from error
         self.connect(self.towers)  # a failed collective leaves the group unusable; a new generation is cheap
 
     def apply_update(self, lr: Optional[float] = None) -> None:
@@ -156,7 +160,7 @@ class Coordinator:
         return {"towers": towers, "coordinator_seconds": own, "transport": self.transport.describe()}
 
 
-def _summary(error: Exception) -> str:
+def error_summary(error: Exception) -> str:
     """The first line of an error, without Ray's wrapping or colour codes."""
     cause = getattr(error, "cause", None) or error
     lines = [line for line in str(cause).splitlines() if line.strip()]

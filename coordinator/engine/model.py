@@ -10,7 +10,7 @@ import numpy as np
 import ray
 import torch
 
-from coordinator.engine.coordinator_actor import Coordinator, unanswered
+from coordinator.engine.coordinator_actor import PROBE_SECONDS, Coordinator, unanswered
 from coordinator.engine.placement import Placement, ensure_ray, free_devices
 from coordinator.engine.tower_actor import TowerActor
 from coordinator.engine.transport import EXCHANGE_TIMEOUT, InferenceGraph, check_transport, make_transport
@@ -89,6 +89,9 @@ class ModelParallelAlexNet:
                 f"{self.placement.actor_options}, and the cluster has {free_devices()} free; "
                 "shut down another model (engine.shutdown()) or add nodes"
             ) from None
+        self._start_coordinator()
+
+    def _start_coordinator(self) -> None:
         # The coordinator only routes and computes the loss: it needs no core of its own.
         self._coordinator = ray.remote(Coordinator).options(num_cpus=0).remote(self._towers, self.config, self.transport)
         ray.get(self._coordinator.take_stats.remote())  # surfaces a transport that could not link the towers
@@ -96,7 +99,26 @@ class ModelParallelAlexNet:
     def _start_tower(self, t: int):
         return ray.remote(TowerActor).options(**self.placement.actor_options).remote(self.config, t, self.transport, **self._tower_args)
 
-    def restart_tower(self, t: int) -> None:
+    def repair(self) -> list[str]:
+        """Replace every actor of the model that is dead or hung: what was replaced, e.g. "tower 1
+        (died; pid 123 on host)". Replaced towers start from their initial weights: load the
+        model's state before going on. Empty when every actor answered."""
+        replaced = []
+        for t, what in self.lost_towers().items():
+            old = self.towers[t]
+            replaced.append(f"tower {t} ({what.split(' ', 2)[2]}; pid {old['pid']} on {old['host']})")
+            self.restart_tower(t, relink=False)
+        try:
+            ray.get(self._coordinator.ping.remote(), timeout=PROBE_SECONDS)
+            if replaced:
+                ray.get(self._coordinator.connect.remote(self._towers))
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as error:
+            replaced.append(f"the coordinator ({'died' if isinstance(error, ray.exceptions.RayActorError) else 'hung'})")
+            ray.kill(self._coordinator)
+            self._start_coordinator()
+        return replaced
+
+    def restart_tower(self, t: int, relink: bool = True) -> None:
         """Replace tower t with a new actor (the old one is killed if it still runs) and link it
         in: the transport forms its next generation. The new tower has its initial weights and
         no momentum; load the model's weights (load_state_dict) before training on."""
@@ -107,7 +129,8 @@ class ModelParallelAlexNet:
         ray.kill(self._towers[t])
         self._towers[t] = self._start_tower(t)
         self.towers[t] = ray.get(self._towers[t].describe.remote())
-        ray.get(self._coordinator.connect.remote(self._towers))
+        if relink:
+            ray.get(self._coordinator.connect.remote(self._towers))
 
     def lost_towers(self) -> dict[int, str]:
         """The towers that are dead or do not answer within seconds, each with what happened to it."""
@@ -206,6 +229,10 @@ class ModelParallelAlexNet:
     def optimizer_state(self) -> list:
         """Each tower's optimiser state (momentum buffers), for checkpoints."""
         return self._gather("get_optimizer_state")
+
+    def load_optimizer_state(self, states: list) -> None:
+        """Each tower's optimiser state, as optimizer_state() gave it (after load_state_dict, which clears it)."""
+        ray.get([t.set_optimizer_state.remote(s) for t, s in zip(self._towers, states)])
 
     def _gather(self, method: str) -> list:
         return ray.get([getattr(t, method).remote() for t in self._towers])

@@ -200,3 +200,7 @@ class TowerActor:
     @_locked
     def get_optimizer_state(self) -> dict:
         return self.optimizer.state_dict()
+
+    @_locked
+    def set_optimizer_state(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state)

@@ -27,6 +27,7 @@ EVENT_KINDS = {
     "step": pb.TrainingEvent.STEP,
     "epoch": pb.TrainingEvent.EPOCH,
     "published": pb.TrainingEvent.PUBLISHED,
+    "recovered": pb.TrainingEvent.RECOVERED,
 }
 
 
@@ -87,6 +88,7 @@ def training_job(status: JobStatus) -> pb.TrainingJob:
         model_version=status.model_version,
         created_unix=status.created,
         ended_unix=status.ended,
+        restarts=status.progress.restarts if status.progress else 0,
     )
 
 

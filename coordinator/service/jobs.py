@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 from coordinator.data import check_folder, open_dataset, patterns
+from coordinator.engine import error_summary
 from coordinator.service.errors import InvalidRequest, NotFound, PreconditionFailed
 from coordinator.service.metrics import Metrics
 from coordinator.service.serving import ModelVersion
@@ -92,7 +93,7 @@ def check_request(request: TrainingRequest) -> JobPlan:
 
 @dataclass(frozen=True)
 class JobEvent:
-    kind: str  # "state", "step", "epoch" (a validation finished) or "published"
+    kind: str  # "state", "step", "epoch" (a validation finished), "published" or "recovered"
     state: JobState
     progress: Optional[Progress]  # the latest
     top1: float  # of the last validation
@@ -161,7 +162,7 @@ class Job:
             self.progress = event
             if event.kind == "epoch":
                 self.top1, self.top5 = event.top1, event.top5
-            self._append(event.kind)
+            self._append(event.kind, event.message)
 
     def on_published(self, version: int) -> None:
         with self._cv:
@@ -250,6 +251,9 @@ class JobManager:
             def on_event(event: Progress) -> None:
                 if event.kind == "step":
                     self.metrics.observe_step(event, event.batch, event.step_seconds)
+                elif event.kind == "recovered":
+                    self.metrics.tower_restarts.labels("training").inc(event.replaced)
+                    self.metrics.recovery_seconds.labels("training").inc(event.step_seconds)
                 else:
                     self.metrics.observe_validation(event)
                 job.on_progress(event)
@@ -270,8 +274,8 @@ class JobManager:
             final = JobState.STOPPED if result.state == "stopped" else JobState.FINISHED
             job.set_state(final, f"{result.state} after {result.steps} steps, top-1 {result.top1:.1%}")
         except Exception as exc:  # the job fails; the server and its other jobs carry on
-            log.exception("training job %s failed", job.id)
-            job.set_state(JobState.FAILED, "failed", error=f"{type(exc).__name__}: {exc}")
+            log.exception("training job %s failed", job.id)  # the whole traceback goes to the log
+            job.set_state(JobState.FAILED, "failed", error=error_summary(exc))  # one line, without Ray's wrapping
 
     def stop_all(self, timeout: float = 60) -> None:
         jobs = self.list()

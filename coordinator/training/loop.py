@@ -23,9 +23,10 @@ import torch
 
 from coordinator.data import Dataset, DatasetError, batches, open_dataset
 from coordinator.data.loader import EarlyStart
-from coordinator.engine import ModelParallelAlexNet
+from coordinator.engine import ModelParallelAlexNet, error_summary
 from coordinator.training.checkpoints import save_checkpoint
 from coordinator.training.recipe import Recipe, schedule_for
+from coordinator.training.recovery import Snapshot, recover, take_snapshot
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 class Progress:
     """One report from the loop. kind: "step" after each step, "epoch" after each validation."""
 
-    kind: str
+    kind: str  # also "recovered": lost actors were replaced and the run went back to its last snapshot
     step: int
     epoch: int  # epochs completed
     loss: float = math.nan
@@ -47,7 +48,10 @@ class Progress:
     epochs: int = 0
     elapsed: float = 0.0
     batch: int = 0  # images in this step
-    step_seconds: float = math.nan
+    step_seconds: float = math.nan  # on "recovered" events: how long the recovery took
+    restarts: int = 0  # recoveries so far
+    replaced: int = 0  # on "recovered" events: the actors replaced
+    message: str = ""  # on "recovered" events: what died and where the run resumed
 
 
 @dataclass
@@ -60,6 +64,7 @@ class Result:
     loss: float
     skipped: int
     seconds: float
+    restarts: int = 0  # recoveries from lost actors
 
 
 class SkipLog:
@@ -168,7 +173,9 @@ class Trainer:
         self.upcoming: Optional[EarlyStart] = None  # the next training pass, started before it is read
         self.validation: Optional[EarlyStart] = None  # this epoch's validation pass, likewise
         self.skips = SkipLog()
-        self.step, self.epoch, self.published = 0, 0, 0
+        self.step, self.epoch, self.published, self.restarts = 0, 0, 0, 0
+        self.submitted = 0  # steps submitted: those not completed were in flight when a step failed
+        self.snapshot: Optional[Snapshot] = None
         self.loss = self.top1 = self.top5 = math.nan
         self.started = self.window_started = time.perf_counter()
         self.window_images = 0  # this epoch's, for its throughput
@@ -176,6 +183,7 @@ class Trainer:
     def run(self) -> Result:
         state, plan = "finished", self.plan
         try:
+            self.snapshot = take_snapshot(self.engine, 0)
             self.upcoming = EarlyStart(training_pass(self.dataset, plan, 0, self.per_epoch))
             for epoch in range(plan.epochs):
                 self.epoch = epoch  # epochs completed so far
@@ -198,7 +206,8 @@ class Trainer:
             for loader in (self.upcoming, self.validation):
                 if loader is not None:
                     loader.close()
-        return Result(state, self.step, self.epoch, self.top1, self.top5, self.loss, len(self.skips), self._elapsed())
+        return Result(state, self.step, self.epoch, self.top1, self.top5, self.loss, len(self.skips), self._elapsed(),
+                      self.restarts)  # fmt: skip
 
     def _train_epoch(self) -> None:
         """Train on the upcoming pass; when it runs out, start the validation pass beside the last step."""
@@ -210,13 +219,22 @@ class Trainer:
                 self.skips.add(batch.bad_paths)
                 if len(batch.labels) == 0:
                     continue
-                if self._publish_due(self.step + 1):
-                    # A published version must hold exactly that step's weights: no step may run past it.
-                    self._completed(self.pipeline.finish())
-                self._completed(self.pipeline.submit(batch.images, batch.labels))
+                sent = False
+                while not sent:  # a batch not yet sent when a step failed is sent after the recovery
+                    try:
+                        if self._weights_due(self.step + 1):
+                            # A published version or a snapshot holds exactly that step's weights: no step may run past it.
+                            self._completed(self.pipeline.finish())
+                        self.submitted, sent = self.submitted + 1, True
+                        self._completed(self.pipeline.submit(batch.images, batch.labels))
+                    except Exception as error:
+                        self._recover(error)
             else:
                 self.validation = EarlyStart(validation_pass(self.dataset, self.plan))
-        self._completed(self.pipeline.finish())
+        try:
+            self._completed(self.pipeline.finish())
+        except Exception as error:
+            self._recover(error)
 
     def _completed(self, finished: Optional[FinishedStep]) -> None:
         if finished is None:
@@ -231,9 +249,29 @@ class Trainer:
         self._report("step", self.epoch, images_per_second=rate, batch=finished.images, step_seconds=finished.seconds)
         if self._publish_due(self.step):
             self._publish()
+        if self.step % self.plan.snapshot_every == 0:
+            self.snapshot = take_snapshot(self.engine, self.step)
+
+    def _recover(self, error: Exception) -> None:
+        """Replace the actors that died and go back to the last snapshot; re-raise what is not that."""
+        start = time.perf_counter()
+        self.pipeline.pending = None
+        replaced = recover(self.engine, self.snapshot, error, self.restarts, self.plan.max_restarts)
+        self.restarts += 1
+        lost, skipped = self.step - self.snapshot.step, self.submitted - self.step
+        self.step = self.submitted = self.snapshot.step
+        message = f"replaced {', '.join(replaced)}; resumed from the snapshot at step {self.step}: {lost} steps undone, {skipped} batches in flight skipped"  # fmt: skip
+        log.warning("recovery %d: %s (%s)", self.restarts, message, error_summary(error))
+        self._report("recovered", self.epoch, step_seconds=time.perf_counter() - start, replaced=len(replaced), message=message)
 
     def _validate(self) -> None:
-        self.top1, self.top5 = evaluate(self.engine, self.validation, self.skips)
+        while True:
+            try:
+                self.top1, self.top5 = evaluate(self.engine, self.validation, self.skips)
+                break
+            except Exception as error:  # towers lost during validation: recover, then the pass again
+                self._recover(error)
+                self.validation = EarlyStart(validation_pass(self.dataset, self.plan))
         self._report("epoch", self.epoch + 1, top1=self.top1, top5=self.top5)  # with the rate this epoch used
         self.engine.lr = self.schedule.update(self.epoch, 1 - self.top1)
         if self.checkpoint_dir:
@@ -245,6 +283,10 @@ class Trainer:
     def _publish_due(self, step: int) -> bool:
         return self.on_publish is not None and step % self.plan.publish_every == 0
 
+    def _weights_due(self, step: int) -> bool:
+        """Whether that step's weights will be read: published, or kept as a snapshot."""
+        return self._publish_due(step) or step % self.plan.snapshot_every == 0
+
     def _publish(self) -> None:
         if self.step and self.published != self.step:
             self.on_publish(self.step, self.engine.state_dict())
@@ -253,7 +295,8 @@ class Trainer:
     def _report(self, kind: str, epochs_done: int, **values) -> None:
         self.on_event(Progress(
             kind, self.step, epochs_done, loss=self.loss, lr=self.engine.lr, skipped=len(self.skips),
-            steps_per_epoch=self.per_epoch, epochs=self.plan.epochs, elapsed=self._elapsed(), **values,
+            steps_per_epoch=self.per_epoch, epochs=self.plan.epochs, elapsed=self._elapsed(), restarts=self.restarts,
+            **values,
         ))  # fmt: skip
 
     def _elapsed(self) -> float:

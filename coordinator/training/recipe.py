@@ -33,13 +33,15 @@ class Recipe:
     width: float = 1.0  # 1.0 is the paper's network
     publish_every: int = 50  # steps between published model versions (see training.train's on_publish)
     transport: str = "auto"  # how the towers exchange tensors: auto, object_store or collective (engine.transport)
+    snapshot_every: int = 100  # steps between in-memory snapshots that a run recovers from when actors die
+    max_restarts: int = 3  # recoveries a run may make before it fails
 
     def validate(self) -> "Recipe":
         problems = []
-        for name in ("epochs", "batch_size", "patience", "publish_every"):
+        for name in ("epochs", "batch_size", "patience", "publish_every", "snapshot_every"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("steps_per_epoch", "val_images", "max_drops"):
+        for name in ("steps_per_epoch", "val_images", "max_drops", "max_restarts"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be 0 or more, got {getattr(self, name)}")
         for name in ("lr", "momentum", "weight_decay"):
@@ -79,6 +81,7 @@ PRESETS = {
         schedule="step",
         lr_epochs=(4,),
         publish_every=10,
+        snapshot_every=20,
     ),
 }
 

@@ -86,7 +86,7 @@ class Progress(_message.Message):
     def __init__(self, step: _Optional[int] = ..., epoch: _Optional[int] = ..., epochs: _Optional[int] = ..., steps_per_epoch: _Optional[int] = ..., loss: _Optional[float] = ..., top1_accuracy: _Optional[float] = ..., top5_accuracy: _Optional[float] = ..., images_per_second: _Optional[float] = ..., learning_rate: _Optional[float] = ..., skipped_images: _Optional[int] = ..., elapsed_seconds: _Optional[float] = ...) -> None: ...
 
 class TrainingJob(_message.Message):
-    __slots__ = ("job_id", "state", "spec", "progress", "error", "model_version", "created_unix", "ended_unix")
+    __slots__ = ("job_id", "state", "spec", "progress", "error", "model_version", "created_unix", "ended_unix", "restarts")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
@@ -95,6 +95,7 @@ class TrainingJob(_message.Message):
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     CREATED_UNIX_FIELD_NUMBER: _ClassVar[int]
     ENDED_UNIX_FIELD_NUMBER: _ClassVar[int]
+    RESTARTS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     state: JobState
     spec: TrainingSpec
@@ -103,7 +104,8 @@ class TrainingJob(_message.Message):
     model_version: int
     created_unix: float
     ended_unix: float
-    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., spec: _Optional[_Union[TrainingSpec, _Mapping]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., error: _Optional[str] = ..., model_version: _Optional[int] = ..., created_unix: _Optional[float] = ..., ended_unix: _Optional[float] = ...) -> None: ...
+    restarts: int
+    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., spec: _Optional[_Union[TrainingSpec, _Mapping]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., error: _Optional[str] = ..., model_version: _Optional[int] = ..., created_unix: _Optional[float] = ..., ended_unix: _Optional[float] = ..., restarts: _Optional[int] = ...) -> None: ...
 
 class TrainingEvent(_message.Message):
     __slots__ = ("job_id", "kind", "state", "progress", "model_version", "message")
@@ -114,11 +116,13 @@ class TrainingEvent(_message.Message):
         STEP: _ClassVar[TrainingEvent.Kind]
         EPOCH: _ClassVar[TrainingEvent.Kind]
         PUBLISHED: _ClassVar[TrainingEvent.Kind]
+        RECOVERED: _ClassVar[TrainingEvent.Kind]
     KIND_UNSPECIFIED: TrainingEvent.Kind
     STATE: TrainingEvent.Kind
     STEP: TrainingEvent.Kind
     EPOCH: TrainingEvent.Kind
     PUBLISHED: TrainingEvent.Kind
+    RECOVERED: TrainingEvent.Kind
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]

@@ -1,0 +1,75 @@
+"""Recovery from a killed training tower: how long until training proceeds, and what is lost.
+
+    python benchmarks/recovery.py                  # the demo preset on the built-in dataset
+    python benchmarks/recovery.py --kills 3 --set width=0.5
+
+Trains with the demo recipe and kill -9s a tower's process (the pid its describe() gives) at
+--kill-at steps, --kills times at --every steps apart. For each kill prints the seconds from the
+kill until the next step completed, the recovery's own seconds (replacing actors, restoring the
+snapshot) and the steps undone and batches skipped, then the run's result. Not a test: a run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--kill-at", type=int, default=25, help="the step after which the first kill comes")
+    parser.add_argument("--every", type=int, default=20, help="steps between kills")
+    parser.add_argument("--kills", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="override a recipe field")
+    args = parser.parse_args()
+
+    import ray
+
+    from coordinator import ModelParallelAlexNet
+    from coordinator.data import open_dataset
+    from coordinator.data.patterns import generate
+    from coordinator.training import recipe, train
+
+    overrides = dict(item.split("=", 1) for item in args.set)
+    plan = recipe("demo", {"epochs": args.epochs, "max_restarts": args.kills, **overrides})
+    root = generate(Path(tempfile.gettempdir()) / "alexnet-mp-recovery-bench")
+    dataset = open_dataset(root / "train", root / "val")
+    ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
+    engine = ModelParallelAlexNet(num_classes=dataset.num_classes, width=plan.width, init=plan.init, seed=plan.seed)
+    kills_at = [args.kill_at + i * args.every for i in range(args.kills)]
+    killed, rows, steps = [], [], []
+
+    def on_event(event):
+        if event.kind == "step":
+            steps.append(event.step_seconds)
+            if killed and "next" not in killed[-1]:
+                killed[-1]["next"] = time.perf_counter()
+            if kills_at and event.step == kills_at[0]:
+                kills_at.pop(0)
+                tower = len(killed) % 2
+                os.kill(engine.towers[tower]["pid"], signal.SIGKILL)
+                killed.append({"at": time.perf_counter(), "tower": tower, "step": event.step})
+        elif event.kind == "recovered":
+            rows.append((event.step_seconds, event.message))
+
+    print(f"demo recipe, snapshot_every {plan.snapshot_every}, width {plan.width}, batch {plan.batch_size}; "
+          f"kills after steps {kills_at}", flush=True)  # fmt: skip
+    result = train(dataset, plan, on_event=on_event, engine=engine)
+    engine.shutdown()
+    print()
+    for kill, (seconds, message) in zip(killed, rows):
+        print(f"tower {kill['tower']} killed after step {kill['step']}: next step done {kill['next'] - kill['at']:.1f} s "
+              f"later; the recovery itself {seconds:.1f} s; {message}")  # fmt: skip
+    print(f"median step {statistics.median(steps):.2f} s; result: {result.state}, {result.steps} steps, "
+          f"{result.restarts} restarts, validation top-1 {result.top1:.1%}")  # fmt: skip
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
