@@ -22,8 +22,8 @@ from pathlib import Path
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--kill-at", type=int, default=25, help="the step after which the first kill comes")
-    parser.add_argument("--every", type=int, default=20, help="steps between kills")
+    parser.add_argument("--kill-at", type=int, default=15, help="the step after which the first kill comes")
+    parser.add_argument("--every", type=int, default=15, help="steps between kills")
     parser.add_argument("--kills", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="override a recipe field")
@@ -38,9 +38,9 @@ def main() -> None:
 
     overrides = dict(item.split("=", 1) for item in args.set)
     plan = recipe("demo", {"epochs": args.epochs, "max_restarts": args.kills, **overrides})
+    ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)  # before the dataset, which uses Ray Data
     root = generate(Path(tempfile.gettempdir()) / "alexnet-mp-recovery-bench")
     dataset = open_dataset(root / "train", root / "val")
-    ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
     engine = ModelParallelAlexNet(num_classes=dataset.num_classes, width=plan.width, init=plan.init, seed=plan.seed)
     kills_at = [args.kill_at + i * args.every for i in range(args.kills)]
     killed, rows, steps = [], [], []
@@ -64,8 +64,8 @@ def main() -> None:
     engine.shutdown()
     print()
     for kill, (seconds, message) in zip(killed, rows):
-        print(f"tower {kill['tower']} killed after step {kill['step']}: next step done {kill['next'] - kill['at']:.1f} s "
-              f"later; the recovery itself {seconds:.1f} s; {message}")  # fmt: skip
+        after = f"next step done {kill['next'] - kill['at']:.1f} s later" if "next" in kill else "no step after it (validation)"
+        print(f"tower {kill['tower']} killed after step {kill['step']}: {after}; the recovery itself {seconds:.1f} s; {message}")
     print(f"median step {statistics.median(steps):.2f} s; result: {result.state}, {result.steps} steps, "
           f"{result.restarts} restarts, validation top-1 {result.top1:.1%}")  # fmt: skip
     ray.shutdown()
