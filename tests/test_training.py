@@ -4,6 +4,7 @@ import math
 import os
 import signal
 import threading
+import time
 
 import pytest
 import torch
@@ -103,7 +104,8 @@ def test_stop_ends_at_a_step_boundary_with_a_checkpoint(ray_session, patterns, t
 
     result = train(
         patterns,
-        recipe("demo", {"width": 0.125, "epochs": 50, "batch_size": 16, "publish_every": 2, "transport": "collective"}),
+        recipe("demo", {"width": 0.125, "epochs": 50, "batch_size": 16, "publish_every": 2, "transport": "collective",
+                        "checkpoint_every": 2}),  # fmt: skip
         on_event=on_event,
         stop=stop,
         on_publish=lambda step, state: published.append((step, state)),
@@ -119,6 +121,9 @@ def test_stop_ends_at_a_step_boundary_with_a_checkpoint(ray_session, patterns, t
     assert set(checkpoint["state_dict"]) == set(published[-1][1])
     assert all(torch.equal(checkpoint["state_dict"][k], published[-1][1][k]) for k in checkpoint["state_dict"])
     assert len(checkpoint["optimizer"]) == 2  # each tower's momentum buffers
+    from coordinator.training.checkpoints import read_index
+
+    assert sorted(v["step"] for v in read_index(tmp_path).values()) == sorted({2, result.steps})  # every 2 steps, and on stop
 
 
 def test_a_diverging_run_fails_with_advice(ray_session, patterns):
@@ -180,3 +185,74 @@ def test_a_tower_killed_mid_run_is_replaced_and_the_run_finishes(ray_session, pa
     skipped = int(recovered.message.split("undone, ")[1].split()[0])
     assert 1 <= skipped <= 2  # the failed step, and the next one if it was sent already
     assert result.steps == 16 - 2 - skipped and math.isfinite(result.loss)  # the data stream went on
+
+
+class WeightsOnly:
+    """What a checkpoint reads of an engine (weights, momentum, rate), here big enough that a
+    write takes long enough to be killed halfway."""
+
+    def __init__(self, megabytes: int, value: float):
+        self.weights = {"w": torch.full((megabytes * 2**18,), value)}
+        self.lr = 0.01
+
+    def state_dict(self):
+        return self.weights
+
+    def optimizer_state(self):
+        return [{}, {}]
+
+
+def saved_by(folder, steps_and_top1, keep, megabytes=1):
+    from types import SimpleNamespace
+
+    from coordinator.data import ColourStats
+    from coordinator.training.checkpoints import save_checkpoint
+
+    dataset = SimpleNamespace(classes=["a", "b"], labels=["a", "b"], stats=ColourStats.imagenet())
+    for step, top1 in steps_and_top1:
+        save_checkpoint(folder, WeightsOnly(megabytes, step), dataset, recipe("demo"), step, 0, top1, keep=keep)
+
+
+def test_checkpoints_keep_the_last_ones_and_the_most_accurate(tmp_path):
+    from coordinator.training.checkpoints import read_index
+
+    saved_by(tmp_path, [(10, 0.30), (20, 0.55), (30, 0.40), (40, math.nan), (50, 0.45)], keep=2)
+    assert sorted(p.name for p in tmp_path.glob("*.pt") if not p.is_symlink()) == [
+        "checkpoint-step0000020.pt",  # the best validation accuracy
+        "checkpoint-step0000040.pt",
+        "checkpoint-step0000050.pt",  # the last two
+    ]
+    assert {v["step"] for v in read_index(tmp_path).values()} == {20, 40, 50}
+    latest = torch.load(tmp_path / "latest.pt", weights_only=False)
+    assert latest["step"] == 50 and latest["top1"] == 0.45 and latest["state_dict"]["w"][0] == 50
+
+
+KILL_DURING_WRITE = """
+import sys
+sys.path.insert(0, {tests!r})
+from test_training import saved_by
+saved_by({folder!r}, [(1, 0.5)], keep=3)
+print("first", flush=True)
+saved_by({folder!r}, [(2, 0.6)], keep=3, megabytes=1500)
+"""
+
+
+def test_a_process_killed_while_writing_a_checkpoint_leaves_the_previous_one_loadable(tmp_path):
+    import subprocess
+    import sys
+
+    script = KILL_DURING_WRITE.format(tests=os.path.dirname(__file__), folder=str(tmp_path))
+    writer = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert writer.stdout.readline().strip() == "first"
+    partial = tmp_path / "checkpoint-step0000002.pt.tmp"
+    deadline = time.monotonic() + 120
+    while not (partial.exists() and partial.stat().st_size > 0) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.kill(writer.pid, signal.SIGKILL)  # halfway through writing 1.5 GB
+    writer.wait(timeout=30)
+    assert writer.returncode == -signal.SIGKILL
+    assert 0 < partial.stat().st_size < 1500 * 2**20  # it really was cut short
+    latest = torch.load(tmp_path / "latest.pt", weights_only=False)
+    assert latest["step"] == 1 and latest["state_dict"]["w"][0] == 1  # the previous checkpoint, whole
+    saved_by(tmp_path, [(3, 0.7)], keep=3)  # the next write clears what the killed one left
+    assert not partial.exists() and torch.load(tmp_path / "latest.pt", weights_only=False)["step"] == 3

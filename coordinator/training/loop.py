@@ -251,6 +251,8 @@ class Trainer:
             self._publish()
         if self.step % self.plan.snapshot_every == 0:
             self.snapshot = take_snapshot(self.engine, self.step)
+        if self._checkpoint_due(self.step):
+            self._checkpoint(epochs_done=self.epoch)
 
     def _recover(self, error: Exception) -> None:
         """Replace the actors that died and go back to the last snapshot; re-raise what is not that."""
@@ -278,14 +280,17 @@ class Trainer:
             self._checkpoint(epochs_done=self.epoch + 1)
 
     def _checkpoint(self, epochs_done: int) -> None:
-        save_checkpoint(self.checkpoint_dir, self.engine, self.dataset, self.plan, self.step, epochs_done)
+        save_checkpoint(self.checkpoint_dir, self.engine, self.dataset, self.plan, self.step, epochs_done, self.top1)
+
+    def _checkpoint_due(self, step: int) -> bool:
+        return bool(self.checkpoint_dir and self.plan.checkpoint_every) and step % self.plan.checkpoint_every == 0
 
     def _publish_due(self, step: int) -> bool:
         return self.on_publish is not None and step % self.plan.publish_every == 0
 
     def _weights_due(self, step: int) -> bool:
         """Whether that step's weights will be read: published, or kept as a snapshot."""
-        return self._publish_due(step) or step % self.plan.snapshot_every == 0
+        return self._publish_due(step) or step % self.plan.snapshot_every == 0 or self._checkpoint_due(step)
 
     def _publish(self) -> None:
         if self.step and self.published != self.step:
@@ -319,8 +324,8 @@ def train(
     on_event gets a Progress after every step and every validation; on_publish(step, state_dict)
     gets the weights every `publish_every` steps and at the end; setting `stop` ends the run at
     the next step boundary. on_stats gets each step's tower timings (ModelParallelAlexNet.take_stats).
-    With a checkpoint_dir, the weights, optimiser and progress are saved there after every epoch
-    and when stopped. An engine may be passed in to reuse its actors.
+    With a checkpoint_dir, the weights, optimiser and progress are saved there after every epoch,
+    every `checkpoint_every` steps and when stopped (checkpoints.py). An engine may be passed in to reuse its actors.
     """
     if not isinstance(plan, Recipe):
         raise TypeError(f"plan must be a Recipe (training.recipe(preset, overrides) makes one), got {type(plan).__name__}")
@@ -328,17 +333,9 @@ def train(
         dataset = open_dataset(dataset, val_fraction=plan.val_fraction)
     own_engine = engine is None
     if own_engine:
-        engine = ModelParallelAlexNet(
-            num_classes=dataset.num_classes,
-            dropout=plan.dropout,
-            lr=plan.lr,
-            momentum=plan.momentum,
-            weight_decay=plan.weight_decay,
-            seed=plan.seed,
-            init=plan.init,
-            width=plan.width,
-            transport=plan.transport,
-        )
+        engine = ModelParallelAlexNet(num_classes=dataset.num_classes, dropout=plan.dropout, lr=plan.lr, momentum=plan.momentum,
+                                      weight_decay=plan.weight_decay, seed=plan.seed, init=plan.init, width=plan.width,
+                                      transport=plan.transport)  # fmt: skip
     try:
         trainer = Trainer(dataset, plan, engine, stop or threading.Event(), checkpoint_dir, on_event or (lambda e: None),
                           on_publish, on_stats)  # fmt: skip

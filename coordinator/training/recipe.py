@@ -34,6 +34,8 @@ class Recipe:
     publish_every: int = 50  # steps between published model versions (see training.train's on_publish)
     transport: str = "auto"  # how the towers exchange tensors: auto, object_store or collective (engine.transport)
     snapshot_every: int = 100  # steps between in-memory snapshots that a run recovers from when actors die
+    checkpoint_every: int = 0  # steps between checkpoints, besides every epoch and on stop (0: those only)
+    keep_checkpoints: int = 3  # the last this many are kept, and the most accurate one
     max_restarts: int = 3  # recoveries a run may make before it fails
 
     def validate(self) -> "Recipe":
@@ -41,7 +43,7 @@ class Recipe:
         for name in ("epochs", "batch_size", "patience", "publish_every", "snapshot_every"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("steps_per_epoch", "val_images", "max_drops", "max_restarts"):
+        for name in ("steps_per_epoch", "val_images", "max_drops", "max_restarts", "checkpoint_every", "keep_checkpoints"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be 0 or more, got {getattr(self, name)}")
         for name in ("lr", "momentum", "weight_decay"):
