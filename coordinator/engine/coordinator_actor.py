@@ -85,7 +85,6 @@ class Coordinator:
         self.relink = False
         return self.generation
 
-
     def ping(self) -> int:
         """Liveness, touching no tower: the generation of the links."""
         return self.generation
