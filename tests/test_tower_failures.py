@@ -71,6 +71,7 @@ def test_a_hung_tower_fails_the_step_after_the_timeout_naming_it_and_the_engine_
         with pytest.raises(TowerFailure, match=r"tower 1 did not answer within 10 s") as failure:
             engine.train_step(images, labels)
         assert failure.value.towers == [1]
+        assert type(failure.value) is TowerFailure and "\n" not in str(failure.value)  # itself, one line, no traceback
         assert "timed out after 2 s waiting for tower(s) [1]" in str(failure.value)
         assert time.monotonic() - start < 40
     finally:

@@ -10,7 +10,7 @@ import numpy as np
 import ray
 import torch
 
-from coordinator.engine.coordinator_actor import PROBE_SECONDS, Coordinator, unanswered
+from coordinator.engine.coordinator_actor import PROBE_SECONDS, Coordinator, TowerFailure, unanswered
 from coordinator.engine.placement import Placement, ensure_ray, free_devices
 from coordinator.engine.tower_actor import TowerActor
 from coordinator.engine.transport import EXCHANGE_TIMEOUT, InferenceGraph, check_transport, make_transport
@@ -168,10 +168,10 @@ class ModelParallelAlexNet:
 
     def forward_backward(self, images, labels, dropout_seed: Optional[int] = None) -> float:
         """Loss of one batch, leaving its gradients in the towers (see gradients(), apply_update())."""
-        return ray.get(self._coordinator.forward_backward.remote(*self._batch(images, labels, dropout_seed)))
+        return result(self._coordinator.forward_backward.remote(*self._batch(images, labels, dropout_seed)))
 
     def apply_update(self) -> None:
-        ray.get(self._coordinator.apply_update.remote(self.lr))
+        result(self._coordinator.apply_update.remote(self.lr))
         self.steps += 1
 
     def zero_grad(self) -> None:
@@ -180,7 +180,7 @@ class ModelParallelAlexNet:
 
     def train_step(self, images, labels, dropout_seed: Optional[int] = None) -> float:
         """One SGD step on a batch; returns its loss (before the update)."""
-        return ray.get(self.submit_step(images, labels, dropout_seed))
+        return result(self.submit_step(images, labels, dropout_seed))
 
     def submit_step(self, images, labels, dropout_seed: Optional[int] = None, with_stats: bool = False):
         """Start one SGD step and return at once: an ObjectRef to its loss (and its timings, with_stats).
@@ -249,6 +249,17 @@ class ModelParallelAlexNet:
 
     def __exit__(self, *exc):
         self.shutdown()
+
+
+def result(ref):
+    """ray.get of a step, with a TowerFailure raised as itself: one readable line, not inside
+    Ray's wrapper with the coordinator's traceback."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as error:
+        if isinstance(error.cause, TowerFailure):
+            raise error.cause from None
+        raise
 
 
 def _tensors(arrays: dict) -> dict:
