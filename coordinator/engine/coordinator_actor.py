@@ -16,7 +16,7 @@ import ray
 import torch
 import torch.nn.functional as F
 
-from coordinator.engine.transport import Transport
+from coordinator.engine.transport import Transport, error_summary
 from towers import NetConfig
 
 
@@ -44,18 +44,23 @@ PROBE_SECONDS = 10.0
 
 
 def unanswered(probes: list) -> dict[int, str]:
-    """Which towers did not answer their probe (a call to each, in tower order), and why."""
+    """Which towers did not answer their probe (a call to each, in tower order), and why ("died")."""
     ready, _ = ray.wait(probes, num_returns=len(probes), timeout=PROBE_SECONDS)
     lost = {}
     for t, probe in enumerate(probes):
         if probe not in ready:
-            lost[t] = f"tower {t} did not answer within {PROBE_SECONDS:g} s"
+            lost[t] = f"did not answer within {PROBE_SECONDS:g} s"
             continue
         try:
             ray.get(probe)
         except ray.exceptions.RayActorError:
-            lost[t] = f"tower {t} died"
+            lost[t] = "died"
     return lost
+
+
+def named(lost: dict[int, str]) -> str:
+    """unanswered()'s towers as a phrase: "tower 1 died; tower 0 did not answer within 10 s"."""
+    return "; ".join(f"tower {t} {why}" for t, why in lost.items())
 
 
 class Coordinator:
@@ -79,7 +84,7 @@ class Coordinator:
         lost = unanswered([t.describe.remote() for t in self.towers])
         if lost:
             self.relink = True
-            raise TowerFailure(f"cannot link the towers: {'; '.join(lost.values())}", list(lost))
+            raise TowerFailure(f"cannot link the towers: {named(lost)}", list(lost))
         self.generation += 1
         self.transport.connect(self.towers, self.generation)
         self.relink = False
@@ -139,8 +144,7 @@ class Coordinator:
         lost = unanswered([t.abandon_step.remote() for t in self.towers])
         if lost:
             self.relink = True
-            what = "; ".join(lost.values())
-            raise TowerFailure(f"{what} during the step, which was abandoned ({error_summary(error)})", list(lost)) from error
+            raise TowerFailure(f"{named(lost)} during the step, which was abandoned ({error_summary(error)})", list(lost)) from error
         self.connect(self.towers)  # a failed collective leaves the group unusable; a new generation is cheap
 
     def apply_update(self, lr: Optional[float] = None) -> None:
@@ -158,9 +162,3 @@ class Coordinator:
         own, self.seconds = self.seconds, {"loss": 0.0, "dispatch": 0.0}
         return {"towers": towers, "coordinator_seconds": own, "transport": self.transport.describe()}
 
-
-def error_summary(error: Exception) -> str:
-    """The first line of an error, without Ray's wrapping or colour codes."""
-    cause = getattr(error, "cause", None) or error
-    lines = [line for line in str(cause).splitlines() if line.strip()]
-    return f"{type(cause).__name__}: {lines[0][:300] if lines else ''}"

@@ -104,9 +104,9 @@ class ModelParallelAlexNet:
         (died; pid 123 on host)". Replaced towers start from their initial weights: load the
         model's state before going on. Empty when every actor answered."""
         replaced = []
-        for t, what in self.lost_towers().items():
+        for t, why in self.lost_towers().items():
             old = self.towers[t]
-            replaced.append(f"tower {t} ({what.split(' ', 2)[2]}; pid {old['pid']} on {old['host']})")
+            replaced.append(f"tower {t} ({why}; pid {old['pid']} on {old['host']})")
             self.restart_tower(t, relink=False)
         try:
             ray.get(self._coordinator.ping.remote(), timeout=PROBE_SECONDS)
@@ -133,7 +133,8 @@ class ModelParallelAlexNet:
             ray.get(self._coordinator.connect.remote(self._towers))
 
     def lost_towers(self) -> dict[int, str]:
-        """The towers that are dead or do not answer within seconds, each with what happened to it."""
+        """The towers that are dead or do not answer within seconds, each with what happened to it
+        ("died"; coordinator.engine.named makes a phrase of them)."""
         return unanswered([t.describe.remote() for t in self._towers])
 
     # --- input checks -------------------------------------------------------------------------

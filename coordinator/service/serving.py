@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from coordinator.data import ColourStats, to_tensor
-from coordinator.engine import ModelParallelAlexNet
+from coordinator.engine import ModelParallelAlexNet, named
 from coordinator.service.errors import InvalidRequest, Unavailable
 from coordinator.service.metrics import Metrics
 
@@ -102,8 +102,16 @@ class Classifier:
         return self.engine, self.current
 
     def _serving_engine(self, version: ModelVersion) -> ModelParallelAlexNet:
+        """New serving towers with the version's weights; none are left running if that fails."""
         # Dropout only acts in training; "paper" initial weights are what version 0 serves.
-        return ModelParallelAlexNet(**version.net, dropout=0.0, init="paper", transport=self.transport)
+        engine = ModelParallelAlexNet(**version.net, dropout=0.0, init="paper", transport=self.transport)
+        try:
+            if version.state is not None:
+                engine.load_state_dict(version.state)
+        except Exception:
+            engine.shutdown()
+            raise
+        return engine
 
     def classify(self, items: list, top_k: int) -> tuple[list[list[Prediction]], ModelVersion]:
         """The top_k classes of each item, most probable first, and the version that answered."""
@@ -197,7 +205,7 @@ class Classifier:
                 # Another shape of network (other classes, another width): a new pair of towers.
                 old, self.engine = self.engine, self._serving_engine(version)
                 old.shutdown()
-            if version.state is not None:
+            elif version.state is not None:
                 self.engine.load_state_dict(version.state)
             self.current = version
             self.metrics.version.set(version.version)
@@ -238,7 +246,7 @@ class Classifier:
         refused at once, never queued behind the rebuild."""
         version, start = self.current, time.perf_counter()
         reason = (
-            f"a serving tower was lost ({'; '.join(lost.values())}); the server is starting new serving "
+            f"a serving tower was lost ({named(lost)}); the server is starting new serving "
             f"towers with model version {version.version}: retry in a few seconds"
         )
         log.error("%s", reason)
@@ -252,21 +260,11 @@ class Classifier:
         self.engine.shutdown()
         while not self._closing:
             try:
-                engine = self._serving_engine(version)
+                self.engine = self._serving_engine(version)
+                break
             except Exception:
-                log.exception("could not start new serving towers; trying again in %g s", WATCH_SECONDS)
+                log.exception("could not start new serving towers with version %d; trying again in %g s", version.version, WATCH_SECONDS)
                 time.sleep(WATCH_SECONDS)
-                continue
-            try:
-                if version.state is not None:
-                    engine.load_state_dict(version.state)
-            except Exception:
-                engine.shutdown()
-                log.exception("could not load model version %d into new serving towers; trying again in %g s", version.version, WATCH_SECONDS)
-                time.sleep(WATCH_SECONDS)
-                continue
-            self.engine = engine
-            break
         self.metrics.tower_restarts.labels("serving").inc(len(lost))
         self.metrics.recovery_seconds.labels("serving").inc(time.perf_counter() - start)
         with self._cv:

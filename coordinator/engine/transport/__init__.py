@@ -7,6 +7,7 @@ from coordinator.engine.transport.base import (
     InferenceGraph,
     Received,
     Transport,
+    error_summary,
     from_wire,
     to_wire,
 )
@@ -48,6 +49,7 @@ __all__ = [
     "Received",
     "Transport",
     "check_transport",
+    "error_summary",
     "from_wire",
     "to_wire",
     "make_transport",

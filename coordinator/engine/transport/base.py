@@ -73,6 +73,13 @@ def from_wire(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.permute(0, 3, 1, 2) if tensor.dim() == 4 else tensor
 
 
+def error_summary(error: Exception) -> str:
+    """The first line of an error, without Ray's wrapping or colour codes."""
+    cause = getattr(error, "cause", None) or error
+    lines = [line for line in str(cause).splitlines() if line.strip()]
+    return f"{type(cause).__name__}: {lines[0][:300] if lines else ''}"
+
+
 class InferenceGraph(ABC):
     """The eval-mode forward pass, wired once over the tower actors and run many times."""
 

@@ -26,7 +26,15 @@ import ray
 import torch
 import torch.distributed as dist
 
-from coordinator.engine.transport.base import EXCHANGE_TIMEOUT, Exchange, ExchangeError, Received, from_wire, to_wire
+from coordinator.engine.transport.base import (
+    EXCHANGE_TIMEOUT,
+    Exchange,
+    ExchangeError,
+    Received,
+    error_summary,
+    from_wire,
+    to_wire,
+)
 from coordinator.engine.transport.object_store import ObjectStoreTransport
 
 
@@ -57,7 +65,6 @@ class CollectiveTransport(ObjectStoreTransport):
 
     def describe(self) -> str:
         return f"{self.name} ({self.backend})"
-
 
     # --- forming the group -----------------------------------------------------------------------
     def connect(self, towers: Sequence, generation: int) -> None:
@@ -119,7 +126,7 @@ class CollectiveTransport(ObjectStoreTransport):
             work.wait(timeout=_seconds(self.timeout))  # a peer that stops answering fails the step
         except Exception as error:
             self.broken = f"{what} failed"
-            raise ExchangeError(f"{what} failed: {_first_line(error)}") from error
+            raise ExchangeError(f"{what} failed: {error_summary(error)}") from error
         wait = time.perf_counter() - start
         return Received([from_wire(p).to(device) for p in pieces], wait, foreign, reduced=delivered.op == "reduce_scatter")
 
@@ -127,7 +134,3 @@ class CollectiveTransport(ObjectStoreTransport):
 def _seconds(seconds: float) -> datetime.timedelta:
     return datetime.timedelta(seconds=seconds)
 
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip().splitlines()
-    return text[0][:300] if text else type(error).__name__
