@@ -58,13 +58,17 @@ class AlexNetClient:
         preset: str = "demo",
         overrides: Optional[dict] = None,
         checkpoint_dir: str = "",
+        resume_from: str = "",
     ) -> pb.TrainingJob:
+        """Start a job; with resume_from (a checkpoint file or folder, or a job id) go on with that run,
+        on its recipe (preset must then be empty) and, unless one is given here, its dataset."""
         spec = pb.TrainingSpec(
             val_dir=str(val_dir or ""),
             class_names_file=str(class_names_file or ""),
-            preset=preset,
+            preset="" if resume_from and preset == "demo" else preset,
             overrides={k: str(v) for k, v in (overrides or {}).items()},
             checkpoint_dir=str(checkpoint_dir or ""),
+            resume_from=str(resume_from or ""),
         )
         if builtin:
             spec.builtin.SetInParent()

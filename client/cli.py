@@ -3,6 +3,7 @@
     alexnet-mp serve [--ray-address ADDR] [--host 127.0.0.1] [--port 50051] [--metrics-port 9464]
     alexnet-mp train --data DIR [--preset demo|paper] [--set lr=0.005] [--follow]
     alexnet-mp train --builtin --follow
+    alexnet-mp train --resume JOB|CHECKPOINT [--set epochs=20] [--follow]
     alexnet-mp status [JOB]        alexnet-mp watch JOB        alexnet-mp stop JOB
     alexnet-mp classify IMAGE... [--top-k 5]
     alexnet-mp info
@@ -33,15 +34,19 @@ def overrides(args) -> dict:
 
 # --- client commands -----------------------------------------------------------------------------
 def cmd_train(args) -> int:
+    if not (args.data or args.builtin or args.resume):
+        console.print("[red]say what to train on: --data DIR, --builtin, or --resume JOB|CHECKPOINT")
+        return 2
     with AlexNetClient(args.target) as client:
         job = client.train(
             args.data,
             builtin=args.builtin,
             val_dir=args.val or "",
             class_names_file=args.classes or "",
-            preset=args.preset,
+            preset=args.preset or ("" if args.resume else "demo"),
             overrides=overrides(args),
             checkpoint_dir=args.checkpoint_dir or "",
+            resume_from=args.resume or "",
         )
         console.print(f"started job [bold]{job.job_id}[/] ({STATE(job.state)})")
         if args.follow:
@@ -89,6 +94,15 @@ def cmd_info(args) -> int:
 
 
 # --- server commands -----------------------------------------------------------------------------
+def state_dir(args):
+    """serve's --state-dir: its default when not given, None when given empty (demo keeps nothing)."""
+    from coordinator.service.state import default_state_dir
+
+    if not hasattr(args, "state_dir"):
+        return None
+    return str(default_state_dir()) if args.state_dir is None else (args.state_dir or None)
+
+
 def serve_options(args):
     from coordinator.engine.transport import check_transport
     from coordinator.service import ServeOptions
@@ -106,6 +120,8 @@ def serve_options(args):
         max_delay_ms=args.max_delay_ms,
         width=args.width,
         transport=args.transport,
+        state_dir=state_dir(args),
+        keep_versions=getattr(args, "keep_versions", 5),
     )
 
 
@@ -146,17 +162,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the gRPC server (a Ray driver)")
     add_serve_arguments(serve, 50051, 9464)
+    serve.add_argument("--state-dir", help="job records and model versions kept across restarts "
+                       "(default: $XDG_DATA_HOME/alexnet-mp/state, else ~/.local/share/alexnet-mp/state; '' keeps nothing)")  # fmt: skip
+    serve.add_argument("--keep-versions", type=int, default=5, help="model versions kept in the state dir")
     serve.set_defaults(run=cmd_serve)
 
     train = sub.add_parser("train", help="start a training job")
-    source = train.add_mutually_exclusive_group(required=True)
+    source = train.add_mutually_exclusive_group()
     source.add_argument("--data", help="ImageFolder training folder (root/<class>/<image>)")
     source.add_argument("--builtin", action="store_true", help="the built-in pattern dataset")
     train.add_argument("--val", help="held-out validation folder (default: hold out a share of --data)")
     train.add_argument("--classes", help="class names file: lines like 'n01440764 tench'")
-    train.add_argument("--preset", default="demo", choices=("demo", "paper"))
+    train.add_argument("--preset", choices=("demo", "paper"), help="the recipe (default demo; a resumed run keeps its own)")
     train.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="override a recipe field")
     train.add_argument("--checkpoint-dir", help="write checkpoints here after every epoch")
+    train.add_argument("--resume", metavar="JOB|CHECKPOINT",
+                       help="go on with an earlier run exactly where it stopped: a job id, a checkpoint file, or a checkpoint folder (its latest)")  # fmt: skip
     train.add_argument("--follow", action="store_true", help="show a live progress bar until the job ends")
     train.set_defaults(run=cmd_train)
 

@@ -115,7 +115,7 @@ def test_a_training_tower_killed_mid_job_is_replaced_and_the_job_finishes(server
     assert final.state == pb.FINISHED, final.error
     assert final.restarts == 1
     [recovered] = [e for e in events if e.kind == pb.TrainingEvent.RECOVERED]
-    assert f"pid {killed[0]}" in recovered.message and "resumed from the snapshot at step 2" in recovered.message
+    assert f"pid {killed[0]}" in recovered.message and "went back to the snapshot at step 2" in recovered.message
     assert restarts(server, "training") == 1
 
 

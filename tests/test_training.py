@@ -158,10 +158,13 @@ def test_ten_crop_validation_ranks_the_averaged_softmax(ray_session, patterns):
     assert top5 == (ranked[:, :5] == batch.labels[:, None]).any(dim=1).float().mean().item()
 
 
-def test_a_tower_killed_mid_run_is_replaced_and_the_run_finishes(ray_session, patterns):
-    """kill -9 of a training tower: the run replaces it, goes back to its last snapshot, and finishes."""
+def test_a_tower_killed_mid_run_is_replaced_and_the_run_ends_as_if_nothing_happened(ray_session, patterns):
+    """kill -9 of a training tower: the run replaces it, goes back to its last snapshot, replays the
+    batches since, and ends with the weights of a run that was never interrupted."""
     plan = recipe("demo", {"width": 0.125, "epochs": 2, "batch_size": 16, "steps_per_epoch": 8, "snapshot_every": 3})
     engine = ModelParallelAlexNet(num_classes=patterns.num_classes, width=0.125, init="kaiming")
+    untouched = []
+    straight = train(patterns, plan, on_publish=lambda step, state: untouched.append(state))
     events, killed = [], []
 
     def on_event(event):
@@ -171,20 +174,58 @@ def test_a_tower_killed_mid_run_is_replaced_and_the_run_finishes(ray_session, pa
             os.kill(killed[0], signal.SIGKILL)
 
     try:
-        result = train(patterns, plan, on_event=on_event, engine=engine)
+        result = train(patterns, plan, on_event=on_event, engine=engine, on_publish=lambda step, state: None)
         assert killed[0] not in [t["pid"] for t in engine.towers]  # a new process hosts tower 1
+        weights = engine.state_dict()
     finally:
         engine.shutdown()
     [recovered] = [e for e in events if e.kind == "recovered"]
     assert result.state == "finished" and result.restarts == 1 and recovered.restarts == 1
     assert f"replaced tower 1 (died; pid {killed[0]}" in recovered.message
-    assert "resumed from the snapshot at step 3: 2 steps undone" in recovered.message and recovered.step == 3
-    assert recovered.replaced == 1 and recovered.step_seconds > 0
+    assert "went back to the snapshot at step 3 (epoch 1, batch 3 of 8): 2 steps to redo" in recovered.message
+    assert recovered.step == 3 and recovered.replaced == 1 and recovered.step_seconds > 0
     steps = [e.step for e in events if e.kind == "step"]
     assert steps[steps.index(5) + 1] == 4  # the step after the recovery counts on from the snapshot
-    skipped = int(recovered.message.split("undone, ")[1].split()[0])
-    assert 1 <= skipped <= 2  # the failed step, and the next one if it was sent already
-    assert result.steps == 16 - 2 - skipped and math.isfinite(result.loss)  # the data stream went on
+    assert result.steps == straight.steps == 16 and result.top1 == straight.top1
+    assert_same_weights(weights, untouched[-1])
+
+
+def assert_same_weights(ours: dict, theirs: dict, rtol: float = 1e-6) -> None:
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        scale = theirs[name].abs().max().item() or 1.0
+        assert (ours[name] - theirs[name]).abs().max().item() <= rtol * scale, name
+
+
+def test_a_stopped_run_resumed_from_its_checkpoint_ends_exactly_as_a_straight_run(ray_session, patterns, tmp_path):
+    """N steps straight equal N/2, a stop, a resume from the checkpoint, and the rest: the weights,
+    momentum, schedule (plateau counters), data position and random streams all come back."""
+    from coordinator.training import ResumeMismatch, load_checkpoint, resume_recipe
+    from coordinator.training.checkpoints import check_resumable
+
+    plan = recipe("demo", {"width": 0.125, "epochs": 3, "batch_size": 16, "steps_per_epoch": 3, "schedule": "plateau"})
+    straight_weights, resumed_weights, stop = [], [], threading.Event()
+    straight = train(patterns, plan, on_publish=lambda step, state: straight_weights.append(state))
+    first = train(patterns, plan, stop=stop, checkpoint_dir=tmp_path,
+                  on_event=lambda e: e.kind == "step" and e.step == 5 and stop.set())  # fmt: skip
+    payload = load_checkpoint(tmp_path)  # the folder means its latest
+    assert first.state == "stopped" and payload["step"] == first.steps in (5, 6)  # mid-way through the second epoch
+    assert (payload["epochs_done"], payload["position"]) == (1, first.steps - 3)
+    assert payload["schedule"]["best"] < 1 and payload["engine_steps"] == first.steps
+    second = train(patterns, resume_recipe(payload, {"epochs": "3"}), resume=tmp_path, checkpoint_dir=tmp_path,
+                   on_publish=lambda step, state: resumed_weights.append(state))  # fmt: skip
+    assert second.state == "finished" and second.steps == straight.steps == 9 and second.epochs_done == 3
+    assert second.top1 == straight.top1 and second.loss == pytest.approx(straight.loss, rel=1e-5)
+    assert_same_weights(resumed_weights[-1], straight_weights[-1])
+    assert load_checkpoint(tmp_path)["step"] == 9
+
+    other = generate(tmp_path / "other", train_per_class=8, val_per_class=2)  # same classes, other files
+    with pytest.raises(ResumeMismatch, match="same classes but other files"):
+        check_resumable(payload, open_dataset(other / "train", other / "val"))
+    with pytest.raises(ResumeMismatch, match="network's shape differs: the checkpoint has width 0.125"):
+        resume_recipe(payload, {"width": "0.25"})
+    with pytest.raises(ValueError, match="lr cannot change"):
+        resume_recipe(payload, {"lr": "0.1"})
 
 
 class WeightsOnly:
@@ -193,7 +234,7 @@ class WeightsOnly:
 
     def __init__(self, megabytes: int, value: float):
         self.weights = {"w": torch.full((megabytes * 2**18,), value)}
-        self.lr = 0.01
+        self.lr, self.steps = 0.01, int(value)
 
     def state_dict(self):
         return self.weights
@@ -208,9 +249,13 @@ def saved_by(folder, steps_and_top1, keep, megabytes=1):
     from coordinator.data import ColourStats
     from coordinator.training.checkpoints import save_checkpoint
 
-    dataset = SimpleNamespace(classes=["a", "b"], labels=["a", "b"], stats=ColourStats.imagenet())
+    from coordinator.training.recipe import StepSchedule
+    from coordinator.training.recovery import take_snapshot
+
+    dataset = SimpleNamespace(classes=["a", "b"], labels=["a", "b"], stats=ColourStats.imagenet(), fingerprint=lambda: "f")
     for step, top1 in steps_and_top1:
-        save_checkpoint(folder, WeightsOnly(megabytes, step), dataset, recipe("demo"), step, 0, top1, keep=keep)
+        snapshot = take_snapshot(WeightsOnly(megabytes, step), step, 0, step, StepSchedule(0.01, [1]), top1, math.nan)
+        save_checkpoint(folder, snapshot, dataset, recipe("demo"), keep=keep)
 
 
 def test_checkpoints_keep_the_last_ones_and_the_most_accurate(tmp_path):

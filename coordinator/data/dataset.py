@@ -10,6 +10,8 @@ the paper's 0..255 scale. (Per image: images.py; in batches: loader.py.)
 
 from __future__ import annotations
 
+import hashlib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -35,6 +37,17 @@ class Dataset:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    def fingerprint(self) -> str:
+        """A digest of the classes and of both splits' files (relative to the root) with their labels:
+        the dataset's identity, checked when a run resumes. Moving the folder keeps it."""
+        digest = hashlib.sha256("\n".join(self.classes).encode())
+        for split in (self.train, self.val):
+            digest.update(b"\0split")
+            for path, label in split:
+                relative = os.path.relpath(path, self.root) if os.path.isabs(path) else path
+                digest.update(f"\n{relative}\t{label}".encode())
+        return digest.hexdigest()[:16]
 
 
 def open_dataset(

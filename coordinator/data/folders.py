@@ -33,11 +33,13 @@ def _no_images(root: Path) -> DatasetError:
     return DatasetError(f"{root} has class folders but no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in them")
 
 
-def check_folder(root: Path) -> None:
-    """Fail fast, saying what to fix, unless `root` holds class folders with at least one image."""
-    for folder in _class_folders(root):
+def check_folder(root: Path) -> list[str]:
+    """The class folders' names; fails fast, saying what to fix, unless `root` holds class folders
+    with at least one image."""
+    folders = _class_folders(root)
+    for folder in folders:
         if next(_images_in(folder), None) is not None:
-            return
+            return [f.name for f in folders]
     raise _no_images(root)
 
 

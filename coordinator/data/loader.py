@@ -57,10 +57,13 @@ def batches(
     epoch: int = 0,
     limit: Optional[int] = None,
     normalise: bool = False,
+    start: int = 0,
 ) -> Iterator[Batch]:
     """Batches of one pass over `samples`, reshuffled per epoch in training, decoded by Ray Data.
 
     A batch may be a few images short where files were unreadable; their paths come with it.
+    `start` skips that many images of the pass (a resumed run's position): the rest come exactly
+    as they would have, since each image's crop, flip and lighting are drawn from its position.
     """
     import ray.data
 
@@ -73,9 +76,9 @@ def batches(
         random.Random(f"{seed}/{epoch}").shuffle(order)
     if limit is not None:
         order = order[:limit]
-    if not order:
+    rows = [{"path": samples[i][0], "label": samples[i][1], "position": p} for p, i in enumerate(order)][start:]
+    if not rows:
         return
-    rows = [{"path": samples[i][0], "label": samples[i][1], "position": p} for p, i in enumerate(order)]
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.execution_options.preserve_order = True  # the same seed gives the same batches: reproducible runs

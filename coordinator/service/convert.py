@@ -17,7 +17,8 @@ import torch
 from alexnet_api.v1 import alexnet_pb2 as pb
 from coordinator.data import BadImage, centre_crop, load_image
 from coordinator.service.errors import InvalidRequest
-from coordinator.service.jobs import JobEvent, JobState, JobStatus, TrainingRequest
+from coordinator.service.jobs import JobEvent, JobState, JobStatus
+from coordinator.service.requests import TrainingRequest
 from coordinator.service.serving import ModelVersion, Prediction
 from coordinator.training import Progress
 
@@ -41,6 +42,7 @@ def training_request(spec: pb.TrainingSpec) -> TrainingRequest:
         preset=spec.preset,
         overrides=dict(spec.overrides),
         checkpoint_dir=spec.checkpoint_dir,
+        resume_from=spec.resume_from,
     )
 
 
@@ -51,6 +53,7 @@ def training_spec(request: TrainingRequest) -> pb.TrainingSpec:
         preset=request.preset,
         overrides=request.overrides,
         checkpoint_dir=request.checkpoint_dir,
+        resume_from=request.resume_from,
     )
     if request.builtin:
         spec.builtin.SetInParent()
@@ -89,6 +92,7 @@ def training_job(status: JobStatus) -> pb.TrainingJob:
         created_unix=status.created,
         ended_unix=status.ended,
         restarts=status.progress.restarts if status.progress else 0,
+        checkpoint=status.checkpoint,
     )
 
 

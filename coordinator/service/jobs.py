@@ -13,16 +13,20 @@ import math
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
-from coordinator.data import check_folder, open_dataset, patterns
+from coordinator.data import open_dataset, patterns
 from coordinator.engine import error_summary
 from coordinator.service.errors import InvalidRequest, NotFound, PreconditionFailed
 from coordinator.service.metrics import Metrics
+from coordinator.service.requests import JobPlan, TrainingRequest, check_request
 from coordinator.service.serving import ModelVersion
-from coordinator.training import Progress, Recipe, recipe, train
+from coordinator.service.state import StateStore
+from coordinator.training import CheckpointError, Progress, train
+from coordinator.training.checkpoints import find_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -34,61 +38,10 @@ class JobState(enum.Enum):
     FINISHED = "finished"
     STOPPED = "stopped"
     FAILED = "failed"
+    INTERRUPTED = "interrupted"  # the server stopped while it ran: resume it from its last checkpoint
 
 
 ACTIVE = frozenset({JobState.PENDING, JobState.RUNNING, JobState.STOPPING})
-
-
-@dataclass(frozen=True)
-class TrainingRequest:
-    """What StartTraining asked for, as given."""
-
-    builtin: bool = False
-    data_dir: str = ""
-    val_dir: str = ""
-    class_names_file: str = ""
-    preset: str = ""  # "": the demo preset
-    overrides: dict = field(default_factory=dict)
-    checkpoint_dir: str = ""
-
-
-@dataclass(frozen=True)
-class JobPlan:
-    """A request once checked: the parsed recipe and the paths to use."""
-
-    recipe: Recipe
-    train_dir: Optional[Path]  # None: the built-in dataset
-    val_dir: Optional[Path]
-    class_names: Optional[Path]
-    checkpoint_dir: Optional[Path]
-
-
-def check_request(request: TrainingRequest) -> JobPlan:
-    """The request's plan, or InvalidRequest saying what to fix."""
-    if not request.builtin and not request.data_dir:
-        raise InvalidRequest("no dataset: set data_dir to an ImageFolder training folder, or builtin for the built-in one")
-    train_dir = None if request.builtin else Path(request.data_dir)
-    val_dir = Path(request.val_dir) if request.val_dir else None
-    try:
-        for folder in (train_dir, val_dir):
-            if folder is not None:
-                check_folder(folder)
-        plan = recipe(request.preset or "demo", request.overrides)
-    except ValueError as exc:  # DatasetError is one
-        raise InvalidRequest(str(exc)) from None
-    class_names = Path(request.class_names_file) if request.class_names_file else None
-    if class_names is not None and not class_names.is_file():
-        raise InvalidRequest(f"class_names_file {class_names} does not exist")
-    checkpoint_dir = Path(request.checkpoint_dir) if request.checkpoint_dir else None
-    if checkpoint_dir is not None:
-        try:
-            checkpoint_dir.mkdir(parents=True, exist_ok=True)
-            probe = checkpoint_dir / f".write-test-{uuid.uuid4().hex}"
-            probe.write_bytes(b"")
-            probe.unlink()
-        except OSError as exc:
-            raise InvalidRequest(f"checkpoint_dir {checkpoint_dir} is not writable: {exc.strerror or exc}") from None
-    return JobPlan(plan, train_dir, val_dir, class_names, checkpoint_dir)
 
 
 @dataclass(frozen=True)
@@ -114,16 +67,20 @@ class JobStatus:
     model_version: int  # the last version it published (0: none yet)
     created: float
     ended: float  # 0 while it runs
+    checkpoint: str  # its latest checkpoint file ("": none)
 
 
 class Job:
     """One training job: its state, latest progress, and a bounded log of events for watchers."""
 
     HISTORY = 4096
+    SAVE_EVERY = 10.0  # seconds between saved records while only steps happen
 
-    def __init__(self, request: TrainingRequest, plan: JobPlan):
-        self.id = uuid.uuid4().hex[:12]
-        self.request, self.plan = request, plan
+    def __init__(self, request: TrainingRequest, plan: Optional[JobPlan], on_change: Callable[[dict], None] = None,
+                 job_id: str = ""):  # fmt: skip
+        self.id = job_id or uuid.uuid4().hex[:12]
+        self.request, self.plan = request, plan  # plan: None for a job restored from its record
+        self.on_change, self._saved = on_change, 0.0  # on_change(record): the server keeps it
         self.state, self.error = JobState.PENDING, ""
         self.progress: Optional[Progress] = None
         self.top1, self.top5 = math.nan, math.nan
@@ -135,9 +92,47 @@ class Job:
         self.thread: Optional[threading.Thread] = None
 
     def status(self) -> JobStatus:
+        checkpoint = ""
+        if self.request.checkpoint_dir:
+            try:
+                checkpoint = str(find_checkpoint(self.request.checkpoint_dir))
+            except (CheckpointError, OSError):
+                pass  # none written yet
         with self._cv:
             return JobStatus(self.id, self.state, self.request, self.progress, self.top1, self.top5, self.error,
-                             self.model_version, self.created, self.ended)  # fmt: skip
+                             self.model_version, self.created, self.ended, checkpoint)  # fmt: skip
+
+    def record(self) -> dict:
+        """The job as plain values, for the server's state dir (caller holds the lock)."""
+        return {
+            "job_id": self.id, "state": self.state.name, "request": dataclasses.asdict(self.request),
+            "progress": dataclasses.asdict(self.progress) if self.progress else None, "top1": self.top1,
+            "top5": self.top5, "error": self.error, "model_version": self.model_version, "created": self.created,
+            "ended": self.ended, "saved": time.time(),
+        }  # fmt: skip
+
+    @classmethod
+    def restored(cls, record: dict) -> "Job":
+        """A job from its record; one that was running when the server went is INTERRUPTED."""
+        job = cls(TrainingRequest(**record["request"]), None, job_id=record["job_id"])
+        job.state, job.error = JobState[record["state"]], record["error"]
+        job.progress = Progress(**record["progress"]) if record["progress"] else None
+        job.top1, job.top5, job.model_version = record["top1"], record["top5"], record["model_version"]
+        job.created, job.ended = record["created"], record["ended"]
+        if job.state in ACTIVE:
+            step = job.progress.step if job.progress else 0
+            job.state, job.ended = JobState.INTERRUPTED, record["saved"]
+            job.error = (f"the server stopped while this job ran (last seen at step {step}); "
+                         + (f"resume it: alexnet-mp train --resume {job.id}" if job.request.checkpoint_dir
+                            else "it wrote no checkpoints (no checkpoint_dir), so it cannot be resumed"))  # fmt: skip
+        job._append("state", "restored from the server's state dir")
+        return job
+
+    def _save(self, kind: str) -> None:
+        """Hand the record to on_change: on every event but steps, and on steps every SAVE_EVERY seconds."""
+        if self.on_change is not None and (kind != "step" or time.monotonic() - self._saved >= self.SAVE_EVERY):
+            self._saved = time.monotonic()
+            self.on_change(self.record())
 
     def _event(self, kind: str, message: str = "") -> JobEvent:
         return JobEvent(kind, self.state, self.progress, self.top1, self.top5, self.model_version, message)
@@ -147,6 +142,7 @@ class Job:
         self._seq += 1
         self._events.append((self._seq, self._event(kind, message)))
         self._cv.notify_all()
+        self._save(kind)
 
     def set_state(self, state: JobState, message: str = "", error: str = "") -> None:
         with self._cv:
@@ -195,12 +191,26 @@ class Job:
 
 
 class JobManager:
-    """The job table, and the thread that runs each job. It publishes versions through `publish`."""
+    """The job table, and the thread that runs each job. It publishes versions through `publish`.
+    With a StateStore, every job's record is kept there and the table is read back at start."""
 
-    def __init__(self, metrics: Metrics, publish: Callable[[ModelVersion], int], data_root: Path):
-        self.metrics, self.publish, self.data_root = metrics, publish, data_root
+    def __init__(self, metrics: Metrics, publish: Callable[[ModelVersion], int], data_root: Path,
+                 store: Optional[StateStore] = None):  # fmt: skip
+        self.metrics, self.publish, self.data_root, self.store = metrics, publish, data_root, store
         self._jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
+        if store is not None:
+            for record in store.load_jobs():
+                try:
+                    job = Job.restored(record)
+                except (KeyError, TypeError, ValueError) as exc:  # a record from another version, or damaged
+                    log.warning("skipping job record %s: %s", str(record.get("job_id"))[:40], exc)
+                    continue
+                job.on_change = store.save_job
+                self._jobs[job.id] = job
+                store.save_job(job.record())  # INTERRUPTED from now on
+            ended = sorted((j for j in self._jobs.values() if j.state not in ACTIVE), key=lambda j: j.created)
+            store.prune_jobs([j.id for j in ended])
 
     def get(self, job_id: str) -> Job:
         if not job_id:
@@ -217,7 +227,7 @@ class JobManager:
             return sorted(self._jobs.values(), key=lambda j: j.created, reverse=True)
 
     def start(self, request: TrainingRequest) -> Job:
-        plan = check_request(request)
+        plan = check_request(request, self._resume_source(request.resume_from))
         with self._lock:
             running = [job for job in self._jobs.values() if job.state in ACTIVE]
             if running:
@@ -225,11 +235,23 @@ class JobManager:
                     f"job {running[0].id} is still {running[0].state.name}: the towers train one job at a time; "
                     "stop it (StopTraining) or wait for it to end"
                 )
-            job = Job(request, plan)
+            job = Job(plan.request, plan, self.store.save_job if self.store else None)
             self._jobs[job.id] = job
             job.thread = threading.Thread(target=self._run, args=(job,), name=f"train-{job.id}", daemon=True)
             job.thread.start()
         return job
+
+    def _resume_source(self, resume_from: str) -> Optional[Path]:
+        """The checkpoint folder of the job that resume_from names; None when it names no job (then it is a path)."""
+        with self._lock:
+            job = self._jobs.get(resume_from) if resume_from else None
+        if job is None:
+            return None
+        if job.state in ACTIVE:
+            raise PreconditionFailed(f"job {job.id} is still {job.state.name}: resume it once it has ended")
+        if not job.request.checkpoint_dir:
+            raise PreconditionFailed(f"job {job.id} wrote no checkpoints (it had no checkpoint_dir), so it cannot be resumed")
+        return Path(job.request.checkpoint_dir)
 
     def _run(self, job: Job) -> None:
         plan = job.plan
@@ -245,7 +267,8 @@ class JobManager:
             if job.stop_event.is_set():
                 job.set_state(JobState.STOPPED, "stopped before training began")
                 return
-            job.set_state(JobState.RUNNING, f"training on {len(dataset.train)} images of {dataset.num_classes} classes")
+            resumed = f", resumed from step {plan.resume['step']} of {plan.resume['path']}" if plan.resume else ""
+            job.set_state(JobState.RUNNING, f"training on {len(dataset.train)} images of {dataset.num_classes} classes{resumed}")
             net = dict(num_classes=dataset.num_classes, width=plan.recipe.width)
 
             def on_event(event: Progress) -> None:
@@ -270,6 +293,8 @@ class JobManager:
                 on_publish=on_publish,
                 on_stats=self.metrics.observe_engine,
                 checkpoint_dir=plan.checkpoint_dir,
+                resume=plan.resume,
+                checkpoint_meta={"request": dataclasses.asdict(plan.request)},
             )
             final = JobState.STOPPED if result.state == "stopped" else JobState.FINISHED
             job.set_state(final, f"{result.state} after {result.steps} steps, top-1 {result.top1:.1%}")

@@ -28,6 +28,7 @@ from coordinator.service.jobs import JobManager
 from coordinator.service.metrics import GrpcMetricsInterceptor, Metrics
 from coordinator.service.servicers import InferenceServicer, ModelServicer, TrainingServicer
 from coordinator.service.serving import Classifier, ModelVersion
+from coordinator.service.state import StateStore
 from towers import NetConfig
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,8 @@ class ServeOptions:
     data_root: Optional[str] = None  # where the built-in dataset is generated
     threads: int = 32  # gRPC handler threads
     transport: str = "auto"  # the serving towers' exchanges (a training job's come from its recipe)
+    state_dir: Optional[str] = None  # where job records and model versions outlive the server (None: nowhere)
+    keep_versions: int = 5  # model versions kept in the state dir
 
 
 class Server:
@@ -60,7 +63,8 @@ class Server:
             options.max_batch, options.max_delay_ms / 1000.0, self.metrics, options.transport, self._serving_changed
         )
         data_root = Path(options.data_root) if options.data_root else patterns.default_root()
-        self.jobs = JobManager(self.metrics, self.classifier.publish, data_root)
+        self.store = StateStore(options.state_dir, options.keep_versions) if options.state_dir else None
+        self.jobs = JobManager(self.metrics, self._publish, data_root, self.store)
         self.health = health.HealthServicer()
         self.port = self.metrics_port = None
         self._grpc: Optional[grpc.Server] = None
@@ -68,8 +72,8 @@ class Server:
 
     def start(self) -> "Server":
         opts = self.options
-        # Version 0: the initial weights, for the built-in dataset's classes.
-        initial = ModelVersion(
+        # The last version published before a restart, else version 0: the initial weights, for the built-in classes.
+        initial = (self.store and self.store.latest_version()) or ModelVersion(
             0,
             None,
             list(patterns.KINDS.values()),
@@ -106,6 +110,13 @@ class Server:
         self._set_health(health_pb2.HealthCheckResponse.SERVING)  # towers are up: now we serve
         log.info("serving gRPC on %s:%d, metrics on :%s", opts.host, self.port, self.metrics_port)
         return self
+
+    def _publish(self, version: ModelVersion) -> int:
+        """Serve a new version (numbered here) and, with a state dir, keep it for after a restart."""
+        number = self.classifier.publish(version)
+        if self.store is not None:
+            self.store.save_version(version)
+        return number
 
     def _serving_changed(self, serving: bool) -> None:
         """The classifier lost its serving towers (False) or has them again (True)."""

@@ -90,7 +90,7 @@ class Classifier:
     def start(self, initial: ModelVersion) -> None:
         """Start the serving towers on the initial version, then the batcher."""
         self.engine = self._serving_engine(initial)
-        self.current = initial
+        self.current, self._last_version = initial, initial.version  # numbering goes on from a restored version
         self.metrics.version.set(initial.version)
         self._thread = threading.Thread(target=self._loop, name="classify-batcher", daemon=True)
         self._thread.start()

@@ -1,10 +1,15 @@
-"""Checkpoints: the weights, each tower's momentum and the run's progress, written atomically.
+"""Checkpoints: a run's snapshot (recovery.py) with its recipe and dataset's identity, written
+atomically, and read back to resume the run exactly where it was.
 
 Each checkpoint is written to a temporary file and renamed into place, and latest.pt is a
 symlink swapped the same way, so a process killed mid-write leaves every earlier checkpoint
 whole and latest.pt pointing at one of them (the temporary file is removed by the next write).
 Old checkpoints are pruned: the last `keep` are kept, and the one with the best validation
 accuracy. index.json (written atomically too) records each one's step and accuracy.
+
+A checkpoint is read with torch.load(weights_only=True): tensors and plain values only, so a
+crafted file cannot run code. Resuming checks that the dataset and the network are the ones the
+run had (`check_resumable`), and lets only fields that leave the math alone change (`resume_recipe`).
 """
 
 from __future__ import annotations
@@ -19,43 +24,145 @@ from typing import Optional
 import torch
 
 from coordinator.data import Dataset
-from coordinator.training.recipe import Recipe
+from coordinator.training.recipe import Recipe, recipe
+from coordinator.training.recovery import Snapshot
 
 INDEX = "index.json"
+LATEST = "latest.pt"
+FORMAT = 2
+# Recipe fields a resumed run may change: how long it runs and how it is kept, never its math.
+RESUMABLE_OVERRIDES = ("epochs", "publish_every", "snapshot_every", "checkpoint_every", "keep_checkpoints",
+                       "max_restarts", "transport")  # fmt: skip
 
 
-def save_checkpoint(folder, engine, dataset: Dataset, plan: Recipe, step: int, epochs_done: int,
-                    top1: float = math.nan, keep: Optional[int] = None) -> Path:  # fmt: skip
+class CheckpointError(ValueError):
+    """A checkpoint that is missing or cannot be read."""
+
+
+class CheckpointMissing(CheckpointError):
+    """No checkpoint where one was named."""
+
+
+class ResumeMismatch(ValueError):
+    """A checkpoint taken on another dataset or network than the one it would resume on."""
+
+
+def save_checkpoint(folder, snapshot: Snapshot, dataset: Dataset, plan: Recipe, keep: Optional[int] = None,
+                    meta: Optional[dict] = None) -> Path:  # fmt: skip
     """Write checkpoint-step<N>.pt atomically (never over an existing one), point latest.pt at it,
-    and prune to the last `keep` (default plan.keep_checkpoints) plus the most accurate."""
+    and prune to the last `keep` (default plan.keep_checkpoints) plus the most accurate.
+    `meta`: plain values the caller wants back on resume (the service keeps its request there)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for stale in folder.glob("*.tmp"):  # left by a process killed while writing
         stale.unlink()
+    step, top1 = snapshot.step, snapshot.top1
     path = folder / f"checkpoint-step{step:07d}.pt"
     payload = {
-        "state_dict": engine.state_dict(),
-        "optimizer": engine.optimizer_state(),
+        "format": FORMAT,
+        "state_dict": snapshot.weights,
+        "optimizer": snapshot.momentum,
         "step": step,
-        "epochs_done": epochs_done,
+        "epochs_done": snapshot.epoch,
+        "position": snapshot.position,
+        "engine_steps": snapshot.engine_steps,
+        "lr": snapshot.lr,
+        "schedule": snapshot.schedule,
         "top1": top1,
-        "lr": engine.lr,
+        "top5": snapshot.top5,
         "recipe": dataclasses.asdict(plan),
-        "classes": dataset.classes,
-        "labels": dataset.labels,
+        "classes": list(dataset.classes),
+        "labels": list(dataset.labels),
         "stats": dataclasses.asdict(dataset.stats),
+        "fingerprint": dataset.fingerprint(),
+        "meta": dict(meta or {}),
     }
-    _write_atomically(path, lambda tmp: torch.save(payload, tmp))
+    write_atomically(path, lambda tmp: torch.save(payload, tmp))
     tmp_link = folder / ".latest.tmp"
     if tmp_link.exists() or tmp_link.is_symlink():
         tmp_link.unlink()
     tmp_link.symlink_to(path.name)
-    os.replace(tmp_link, folder / "latest.pt")
+    os.replace(tmp_link, folder / LATEST)
     index = read_index(folder)
     index[path.name] = {"step": step, "top1": None if math.isnan(top1) else top1}
-    _write_atomically(folder / INDEX, lambda tmp: tmp.write_text(json.dumps(index, indent=1)))
+    write_atomically(folder / INDEX, lambda tmp: tmp.write_text(json.dumps(index, indent=1)))
     prune(folder, plan.keep_checkpoints if keep is None else keep)
     return path
+
+
+def find_checkpoint(source) -> Path:
+    """The checkpoint file `source` names: a file, or a folder meaning its latest."""
+    path = Path(source)
+    if path.is_dir():
+        latest = path / LATEST
+        if latest.is_file():
+            return latest.resolve()
+        index = read_index(path)
+        if not index:
+            raise CheckpointMissing(f"{_shown(source)} holds no checkpoint (no {LATEST} nor {INDEX})")
+        return path / max(index, key=lambda name: index[name]["step"])
+    if not path.is_file():
+        raise CheckpointMissing(f"no checkpoint file or folder at {_shown(source)}")
+    return path
+
+
+def load_checkpoint(source) -> dict:
+    """A checkpoint's payload (see save_checkpoint), from a file or a folder's latest."""
+    path = find_checkpoint(source)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated, not a torch file, or objects beyond tensors and plain values
+        raise CheckpointError(f"{_shown(path)} is not a readable checkpoint ({type(exc).__name__})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{_shown(path)} is not a resumable checkpoint (format {FORMAT}; older ones hold too little)")
+    payload["path"] = str(path)
+    return payload
+
+
+def snapshot_of(payload: dict) -> Snapshot:
+    """The run's snapshot inside a checkpoint's payload."""
+    return Snapshot(payload["step"], payload["epochs_done"], payload["position"], payload["engine_steps"],
+                    payload["state_dict"], payload["optimizer"], payload["lr"], payload["schedule"], payload["top1"],
+                    payload["top5"])  # fmt: skip
+
+
+def resume_recipe(payload: dict, overrides: Optional[dict] = None) -> Recipe:
+    """The checkpoint's recipe, with only RESUMABLE_OVERRIDES changed. Another width is a
+    ResumeMismatch (the network's shape); other fields raise ValueError."""
+    overrides = dict(overrides or {})
+    saved = Recipe(**{name: tuple(v) if isinstance(v, list) else v for name, v in payload["recipe"].items()
+                      if name in {f.name for f in dataclasses.fields(Recipe)}})  # fmt: skip
+    if "width" in overrides and recipe(overrides={"width": overrides["width"]}).width != saved.width:
+        raise ResumeMismatch(f"the network's shape differs: the checkpoint has width {saved.width}, "
+                             f"the request asks for {_shown(overrides['width'], 40)}")  # fmt: skip
+    overrides.pop("width", None)
+    changed = sorted(set(overrides) - set(RESUMABLE_OVERRIDES))
+    if changed:
+        raise ValueError(f"a resumed run keeps its recipe: {', '.join(_shown(c, 40) for c in changed[:5])} cannot change "
+                         f"(only {', '.join(RESUMABLE_OVERRIDES)} can); start a new run to change them")  # fmt: skip
+    return recipe(overrides=overrides, base=saved)
+
+
+def check_resumable(payload: dict, dataset: Dataset) -> None:
+    """ResumeMismatch saying what differs, unless the checkpoint was taken on this dataset's classes and files."""
+    problems = []
+    if list(payload["classes"]) != list(dataset.classes):
+        theirs, ours = len(payload["classes"]), dataset.num_classes
+        missing = sorted(set(payload["classes"]) - set(dataset.classes))[:3]
+        problems.append(f"the classes differ ({theirs} in the checkpoint, {ours} here"
+                        + (f"; missing here: {', '.join(_shown(m, 40) for m in missing)}" if missing else "") + ")")  # fmt: skip
+    elif payload["fingerprint"] != dataset.fingerprint():
+        problems.append("the same classes but other files (the file list's fingerprint differs): "
+                        "a resumed run must see the data it was trained on")  # fmt: skip
+    if problems:
+        raise ResumeMismatch(f"cannot resume {_shown(payload.get('path', 'the checkpoint'))} on {_shown(dataset.root)}: "
+                             + "; ".join(problems))  # fmt: skip
+
+
+def _shown(value, limit: int = 200) -> str:
+    """A path or name for a message, cut short: messages never carry unbounded input."""
+    text = str(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def read_index(folder) -> dict:
@@ -80,11 +187,11 @@ def prune(folder, keep: int) -> list[str]:
         (folder / name).unlink(missing_ok=True)
         del index[name]
     if gone:
-        _write_atomically(folder / INDEX, lambda tmp: tmp.write_text(json.dumps(index, indent=1)))
+        write_atomically(folder / INDEX, lambda tmp: tmp.write_text(json.dumps(index, indent=1)))
     return gone
 
 
-def _write_atomically(path: Path, write) -> None:
+def write_atomically(path: Path, write) -> None:
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
     os.replace(tmp, path)

@@ -10,6 +10,8 @@ during the last training step, the next training pass during validation.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
 import math
 import threading
@@ -18,15 +20,15 @@ from contextlib import closing
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-import ray
 import torch
 
-from coordinator.data import Dataset, DatasetError, batches, open_dataset
+from coordinator.data import ColourStats, Dataset, DatasetError, batches, open_dataset
 from coordinator.data.loader import EarlyStart
 from coordinator.engine import ModelParallelAlexNet, error_summary
-from coordinator.training.checkpoints import save_checkpoint
+from coordinator.training.checkpoints import check_resumable, load_checkpoint, save_checkpoint, snapshot_of
+from coordinator.training.pipeline import FinishedStep, StepPipeline
 from coordinator.training.recipe import Recipe, schedule_for
-from coordinator.training.recovery import Snapshot, recover, take_snapshot
+from coordinator.training.recovery import Snapshot, recover, restore, take_snapshot
 
 log = logging.getLogger(__name__)
 
@@ -89,10 +91,10 @@ def validation_pass(dataset: Dataset, plan: Recipe, batch_size: int = 64):
     return batches(dataset.val, dataset.stats, batch_size, mode, limit=plan.val_images or None, normalise=plan.normalise)
 
 
-def training_pass(dataset: Dataset, plan: Recipe, epoch: int, steps: int):
-    """The batches of one epoch's `steps` steps, shuffled and augmented for that epoch."""
+def training_pass(dataset: Dataset, plan: Recipe, epoch: int, steps: int, from_batch: int = 0):
+    """The batches of one epoch's `steps` steps, shuffled and augmented for that epoch, from its `from_batch`th."""
     return batches(dataset.train, dataset.stats, plan.batch_size, "train", plan.seed, epoch, steps * plan.batch_size,
-                   plan.normalise)  # fmt: skip
+                   plan.normalise, start=from_batch * plan.batch_size)  # fmt: skip
 
 
 def class_probabilities(engine, images: torch.Tensor) -> torch.Tensor:
@@ -122,119 +124,86 @@ def evaluate(engine, loader, skips: SkipLog) -> tuple[float, float]:
     return correct1 / total, correct5 / total
 
 
-@dataclass
-class FinishedStep:
-    loss: float
-    stats: dict  # the towers' timings (ModelParallelAlexNet.take_stats)
-    images: int
-    seconds: float  # its own time, not its wait in line behind the step before it
-
-
-class StepPipeline:
-    """One step in flight while this process checks and uploads the next batch, so the towers never wait for it."""
-
-    def __init__(self, engine):
-        self.engine = engine
-        self.pending = None  # (ObjectRef to (loss, stats), images, submitted at)
-        self.last_done = 0.0
-
-    def submit(self, images, labels) -> Optional[FinishedStep]:
-        """Start a step on this batch; returns the step that was in flight, now finished (None if none was)."""
-        ref = self.engine.submit_step(images, labels, with_stats=True)
-        finished = self.finish()
-        self.pending = (ref, len(labels), time.perf_counter())
-        return finished
-
-    def finish(self) -> Optional[FinishedStep]:
-        """Wait for the step in flight, if any."""
-        if self.pending is None:
-            return None
-        ref, images, submitted = self.pending
-        self.pending = None
-        loss, stats = ray.get(ref)
-        done = time.perf_counter()
-        seconds, self.last_done = done - max(submitted, self.last_done), done
-        return FinishedStep(loss, stats, images, seconds)
-
-
 class Trainer:
-    """One run of `train`: its counters as attributes, its phases as methods."""
+    """One run of `train`: its counters as attributes, its phases as methods.
+
+    The run's place is (epoch, position): epochs completed, and batches of this epoch's training
+    pass read. A snapshot (recovery.py) records it, so going back to one, after lost actors or
+    from a checkpoint, replays the same batches with the same random draws.
+    """
 
     def __init__(self, dataset: Dataset, plan: Recipe, engine, stop: threading.Event, checkpoint_dir, on_event,
-                 on_publish, on_stats):  # fmt: skip
+                 on_publish, on_stats, resume: Optional[Snapshot] = None, meta: Optional[dict] = None):  # fmt: skip
         self.dataset, self.plan, self.engine, self.stop, self.checkpoint_dir = dataset, plan, engine, stop, checkpoint_dir
-        self.on_event, self.on_publish, self.on_stats = on_event, on_publish, on_stats
+        self.on_event, self.on_publish, self.on_stats, self.meta = on_event, on_publish, on_stats, meta
         self.schedule = schedule_for(plan)
         engine.lr = plan.lr
         self.per_epoch = math.ceil(len(dataset.train) / plan.batch_size)
         if plan.steps_per_epoch:
             self.per_epoch = min(self.per_epoch, plan.steps_per_epoch)
         self.pipeline = StepPipeline(engine)
-        self.upcoming: Optional[EarlyStart] = None  # the next training pass, started before it is read
+        self.upcoming: Optional[tuple[int, EarlyStart]] = None  # (epoch, its pass) started before it is read
         self.validation: Optional[EarlyStart] = None  # this epoch's validation pass, likewise
         self.skips = SkipLog()
-        self.step, self.epoch, self.published, self.restarts = 0, 0, 0, 0
-        self.submitted = 0  # steps submitted: those not completed were in flight when a step failed
-        self.snapshot: Optional[Snapshot] = None
+        self.step, self.epoch, self.position, self.restarts = 0, 0, 0, 0
         self.loss = self.top1 = self.top5 = math.nan
+        self.snapshot: Optional[Snapshot] = None
+        if resume is not None:
+            self._go_back_to(resume)
+        self.published = self.step  # a resumed run's weights at its start were published by the run before
         self.started = self.window_started = time.perf_counter()
         self.window_images = 0  # this epoch's, for its throughput
 
     def run(self) -> Result:
-        state, plan = "finished", self.plan
+        stopped = False
         try:
-            self.snapshot = take_snapshot(self.engine, 0)
-            self.upcoming = EarlyStart(training_pass(self.dataset, plan, 0, self.per_epoch))
-            for epoch in range(plan.epochs):
-                self.epoch = epoch  # epochs completed so far
-                self._train_epoch()
-                if self.stop.is_set():
-                    state = "stopped"
-                    break
-                if epoch + 1 < plan.epochs:  # the next pass starts while this one's validation runs
-                    self.upcoming = EarlyStart(training_pass(self.dataset, plan, epoch + 1, self.per_epoch))
-                self._validate()
-            else:
-                self.epoch = plan.epochs
-            if state == "stopped" and self.checkpoint_dir and self.step:
-                self._checkpoint(epochs_done=self.epoch)
+            self.snapshot = self.snapshot or self._snapshot()
+            while self.epoch < self.plan.epochs and not stopped:
+                try:
+                    self._train_epoch()
+                    stopped = self.stop.is_set()
+                    if not stopped:
+                        self._validate()
+                except Exception as error:
+                    self._recover(error)
+            if stopped and self.checkpoint_dir and self.step:
+                self._checkpoint()
             if self.on_publish:
                 self._publish()
         finally:
             self.pipeline.pending = None  # an error's traceback keeps this frame: let go of the step's ObjectRef now
-            # An error or a stop must end Ray Data's pipelines now, not at garbage collection.
-            for loader in (self.upcoming, self.validation):
-                if loader is not None:
-                    loader.close()
-        return Result(state, self.step, self.epoch, self.top1, self.top5, self.loss, len(self.skips), self._elapsed(),
-                      self.restarts)  # fmt: skip
+            self._close_passes()  # an error or a stop must end Ray Data's pipelines now, not at garbage collection
+        return Result("stopped" if stopped else "finished", self.step, self.epoch, self.top1, self.top5, self.loss,
+                      len(self.skips), self._elapsed(), self.restarts)  # fmt: skip
 
     def _train_epoch(self) -> None:
-        """Train on the upcoming pass; when it runs out, start the validation pass beside the last step."""
+        """Train on the rest of this epoch's pass; as it ends, start the validation pass beside the last step."""
         self.window_started, self.window_images = time.perf_counter(), 0
-        with closing(self.upcoming) as loader:
+        with closing(self._training_pass()) as loader:
             for batch in loader:
                 if self.stop.is_set():
                     break
                 self.skips.add(batch.bad_paths)
                 if len(batch.labels) == 0:
+                    self.position += 1
                     continue
-                sent = False
-                while not sent:  # a batch not yet sent when a step failed is sent after the recovery
-                    try:
-                        if self._weights_due(self.step + 1):
-                            # A published version or a snapshot holds exactly that step's weights: no step may run past it.
-                            self._completed(self.pipeline.finish())
-                        self.submitted, sent = self.submitted + 1, True
-                        self._completed(self.pipeline.submit(batch.images, batch.labels))
-                    except Exception as error:
-                        self._recover(error)
+                if self._weights_due(self.step + 1):
+                    # A published version or a snapshot holds exactly that step's weights: no step may run past it.
+                    self._completed(self.pipeline.finish())
+                self.position += 1
+                self._completed(self.pipeline.submit(batch.images, batch.labels))
             else:
                 self.validation = EarlyStart(validation_pass(self.dataset, self.plan))
-        try:
-            self._completed(self.pipeline.finish())
-        except Exception as error:
-            self._recover(error)
+        self._completed(self.pipeline.finish())
+
+    def _training_pass(self) -> EarlyStart:
+        """This epoch's pass from the current position: the one started early, if it is that."""
+        upcoming, self.upcoming = self.upcoming, None
+        if upcoming is not None:
+            if upcoming[0] == self.epoch and self.position == 0:
+                return upcoming[1]
+            upcoming[1].close()
+        return EarlyStart(training_pass(self.dataset, self.plan, self.epoch, self.per_epoch, self.position))
 
     def _completed(self, finished: Optional[FinishedStep]) -> None:
         if finished is None:
@@ -249,38 +218,55 @@ class Trainer:
         self._report("step", self.epoch, images_per_second=rate, batch=finished.images, step_seconds=finished.seconds)
         if self._publish_due(self.step):
             self._publish()
-        if self.step % self.plan.snapshot_every == 0:
-            self.snapshot = take_snapshot(self.engine, self.step)
         if self._checkpoint_due(self.step):
-            self._checkpoint(epochs_done=self.epoch)
+            self._checkpoint()
+        elif self.step % self.plan.snapshot_every == 0:
+            self.snapshot = self._snapshot()
 
     def _recover(self, error: Exception) -> None:
         """Replace the actors that died and go back to the last snapshot; re-raise what is not that."""
         start = time.perf_counter()
         self.pipeline.pending = None
-        replaced = recover(self.engine, self.snapshot, error, self.restarts, self.plan.max_restarts)
+        self._close_passes()  # the data goes back to the snapshot's place too
+        replaced = recover(self.engine, error, self.restarts, self.plan.max_restarts)
         self.restarts += 1
-        lost, skipped = self.step - self.snapshot.step, self.submitted - self.step
-        self.step = self.submitted = self.snapshot.step
-        message = f"replaced {', '.join(replaced)}; resumed from the snapshot at step {self.step}: {lost} steps undone, {skipped} batches in flight skipped"  # fmt: skip
+        lost = self.step - self.snapshot.step
+        self._go_back_to(self.snapshot)
+        message = f"replaced {', '.join(replaced)}; went back to the snapshot at step {self.step} (epoch {self.epoch + 1}, batch {self.position} of {self.per_epoch}): {lost} steps to redo"  # fmt: skip
         log.warning("recovery %d: %s (%s)", self.restarts, message, error_summary(error))
         self._report("recovered", self.epoch, step_seconds=time.perf_counter() - start, replaced=len(replaced), message=message)
 
     def _validate(self) -> None:
-        while True:
-            try:
-                self.top1, self.top5 = evaluate(self.engine, self.validation, self.skips)
-                break
-            except Exception as error:  # towers lost during validation: recover, then the pass again
-                self._recover(error)
-                self.validation = EarlyStart(validation_pass(self.dataset, self.plan))
+        """Validate this epoch (its pass started beside the last step), step the schedule, checkpoint."""
+        if self.epoch + 1 < self.plan.epochs and self.upcoming is None:  # the next pass starts while this one runs
+            self.upcoming = (self.epoch + 1, EarlyStart(training_pass(self.dataset, self.plan, self.epoch + 1, self.per_epoch)))
+        validation, self.validation = self.validation or EarlyStart(validation_pass(self.dataset, self.plan)), None
+        self.top1, self.top5 = evaluate(self.engine, validation, self.skips)
         self._report("epoch", self.epoch + 1, top1=self.top1, top5=self.top5)  # with the rate this epoch used
         self.engine.lr = self.schedule.update(self.epoch, 1 - self.top1)
+        self.epoch, self.position = self.epoch + 1, 0
         if self.checkpoint_dir:
-            self._checkpoint(epochs_done=self.epoch + 1)
+            self._checkpoint()
 
-    def _checkpoint(self, epochs_done: int) -> None:
-        save_checkpoint(self.checkpoint_dir, self.engine, self.dataset, self.plan, self.step, epochs_done, self.top1)
+    def _snapshot(self) -> Snapshot:
+        return take_snapshot(self.engine, self.step, self.epoch, self.position, self.schedule, self.top1, self.top5)
+
+    def _go_back_to(self, snapshot: Snapshot) -> None:
+        restore(self.engine, snapshot)
+        self.step, self.epoch, self.position = snapshot.step, snapshot.epoch, snapshot.position
+        self.top1, self.top5 = snapshot.top1, snapshot.top5
+        vars(self.schedule).update(copy.deepcopy(snapshot.schedule))
+        self.snapshot = snapshot
+
+    def _checkpoint(self) -> None:
+        self.snapshot = self._snapshot()  # nothing is in flight, and it is fresher than the last
+        save_checkpoint(self.checkpoint_dir, self.snapshot, self.dataset, self.plan, meta=self.meta)
+
+    def _close_passes(self) -> None:
+        for loader in (self.upcoming and self.upcoming[1], self.validation):
+            if loader is not None:
+                loader.close()
+        self.upcoming = self.validation = None
 
     def _checkpoint_due(self, step: int) -> bool:
         return bool(self.checkpoint_dir and self.plan.checkpoint_every) and step % self.plan.checkpoint_every == 0
@@ -318,19 +304,29 @@ def train(
     on_stats: Optional[Callable[[dict], None]] = None,
     checkpoint_dir=None,
     engine=None,
+    resume=None,
+    checkpoint_meta: Optional[dict] = None,
 ) -> Result:
     """Train the two-tower network on `dataset` (a Dataset or a training folder path) by `plan`.
 
     on_event gets a Progress after every step and every validation; on_publish(step, state_dict)
     gets the weights every `publish_every` steps and at the end; setting `stop` ends the run at
     the next step boundary. on_stats gets each step's tower timings (ModelParallelAlexNet.take_stats).
-    With a checkpoint_dir, the weights, optimiser and progress are saved there after every epoch,
-    every `checkpoint_every` steps and when stopped (checkpoints.py). An engine may be passed in to reuse its actors.
+    With a checkpoint_dir, the run's state is saved there after every epoch, every `checkpoint_every`
+    steps and when stopped (checkpoints.py), with `checkpoint_meta`. `resume` (a checkpoint file,
+    a folder meaning its latest, or a loaded payload) goes on from where that run was, exactly: pass
+    the plan `resume_recipe` gives. An engine may be passed in to reuse its actors.
     """
     if not isinstance(plan, Recipe):
         raise TypeError(f"plan must be a Recipe (training.recipe(preset, overrides) makes one), got {type(plan).__name__}")
     if not isinstance(dataset, Dataset):
         dataset = open_dataset(dataset, val_fraction=plan.val_fraction)
+    snapshot = None
+    if resume is not None:
+        payload = resume if isinstance(resume, dict) else load_checkpoint(resume)
+        check_resumable(payload, dataset)
+        dataset = dataclasses.replace(dataset, stats=ColourStats(**payload["stats"]))  # as the run had them
+        snapshot = snapshot_of(payload)
     own_engine = engine is None
     if own_engine:
         engine = ModelParallelAlexNet(num_classes=dataset.num_classes, dropout=plan.dropout, lr=plan.lr, momentum=plan.momentum,
@@ -338,7 +334,7 @@ def train(
                                       transport=plan.transport)  # fmt: skip
     try:
         trainer = Trainer(dataset, plan, engine, stop or threading.Event(), checkpoint_dir, on_event or (lambda e: None),
-                          on_publish, on_stats)  # fmt: skip
+                          on_publish, on_stats, snapshot, checkpoint_meta)  # fmt: skip
         return trainer.run()
     finally:
         if own_engine:

@@ -88,16 +88,16 @@ PRESETS = {
 }
 
 
-def recipe(preset: str = "demo", overrides: Optional[dict] = None) -> Recipe:
-    """A preset with overrides applied and checked; unknown names and bad values raise ValueError."""
-    if preset not in PRESETS:
+def recipe(preset: str = "demo", overrides: Optional[dict] = None, base: Optional[Recipe] = None) -> Recipe:
+    """A preset (or `base`) with overrides applied and checked; unknown names and bad values raise ValueError."""
+    if base is None and preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
     overrides = dict(overrides or {})
     fields = {f.name: f for f in dataclasses.fields(Recipe)}
     unknown = sorted(set(overrides) - set(fields))
     if unknown:
         raise ValueError(f"unknown override {', '.join(unknown)}: known are {', '.join(fields)}")
-    base = PRESETS[preset]
+    base = base or PRESETS[preset]
     converted = {}
     for name, value in overrides.items():
         kind = type(getattr(base, name))

@@ -1,15 +1,21 @@
-"""Recovery during training: in-memory snapshots, and going back to one when actors die.
+"""Recovery during training: snapshots of a run, and going back to one when actors die.
+
+A snapshot holds everything that decides the rest of a run besides its recipe and data: the
+weights, each tower's momentum, the learning rate and schedule, and the counters that the random
+streams are drawn from (the data order, crops, flips and lighting from the epoch and the position
+in it; dropout from the engine's step count). So a run that goes back to a snapshot, here or from
+a checkpoint (checkpoints.py), does again exactly what it did after it.
 
 A snapshot is taken every `snapshot_every` steps, between two steps (none in flight), and kept in
 the driver, outside the actors that may die. When a step fails because a tower or the
 coordinator died or hung, the engine replaces them (ModelParallelAlexNet.repair) and the run
-goes back to the snapshot: the weights, each tower's momentum, the learning rate and the step
-count. The steps since the snapshot are lost (at most `snapshot_every`); the data stream goes on,
-so those batches are not seen again in this epoch.
+goes back to the snapshot, replaying the batches since it (at most `snapshot_every` steps).
 """
 
 from __future__ import annotations
 
+import copy
+import math
 from dataclasses import dataclass
 
 import ray
@@ -20,14 +26,21 @@ from coordinator.engine import TowerFailure, error_summary
 @dataclass
 class Snapshot:
     step: int  # the run's steps when it was taken
+    epoch: int  # epochs completed
+    position: int  # batches of this epoch's training pass read (the pass has steps_per_epoch)
     engine_steps: int  # the engine's step counter (it seeds dropout)
     weights: dict
     momentum: list  # each tower's optimiser state
     lr: float
+    schedule: dict  # the learning-rate schedule's state (plateau counters, best error, drops)
+    top1: float = math.nan  # of the last validation
+    top5: float = math.nan
 
 
-def take_snapshot(engine, step: int) -> Snapshot:
-    return Snapshot(step, engine.steps, engine.state_dict(), engine.optimizer_state(), engine.lr)
+def take_snapshot(engine, step: int, epoch: int, position: int, schedule, top1: float, top5: float) -> Snapshot:
+    """The engine's state now (no step may be in flight) with the run's counters."""
+    return Snapshot(step, epoch, position, engine.steps, engine.state_dict(), engine.optimizer_state(), engine.lr,
+                    copy.deepcopy(vars(schedule)), top1, top5)  # fmt: skip
 
 
 def restore(engine, snapshot: Snapshot) -> None:
@@ -41,10 +54,9 @@ def lost_actors(error: BaseException) -> bool:
     return isinstance(error, (TowerFailure, ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError))
 
 
-
-def recover(engine, snapshot: Snapshot, error: BaseException, restarts: int, max_restarts: int) -> list[str]:
-    """After `error`: replace the engine's dead or hung actors and restore the snapshot; returns
-    what was replaced. Re-raises an error that no lost actor explains, and gives up (RuntimeError)
+def recover(engine, error: BaseException, restarts: int, max_restarts: int) -> list[str]:
+    """After `error`: replace the engine's dead or hung actors (the caller then restores a
+    snapshot); returns what was replaced. Re-raises an error that no lost actor explains, and gives up (RuntimeError)
     after max_restarts recoveries."""
     if not lost_actors(error):
         raise error
@@ -55,5 +67,4 @@ def recover(engine, snapshot: Snapshot, error: BaseException, restarts: int, max
         raise RuntimeError(
             f"{', '.join(replaced)} lost after {restarts} recoveries already (max_restarts): {error_summary(error)}"
         ) from error
-    restore(engine, snapshot)
     return replaced

@@ -16,6 +16,7 @@ class JobState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FINISHED: _ClassVar[JobState]
     STOPPED: _ClassVar[JobState]
     FAILED: _ClassVar[JobState]
+    INTERRUPTED: _ClassVar[JobState]
 JOB_STATE_UNSPECIFIED: JobState
 PENDING: JobState
 RUNNING: JobState
@@ -23,9 +24,10 @@ STOPPING: JobState
 FINISHED: JobState
 STOPPED: JobState
 FAILED: JobState
+INTERRUPTED: JobState
 
 class TrainingSpec(_message.Message):
-    __slots__ = ("data_dir", "builtin", "val_dir", "class_names_file", "preset", "overrides", "checkpoint_dir")
+    __slots__ = ("data_dir", "builtin", "val_dir", "class_names_file", "preset", "overrides", "checkpoint_dir", "resume_from")
     class OverridesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -40,6 +42,7 @@ class TrainingSpec(_message.Message):
     PRESET_FIELD_NUMBER: _ClassVar[int]
     OVERRIDES_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_DIR_FIELD_NUMBER: _ClassVar[int]
+    RESUME_FROM_FIELD_NUMBER: _ClassVar[int]
     data_dir: str
     builtin: BuiltinDataset
     val_dir: str
@@ -47,7 +50,8 @@ class TrainingSpec(_message.Message):
     preset: str
     overrides: _containers.ScalarMap[str, str]
     checkpoint_dir: str
-    def __init__(self, data_dir: _Optional[str] = ..., builtin: _Optional[_Union[BuiltinDataset, _Mapping]] = ..., val_dir: _Optional[str] = ..., class_names_file: _Optional[str] = ..., preset: _Optional[str] = ..., overrides: _Optional[_Mapping[str, str]] = ..., checkpoint_dir: _Optional[str] = ...) -> None: ...
+    resume_from: str
+    def __init__(self, data_dir: _Optional[str] = ..., builtin: _Optional[_Union[BuiltinDataset, _Mapping]] = ..., val_dir: _Optional[str] = ..., class_names_file: _Optional[str] = ..., preset: _Optional[str] = ..., overrides: _Optional[_Mapping[str, str]] = ..., checkpoint_dir: _Optional[str] = ..., resume_from: _Optional[str] = ...) -> None: ...
 
 class BuiltinDataset(_message.Message):
     __slots__ = ()
@@ -86,7 +90,7 @@ class Progress(_message.Message):
     def __init__(self, step: _Optional[int] = ..., epoch: _Optional[int] = ..., epochs: _Optional[int] = ..., steps_per_epoch: _Optional[int] = ..., loss: _Optional[float] = ..., top1_accuracy: _Optional[float] = ..., top5_accuracy: _Optional[float] = ..., images_per_second: _Optional[float] = ..., learning_rate: _Optional[float] = ..., skipped_images: _Optional[int] = ..., elapsed_seconds: _Optional[float] = ...) -> None: ...
 
 class TrainingJob(_message.Message):
-    __slots__ = ("job_id", "state", "spec", "progress", "error", "model_version", "created_unix", "ended_unix", "restarts")
+    __slots__ = ("job_id", "state", "spec", "progress", "error", "model_version", "created_unix", "ended_unix", "restarts", "checkpoint")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
@@ -96,6 +100,7 @@ class TrainingJob(_message.Message):
     CREATED_UNIX_FIELD_NUMBER: _ClassVar[int]
     ENDED_UNIX_FIELD_NUMBER: _ClassVar[int]
     RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     state: JobState
     spec: TrainingSpec
@@ -105,7 +110,8 @@ class TrainingJob(_message.Message):
     created_unix: float
     ended_unix: float
     restarts: int
-    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., spec: _Optional[_Union[TrainingSpec, _Mapping]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., error: _Optional[str] = ..., model_version: _Optional[int] = ..., created_unix: _Optional[float] = ..., ended_unix: _Optional[float] = ..., restarts: _Optional[int] = ...) -> None: ...
+    checkpoint: str
+    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., spec: _Optional[_Union[TrainingSpec, _Mapping]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., error: _Optional[str] = ..., model_version: _Optional[int] = ..., created_unix: _Optional[float] = ..., ended_unix: _Optional[float] = ..., restarts: _Optional[int] = ..., checkpoint: _Optional[str] = ...) -> None: ...
 
 class TrainingEvent(_message.Message):
     __slots__ = ("job_id", "kind", "state", "progress", "model_version", "message")

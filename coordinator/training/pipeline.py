@@ -1,0 +1,44 @@
+"""Steps in a pipeline: the next batch is checked and uploaded while the towers run the step before."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import ray
+
+
+@dataclass
+class FinishedStep:
+    loss: float
+    stats: dict  # the towers' timings (ModelParallelAlexNet.take_stats)
+    images: int
+    seconds: float  # its own time, not its wait in line behind the step before it
+
+
+class StepPipeline:
+    """One step in flight while this process checks and uploads the next batch, so the towers never wait for it."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.pending = None  # (ObjectRef to (loss, stats), images, submitted at)
+        self.last_done = 0.0
+
+    def submit(self, images, labels) -> Optional[FinishedStep]:
+        """Start a step on this batch; returns the step that was in flight, now finished (None if none was)."""
+        ref = self.engine.submit_step(images, labels, with_stats=True)
+        finished = self.finish()
+        self.pending = (ref, len(labels), time.perf_counter())
+        return finished
+
+    def finish(self) -> Optional[FinishedStep]:
+        """Wait for the step in flight, if any."""
+        if self.pending is None:
+            return None
+        ref, images, submitted = self.pending
+        self.pending = None
+        loss, stats = ray.get(ref)
+        done = time.perf_counter()
+        seconds, self.last_done = done - max(submitted, self.last_done), done
+        return FinishedStep(loss, stats, images, seconds)
