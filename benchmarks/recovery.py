@@ -6,7 +6,8 @@
 Trains with the demo recipe and kill -9s a tower's process (the pid its describe() gives) at
 --kill-at steps, --kills times at --every steps apart. For each kill prints the seconds from the
 kill until the next step completed, the recovery's own seconds (replacing actors, restoring the
-snapshot) and the steps undone and batches skipped, then the run's result. Not a test: a run.
+snapshot, restarting the data at the snapshot's place) and the steps to redo, then the run's
+result. Not a test: a run.
 """
 
 from __future__ import annotations

@@ -363,6 +363,10 @@ def test_cli_train_follow_status_and_errors(server, client, capsys, dataset):
     assert code == 1 and "INVALID_ARGUMENT" in out and "does not exist" in out
     code, out = run_cli(server, capsys, "train", "--builtin", "--set", "lr")
     assert code == 2 and "NAME=VALUE" in out
+    code, out = run_cli(server, capsys, "train")
+    assert code == 2 and "--data DIR, --builtin, or --resume JOB|CHECKPOINT" in out
+    code, out = run_cli(server, capsys, "train", "--resume", "/no/such/checkpoint")
+    assert code == 1 and "NOT_FOUND" in out and "no checkpoint file or folder at /no/such/checkpoint" in out
 
 
 def test_cli_says_when_no_server_listens(capsys):

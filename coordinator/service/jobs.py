@@ -125,7 +125,8 @@ class Job:
             job.error = (f"the server stopped while this job ran (last seen at step {step}); "
                          + (f"resume it: alexnet-mp train --resume {job.id}" if job.request.checkpoint_dir
                             else "it wrote no checkpoints (no checkpoint_dir), so it cannot be resumed"))  # fmt: skip
-        job._append("state", "restored from the server's state dir")
+        with job._cv:
+            job._append("state", "restored from the server's state dir")
         return job
 
     def _save(self, kind: str) -> None:
@@ -203,7 +204,7 @@ class JobManager:
             for record in store.load_jobs():
                 try:
                     job = Job.restored(record)
-                except (KeyError, TypeError, ValueError) as exc:  # a record from another version, or damaged
+                except Exception as exc:  # a record from another version, or damaged: never stops the server
                     log.warning("skipping job record %s: %s", str(record.get("job_id"))[:40], exc)
                     continue
                 job.on_change = store.save_job
