@@ -142,7 +142,7 @@ class Trainer:
         if plan.steps_per_epoch:
             self.per_epoch = min(self.per_epoch, plan.steps_per_epoch)
         self.pipeline = StepPipeline(engine)
-        self.upcoming: Optional[tuple[int, EarlyStart]] = None  # (epoch, its pass) started before it is read
+        self.upcoming: Optional[tuple[int, int, EarlyStart]] = None  # (epoch, from batch, pass) started before it is read
         self.validation: Optional[EarlyStart] = None  # this epoch's validation pass, likewise
         self.skips = SkipLog()
         self.step, self.epoch, self.position, self.restarts = 0, 0, 0, 0
@@ -171,7 +171,7 @@ class Trainer:
             if self.on_publish:
                 self._publish()
         finally:
-            self.pipeline.pending = None  # an error's traceback keeps this frame: let go of the step's ObjectRef now
+            self.pipeline.abandon()  # an error's traceback keeps this frame: let go of the step's ObjectRef now
             self._close_passes()  # an error or a stop must end Ray Data's pipelines now, not at garbage collection
         return Result("stopped" if stopped else "finished", self.step, self.epoch, self.top1, self.top5, self.loss,
                       len(self.skips), self._elapsed(), self.restarts)  # fmt: skip
@@ -200,9 +200,9 @@ class Trainer:
         """This epoch's pass from the current position: the one started early, if it is that."""
         upcoming, self.upcoming = self.upcoming, None
         if upcoming is not None:
-            if upcoming[0] == self.epoch and self.position == 0:
-                return upcoming[1]
-            upcoming[1].close()
+            if upcoming[:2] == (self.epoch, self.position):
+                return upcoming[2]
+            upcoming[2].close()
         return EarlyStart(training_pass(self.dataset, self.plan, self.epoch, self.per_epoch, self.position))
 
     def _completed(self, finished: Optional[FinishedStep]) -> None:
@@ -226,8 +226,10 @@ class Trainer:
     def _recover(self, error: Exception) -> None:
         """Replace the actors that died and go back to the last snapshot; re-raise what is not that."""
         start = time.perf_counter()
-        self.pipeline.pending = None
-        self._close_passes()  # the data goes back to the snapshot's place too
+        self.pipeline.abandon()
+        self._close_passes()  # the data goes back to the snapshot's place too: its pass starts while actors are replaced
+        self.upcoming = (self.snapshot.epoch, self.snapshot.position, EarlyStart(
+            training_pass(self.dataset, self.plan, self.snapshot.epoch, self.per_epoch, self.snapshot.position)))  # fmt: skip
         replaced = recover(self.engine, error, self.restarts, self.plan.max_restarts)
         self.restarts += 1
         lost = self.step - self.snapshot.step
@@ -239,7 +241,7 @@ class Trainer:
     def _validate(self) -> None:
         """Validate this epoch (its pass started beside the last step), step the schedule, checkpoint."""
         if self.epoch + 1 < self.plan.epochs and self.upcoming is None:  # the next pass starts while this one runs
-            self.upcoming = (self.epoch + 1, EarlyStart(training_pass(self.dataset, self.plan, self.epoch + 1, self.per_epoch)))
+            self.upcoming = (self.epoch + 1, 0, EarlyStart(training_pass(self.dataset, self.plan, self.epoch + 1, self.per_epoch)))
         validation, self.validation = self.validation or EarlyStart(validation_pass(self.dataset, self.plan)), None
         self.top1, self.top5 = evaluate(self.engine, validation, self.skips)
         self._report("epoch", self.epoch + 1, top1=self.top1, top5=self.top5)  # with the rate this epoch used
@@ -263,7 +265,7 @@ class Trainer:
         save_checkpoint(self.checkpoint_dir, self.snapshot, self.dataset, self.plan, meta=self.meta)
 
     def _close_passes(self) -> None:
-        for loader in (self.upcoming and self.upcoming[1], self.validation):
+        for loader in (self.upcoming and self.upcoming[2], self.validation):
             if loader is not None:
                 loader.close()
         self.upcoming = self.validation = None

@@ -28,17 +28,32 @@ class StepPipeline:
     def submit(self, images, labels) -> Optional[FinishedStep]:
         """Start a step on this batch; returns the step that was in flight, now finished (None if none was)."""
         ref = self.engine.submit_step(images, labels, with_stats=True)
-        finished = self.finish()
-        self.pending = (ref, len(labels), time.perf_counter())
-        return finished
+        # The new step is pending before the old one is waited for: if that fails, abandon() finds this one.
+        previous, self.pending = self.pending, (ref, len(labels), time.perf_counter())
+        return self._wait(previous)
 
     def finish(self) -> Optional[FinishedStep]:
         """Wait for the step in flight, if any."""
-        if self.pending is None:
+        previous, self.pending = self.pending, None
+        return self._wait(previous)
+
+    def _wait(self, pending) -> Optional[FinishedStep]:
+        if pending is None:
             return None
-        ref, images, submitted = self.pending
-        self.pending = None
+        ref, images, submitted = pending
         loss, stats = ray.get(ref)
         done = time.perf_counter()
         seconds, self.last_done = done - max(submitted, self.last_done), done
         return FinishedStep(loss, stats, images, seconds)
+
+    def abandon(self, wait: float = 2.0) -> None:
+        """Drop the step in flight after a failure. Its error, when it comes within `wait` seconds, is
+        read here, so that Ray does not log it as unhandled with a second traceback."""
+        if self.pending is None:
+            return
+        ref, self.pending = self.pending[0], None
+        if ray.wait([ref], timeout=wait)[0]:
+            try:
+                ray.get(ref)
+            except Exception:
+                pass  # the failure being recovered from, seen again
