@@ -21,6 +21,37 @@ from alexnet_api.v1 import alexnet_pb2 as pb
 from alexnet_api.v1 import alexnet_pb2_grpc as rpc
 
 DEFAULT_TARGET = os.environ.get("ALEXNET_MP_TARGET", "127.0.0.1:50051")
+TOKEN_ENV, TOKEN_FILE_ENV = "ALEXNET_MP_TOKEN", "ALEXNET_MP_TOKEN_FILE"
+
+
+def read_token(token_file: Optional[str] = None) -> Optional[str]:
+    """The bearer token: from token_file (its first line, any 'read:'/'train:' prefix dropped), else
+    $ALEXNET_MP_TOKEN_FILE, else $ALEXNET_MP_TOKEN; None if none is set."""
+    token_file = token_file or os.environ.get(TOKEN_FILE_ENV)
+    if token_file:
+        lines = [line.strip() for line in Path(token_file).read_text().splitlines() if line.strip()]
+        token = lines[0] if lines else ""
+        for role in ("read:", "train:"):
+            token = token.removeprefix(role)
+        return token or None
+    return os.environ.get(TOKEN_ENV) or None
+
+
+class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """Adds `authorization: Bearer <token>` to every call (on plaintext loopback channels too, where
+    gRPC's own call credentials are not allowed)."""
+
+    def __init__(self, token: str):
+        self.header = ("authorization", f"Bearer {token}")
+
+    def _with_token(self, details):
+        return details._replace(metadata=[*(details.metadata or ()), self.header])
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._with_token(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._with_token(details), request)
 
 __all__ = ["AlexNetClient", "DEFAULT_TARGET", "pb"]
 
@@ -38,10 +69,27 @@ def image_message(image) -> pb.Image:
 
 
 class AlexNetClient:
-    def __init__(self, target: str = DEFAULT_TARGET, timeout: Optional[float] = None):
+    """A connection to one server. `token`: a bearer token (default: read_token()). With `tls_ca`
+    (PEM) the channel speaks TLS and trusts that CA; `tls_cert` and `tls_key` add a client
+    certificate, for servers that ask for one (mutual TLS)."""
+
+    def __init__(self, target: str = DEFAULT_TARGET, timeout: Optional[float] = None, *, token: Optional[str] = None,
+                 tls_ca: Optional[str] = None, tls_cert: Optional[str] = None, tls_key: Optional[str] = None):  # fmt: skip
         self.target, self.timeout = target, timeout
+        options = [("grpc.max_receive_message_length", 64 << 20)]
         # The channel is made when the client is: create clients after any fork, never before.
-        self.channel = grpc.insecure_channel(target, options=[("grpc.max_receive_message_length", 64 << 20)])
+        if tls_ca or tls_cert:
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=Path(tls_ca).read_bytes() if tls_ca else None,
+                private_key=Path(tls_key).read_bytes() if tls_key else None,
+                certificate_chain=Path(tls_cert).read_bytes() if tls_cert else None,
+            )
+            self.channel = grpc.secure_channel(target, credentials, options=options)
+        else:
+            self.channel = grpc.insecure_channel(target, options=options)
+        token = token if token is not None else read_token()
+        if token:
+            self.channel = grpc.intercept_channel(self.channel, _BearerToken(token))
         self.training = rpc.TrainingServiceStub(self.channel)
         self.inference = rpc.InferenceServiceStub(self.channel)
         self.model = rpc.ModelServiceStub(self.channel)

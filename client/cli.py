@@ -22,7 +22,7 @@ from pathlib import Path
 import grpc
 
 from alexnet_api.v1 import alexnet_pb2 as pb
-from client import DEFAULT_TARGET, AlexNetClient
+from client import DEFAULT_TARGET, AlexNetClient, read_token
 from client.demo import run_demo
 from client.views import STATE, console, follow, jobs_table, predictions_table, show_model
 
@@ -33,11 +33,17 @@ def overrides(args) -> dict:
 
 
 # --- client commands -----------------------------------------------------------------------------
+def connect(args) -> AlexNetClient:
+    """A client for --target, with the token and TLS files the global options name."""
+    return AlexNetClient(args.target, token=read_token(args.token_file), tls_ca=args.tls_ca, tls_cert=args.client_cert,
+                         tls_key=args.client_key)  # fmt: skip
+
+
 def cmd_train(args) -> int:
     if not (args.data or args.builtin or args.resume):
         console.print("[red]say what to train on: --data DIR, --builtin, or --resume JOB|CHECKPOINT")
         return 2
-    with AlexNetClient(args.target) as client:
+    with connect(args) as client:
         job = client.train(
             args.data,
             builtin=args.builtin,
@@ -55,12 +61,12 @@ def cmd_train(args) -> int:
 
 
 def cmd_watch(args) -> int:
-    with AlexNetClient(args.target) as client:
+    with connect(args) as client:
         return 0 if follow(client, args.job).state in (pb.FINISHED, pb.STOPPED) else 1
 
 
 def cmd_status(args) -> int:
-    with AlexNetClient(args.target) as client:
+    with connect(args) as client:
         jobs = [client.get(args.job)] if args.job else client.list()
         if not jobs:
             console.print("no training jobs yet: start one with `alexnet-mp train`")
@@ -70,7 +76,7 @@ def cmd_status(args) -> int:
 
 
 def cmd_stop(args) -> int:
-    with AlexNetClient(args.target) as client:
+    with connect(args) as client:
         job = client.stop(args.job)
         console.print(f"job {job.job_id}: {STATE(job.state)}")
     return 0
@@ -81,14 +87,14 @@ def cmd_classify(args) -> int:
     if missing:
         console.print(f"[red]no such file: {', '.join(missing)}")
         return 2
-    with AlexNetClient(args.target) as client:
+    with connect(args) as client:
         response = client.classify(args.images, top_k=args.top_k)
     console.print(predictions_table(args.images, response))
     return 0
 
 
 def cmd_info(args) -> int:
-    with AlexNetClient(args.target) as client:
+    with connect(args) as client:
         show_model(client.info())
     return 0
 
@@ -121,14 +127,20 @@ def serve_options(args):
         width=args.width,
         transport=args.transport,
         state_dir=state_dir(args),
+        **{name: getattr(args, name, None) for name in ("auth_token_file", "tls_cert", "tls_key", "tls_client_ca")},
+        insecure_no_auth=getattr(args, "insecure_no_auth", False),
         keep_versions=getattr(args, "keep_versions", 5),
     )
 
 
 def cmd_serve(args) -> int:
-    from coordinator.service import Server
+    from coordinator.service import SecurityError, Server
 
-    server = Server(serve_options(args)).start()
+    try:
+        server = Server(serve_options(args)).start()
+    except SecurityError as error:
+        console.print(f"[red]alexnet-mp serve: {error}")
+        return 2
     console.print(
         f"alexnet-mp serving gRPC on {args.host}:{server.port}"
         + (f", metrics at http://{args.host}:{server.metrics_port}/metrics" if server.metrics_port else "")
@@ -157,6 +169,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser, port: int, metrics_port
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="alexnet-mp", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", default=DEFAULT_TARGET, help="server address for client commands")
+    parser.add_argument("--token-file", help="bearer token for client commands (default: $ALEXNET_MP_TOKEN_FILE, "
+                        "else $ALEXNET_MP_TOKEN); never on the command line itself")  # fmt: skip
+    parser.add_argument("--tls-ca", help="speak TLS to the server, trusting this CA certificate (PEM)")
+    parser.add_argument("--client-cert", help="client certificate (PEM), for a server with --tls-client-ca")
+    parser.add_argument("--client-key", help="the client certificate's key (PEM)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log details")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -165,6 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--state-dir", help="job records and model versions kept across restarts "
                        "(default: $XDG_DATA_HOME/alexnet-mp/state, else ~/.local/share/alexnet-mp/state; '' keeps nothing)")  # fmt: skip
     serve.add_argument("--keep-versions", type=int, default=5, help="model versions kept in the state dir")
+    serve.add_argument("--auth-token-file", help="tokens clients must send, one per line, optionally 'read:' or "
+                       "'train:' first (default: $ALEXNET_MP_AUTH_TOKEN_FILE; none: no authentication)")  # fmt: skip
+    serve.add_argument("--tls-cert", help="serve TLS with this certificate (PEM; needs --tls-key)")
+    serve.add_argument("--tls-key", help="the certificate's private key (PEM)")
+    serve.add_argument("--tls-client-ca", help="require client certificates signed by this CA (mutual TLS)")
+    serve.add_argument("--insecure-no-auth", action="store_true",
+                       help="allow a non-loopback --host without tokens (only on a network you trust)")  # fmt: skip
     serve.set_defaults(run=cmd_serve)
 
     train = sub.add_parser("train", help="start a training job")

@@ -26,6 +26,15 @@ from coordinator.data import ColourStats, patterns
 from coordinator.engine import ensure_ray
 from coordinator.service.jobs import JobManager
 from coordinator.service.metrics import GrpcMetricsInterceptor, Metrics
+from coordinator.service.security import (
+    AuthInterceptor,
+    SecurityError,
+    TLSFiles,
+    check_exposure,
+    is_loopback,
+    load_tokens,
+    token_file_from_env,
+)
 from coordinator.service.servicers import InferenceServicer, ModelServicer, TrainingServicer
 from coordinator.service.serving import Classifier, ModelVersion
 from coordinator.service.state import StateStore
@@ -53,6 +62,11 @@ class ServeOptions:
     transport: str = "auto"  # the serving towers' exchanges (a training job's come from its recipe)
     state_dir: Optional[str] = None  # where job records and model versions outlive the server (None: nowhere)
     keep_versions: int = 5  # model versions kept in the state dir
+    auth_token_file: Optional[str] = None  # tokens and their roles (security.py); None: no authentication
+    tls_cert: Optional[str] = None  # PEM files: with both, the port speaks TLS only
+    tls_key: Optional[str] = None
+    tls_client_ca: Optional[str] = None  # clients must then present a certificate it signed (mutual TLS)
+    insecure_no_auth: bool = False  # allow a non-loopback host without tokens (a trusted network only)
 
 
 class Server:
@@ -82,12 +96,13 @@ class Server:
             dict(num_classes=len(patterns.KINDS), width=opts.width),
         )
         self.metrics.prepare(NetConfig(**initial.net))  # a bad --width fails here, before anything starts
+        interceptors, credentials = self._security()  # and so does an unsafe or broken security setting
         ensure_ray(opts.ray_address)
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         # The gRPC server is made here, after Ray has started its processes: nothing forks after this.
         self._grpc = grpc.server(
             futures.ThreadPoolExecutor(max_workers=opts.threads, thread_name_prefix="grpc"),
-            interceptors=[GrpcMetricsInterceptor(self.metrics)],
+            interceptors=interceptors,
             options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)],
         )
         rpc.add_TrainingServiceServicer_to_server(TrainingServicer(self.jobs), self._grpc)
@@ -95,8 +110,12 @@ class Server:
         rpc.add_ModelServiceServicer_to_server(ModelServicer(self.classifier), self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc)
+        address = f"{opts.host}:{opts.port}"
         try:
-            self.port = self._grpc.add_insecure_port(f"{opts.host}:{opts.port}")
+            if credentials is not None:
+                self.port = self._grpc.add_secure_port(address, credentials)
+            else:
+                self.port = self._grpc.add_insecure_port(address)
         except RuntimeError as exc:
             raise RuntimeError(f"cannot listen on {opts.host}:{opts.port} ({exc}); is the port taken? try --port") from None
         self._grpc.start()
@@ -110,6 +129,23 @@ class Server:
         self._set_health(health_pb2.HealthCheckResponse.SERVING)  # towers are up: now we serve
         log.info("serving gRPC on %s:%d, metrics on :%s", opts.host, self.port, self.metrics_port)
         return self
+
+    def _security(self) -> tuple[list, Optional[grpc.ServerCredentials]]:
+        """The interceptors (metrics first, so refusals count too) and TLS credentials; SecurityError
+        for a setting that is unsafe (a network address with no tokens) or incomplete."""
+        opts = self.options
+        token_file = opts.auth_token_file or token_file_from_env()
+        tokens = load_tokens(token_file) if token_file else None
+        check_exposure(opts.host, bool(tokens), opts.insecure_no_auth)
+        if bool(opts.tls_cert) != bool(opts.tls_key) or (opts.tls_client_ca and not opts.tls_cert):
+            raise SecurityError("TLS needs both --tls-cert and --tls-key (and --tls-client-ca only with them)")
+        credentials = TLSFiles(opts.tls_cert, opts.tls_key, opts.tls_client_ca).server_credentials() if opts.tls_cert else None
+        if tokens and credentials is None and not is_loopback(opts.host):
+            log.warning("tokens will cross the network in clear text: add --tls-cert and --tls-key")
+        interceptors = [GrpcMetricsInterceptor(self.metrics)]
+        if tokens:
+            interceptors.append(AuthInterceptor(tokens, SERVICE_NAMES))
+        return interceptors, credentials
 
     def _publish(self, version: ModelVersion) -> int:
         """Serve a new version (numbered here) and, with a state dir, keep it for after a restart."""

@@ -1,0 +1,168 @@
+"""Tokens, roles, TLS and the loopback default, against real servers on loopback ports.
+
+Certificates are made at test time with the `cryptography` package: a CA, a server certificate
+for 127.0.0.1, a client certificate it signed, and a self-signed impostor.
+"""
+
+import datetime
+import ipaddress
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from grpc_health.v1 import health_pb2
+
+from alexnet_api.v1 import alexnet_pb2 as pb
+from client import AlexNetClient
+from coordinator.service import SecurityError, ServeOptions, Server
+from coordinator.service.security import load_tokens
+from test_service import jpeg_bytes
+
+WIDTH = 0.125
+READ, TRAIN, BOTH = "r" * 8 + "read-token-0001", "t" * 8 + "train-token-001", "b" * 8 + "both-roles-0001"
+
+
+def certificate(tmp_path, name, issuer=None, server=False):
+    """A key and certificate for `name`, signed by issuer (a (key, cert) pair) or by itself; their paths."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer[1].subject if issuer else subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=issuer is None and not server, path_length=None), critical=True)
+    )
+    if server:
+        names = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    cert = builder.sign(issuer[0] if issuer else key, hashes.SHA256())
+    key_path, cert_path = tmp_path / f"{name}.key", tmp_path / f"{name}.pem"
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))  # fmt: skip
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return (key, cert), str(key_path), str(cert_path)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pki")
+    ca, _, ca_pem = certificate(folder, "test-ca")
+    _, server_key, server_pem = certificate(folder, "server", issuer=ca, server=True)
+    _, client_key, client_pem = certificate(folder, "client", issuer=ca)
+    _, rogue_key, rogue_pem = certificate(folder, "impostor")
+    return dict(ca=ca_pem, server=(server_pem, server_key), client=(client_pem, client_key), rogue=(rogue_pem, rogue_key))
+
+
+@pytest.fixture(scope="module")
+def token_server(ray_session, tmp_path_factory):
+    tokens = tmp_path_factory.mktemp("tokens") / "tokens"
+    tokens.write_text(f"# who may do what\nread:{READ}\ntrain:{TRAIN}\n\n{BOTH}\n")
+    tokens.chmod(0o600)
+    srv = Server(ServeOptions(port=0, metrics_port=-1, width=WIDTH, auth_token_file=str(tokens))).start()
+    yield srv
+    srv.stop()
+
+
+def call(server, token, method, request, **tls):
+    with AlexNetClient(f"127.0.0.1:{server.port}", timeout=30, token=token, **tls) as client:
+        stub = client.training if method in ("StartTraining", "ListTrainings", "WatchTraining") else client.inference
+        if method == "WatchTraining":
+            return list(stub.WatchTraining(request, timeout=30))
+        return getattr(stub, method)(request, timeout=30)
+
+
+def code_of(server, token, method, request, **tls) -> grpc.StatusCode:
+    try:
+        call(server, token, method, request, **tls)
+        return grpc.StatusCode.OK
+    except grpc.RpcError as exc:
+        return exc.code()
+
+
+CLASSIFY = pb.ClassifyRequest(images=[pb.Image(encoded=jpeg_bytes())], top_k=1)
+
+
+def test_tokens_and_roles(token_server):
+    ok, unauthenticated, denied = grpc.StatusCode.OK, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED
+    assert code_of(token_server, "", "Classify", CLASSIFY) == unauthenticated
+    assert code_of(token_server, "not-a-token-at-all", "Classify", CLASSIFY) == unauthenticated
+    assert code_of(token_server, READ, "Classify", CLASSIFY) == ok
+    assert code_of(token_server, BOTH, "Classify", CLASSIFY) == ok
+    assert code_of(token_server, TRAIN, "Classify", CLASSIFY) == denied
+    assert code_of(token_server, "", "WatchTraining", pb.JobRef(job_id="x")) == unauthenticated  # a stream too
+    assert code_of(token_server, READ, "WatchTraining", pb.JobRef(job_id="x")) == grpc.StatusCode.NOT_FOUND
+    bad_spec = pb.TrainingSpec(data_dir="/no/such/folder")
+    assert code_of(token_server, READ, "StartTraining", bad_spec) == denied
+    assert code_of(token_server, TRAIN, "StartTraining", bad_spec) == grpc.StatusCode.INVALID_ARGUMENT  # past the check
+    assert call(token_server, READ, "ListTrainings", pb.ListTrainingsRequest()).jobs == []  # no refused call made one
+    with pytest.raises(grpc.RpcError) as refused:
+        call(token_server, TRAIN, "Classify", CLASSIFY)
+    assert "may train but not read: Classify needs a 'read:' token" in refused.value.details()
+    with pytest.raises(grpc.RpcError) as refused:
+        call(token_server, "", "Classify", CLASSIFY)
+    assert "no token: send 'authorization: Bearer <token>'" in refused.value.details()
+
+    channel = grpc.insecure_channel(f"127.0.0.1:{token_server.port}")  # another scheme than Bearer
+    classify = channel.unary_unary("/alexnet.v1.InferenceService/Classify", pb.ClassifyRequest.SerializeToString,
+                                   pb.ClassifyResponse.FromString)  # fmt: skip
+    with pytest.raises(grpc.RpcError) as refused:
+        classify(CLASSIFY, metadata=[("authorization", f"Basic {READ}")], timeout=30)
+    assert refused.value.code() == unauthenticated
+    channel.close()
+    with AlexNetClient(f"127.0.0.1:{token_server.port}", timeout=30, token="") as client:  # health stays open
+        assert client.health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_mutual_tls(ray_session, pki):
+    cert, key = pki["server"]
+    srv = Server(ServeOptions(port=0, metrics_port=-1, width=WIDTH, tls_cert=cert, tls_key=key, tls_client_ca=pki["ca"])).start()
+    try:
+        client_cert, client_key = pki["client"]
+        assert code_of(srv, "", "Classify", CLASSIFY, tls_ca=pki["ca"], tls_cert=client_cert, tls_key=client_key) == grpc.StatusCode.OK
+        refused = [
+            code_of(srv, "", "Classify", CLASSIFY),  # plaintext
+            code_of(srv, "", "Classify", CLASSIFY, tls_ca=pki["ca"]),  # TLS, but no client certificate
+            code_of(srv, "", "Classify", CLASSIFY, tls_ca=pki["ca"], tls_cert=pki["rogue"][0], tls_key=pki["rogue"][1]),
+        ]
+        assert refused == [grpc.StatusCode.UNAVAILABLE] * 3
+    finally:
+        srv.stop()
+    tls_only = Server(ServeOptions(port=0, metrics_port=-1, width=WIDTH, tls_cert=cert, tls_key=key)).start()
+    try:
+        assert code_of(tls_only, "", "Classify", CLASSIFY, tls_ca=pki["ca"]) == grpc.StatusCode.OK
+        assert code_of(tls_only, "", "Classify", CLASSIFY) == grpc.StatusCode.UNAVAILABLE  # plaintext
+    finally:
+        tls_only.stop()
+
+
+def test_a_network_address_without_tokens_is_refused_before_anything_listens(tmp_path, capsys):
+    from client.cli import main
+
+    with pytest.raises(SecurityError, match="refusing to listen on 0.0.0.0 without authentication"):
+        Server(ServeOptions(host="0.0.0.0", port=0, metrics_port=-1)).start()
+    assert main(["serve", "--host", "0.0.0.0", "--port", "0", "--state-dir", ""]) == 2
+    assert "--auth-token-file FILE" in capsys.readouterr().out
+    with pytest.raises(SecurityError, match="TLS needs both --tls-cert and --tls-key"):
+        Server(ServeOptions(port=0, metrics_port=-1, tls_cert=str(tmp_path / "x.pem"))).start()
+    short = tmp_path / "short"
+    short.write_text("read:abc\n")
+    with pytest.raises(SecurityError, match="line 1: a token needs at least 16 characters"):
+        load_tokens(short)
+    (tmp_path / "empty").write_text("# nothing\n")
+    with pytest.raises(SecurityError, match="holds no token"):
+        load_tokens(tmp_path / "empty")
+    roles = load_tokens(_write(tmp_path / "t", f"read:{READ}\ntrain:{READ}\n{BOTH}\n"))
+    assert roles == {READ: {"read", "train"}, BOTH: {"read", "train"}}
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
