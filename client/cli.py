@@ -124,11 +124,14 @@ def serve_options(args):
         ray_address=args.ray_address,
         max_batch=args.max_batch,
         max_delay_ms=args.max_delay_ms,
+        max_queue=args.max_queue,
         width=args.width,
         transport=args.transport,
         state_dir=state_dir(args),
         **{name: getattr(args, name, None) for name in ("auth_token_file", "tls_cert", "tls_key", "tls_client_ca")},
         insecure_no_auth=getattr(args, "insecure_no_auth", False),
+        data_roots=getattr(args, "data_roots", None),
+        checkpoint_roots=getattr(args, "checkpoint_roots", None),
         keep_versions=getattr(args, "keep_versions", 5),
     )
 
@@ -161,6 +164,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser, port: int, metrics_port
     parser.add_argument("--metrics-port", type=int, default=metrics_port, help="Prometheus /metrics port (-1: none)")
     parser.add_argument("--max-batch", type=int, default=32, help="images per served batch")
     parser.add_argument("--max-delay-ms", type=float, default=1.0, help="how long a lone request waits for a batch to fill")
+    parser.add_argument("--max-queue", type=int, default=256, help="images waiting to be classified, at most (beyond: RESOURCE_EXHAUSTED)")
     parser.add_argument("--width", type=float, default=1.0, help="network width (1.0 is the paper's)")
     parser.add_argument("--transport", default="auto",
                         help="how the serving towers exchange tensors: auto (NCCL with a GPU each, else the object store), object_store or collective")  # fmt: skip
@@ -187,6 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tls-cert", help="serve TLS with this certificate (PEM; needs --tls-key)")
     serve.add_argument("--tls-key", help="the certificate's private key (PEM)")
     serve.add_argument("--tls-client-ca", help="require client certificates signed by this CA (mutual TLS)")
+    serve.add_argument("--data-root", action="append", dest="data_roots", metavar="DIR",
+                       help="a folder requests may train on (repeatable; default: your home on loopback, else none)")  # fmt: skip
+    serve.add_argument("--checkpoint-root", action="append", dest="checkpoint_roots", metavar="DIR",
+                       help="a folder requests may checkpoint to and resume from (repeatable; default as --data-root)")  # fmt: skip
     serve.add_argument("--insecure-no-auth", action="store_true",
                        help="allow a non-loopback --host without tokens (only on a network you trust)")  # fmt: skip
     serve.set_defaults(run=cmd_serve)

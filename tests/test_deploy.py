@@ -21,4 +21,5 @@ def test_the_head_starts_the_server_on_the_cluster():
     config = yaml.safe_load(CLUSTER.read_text())
     commands = " ".join(config["head_start_ray_commands"])
     assert "alexnet-mp serve --ray-address auto" in commands
-    assert "--host 0.0.0.0" in commands
+    assert "--host 127.0.0.1" in commands  # loopback: users port-forward, so no token or TLS is needed
+    assert "0.0.0.0" not in commands

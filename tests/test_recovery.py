@@ -27,8 +27,10 @@ WIDTH = 0.125
 
 
 @pytest.fixture(scope="module")
-def server(ray_session):
-    srv = Server(ServeOptions(port=0, metrics_port=0, width=WIDTH, max_batch=8, max_delay_ms=2)).start()
+def server(ray_session, tmp_path_factory):
+    roots = [str(tmp_path_factory.getbasetemp())]
+    srv = Server(ServeOptions(port=0, metrics_port=0, width=WIDTH, max_batch=8, max_delay_ms=2, data_roots=roots,
+                              checkpoint_roots=roots)).start()  # fmt: skip
     yield srv
     srv.stop()
 

@@ -6,6 +6,8 @@ for 127.0.0.1, a client certificate it signed, and a self-signed impostor.
 
 import datetime
 import ipaddress
+import os
+from pathlib import Path
 
 import grpc
 import pytest
@@ -99,7 +101,7 @@ def test_tokens_and_roles(token_server):
     assert code_of(token_server, TRAIN, "Classify", CLASSIFY) == denied
     assert code_of(token_server, "", "WatchTraining", pb.JobRef(job_id="x")) == unauthenticated  # a stream too
     assert code_of(token_server, READ, "WatchTraining", pb.JobRef(job_id="x")) == grpc.StatusCode.NOT_FOUND
-    bad_spec = pb.TrainingSpec(data_dir="/no/such/folder")
+    bad_spec = pb.TrainingSpec(data_dir=str(Path.home() / "no-such-folder-for-alexnet-mp"))  # inside the default root
     assert code_of(token_server, READ, "StartTraining", bad_spec) == denied
     assert code_of(token_server, TRAIN, "StartTraining", bad_spec) == grpc.StatusCode.INVALID_ARGUMENT  # past the check
     assert call(token_server, READ, "ListTrainings", pb.ListTrainingsRequest()).jobs == []  # no refused call made one
@@ -166,3 +168,38 @@ def test_a_network_address_without_tokens_is_refused_before_anything_listens(tmp
 def _write(path, text):
     path.write_text(text)
     return path
+
+
+def test_every_path_a_request_names_must_lie_in_the_roots(tmp_path):
+    from coordinator.service.errors import InvalidRequest, PermissionDenied
+    from coordinator.service.requests import Roots, TrainingRequest, check_request
+    from test_training import saved_by
+
+    inside, outside = tmp_path / "inside", tmp_path / "outside"
+    (inside / "data" / "a").mkdir(parents=True)
+    (outside / "data" / "a").mkdir(parents=True)
+    os.symlink(outside / "data", inside / "link")  # a symlink inside that leads out
+    saved_by(outside / "ckpt", [(1, 0.5)], keep=1)
+    roots = Roots.of([inside], [inside])
+    escapes = [
+        dict(data_dir=str(outside / "data")),  # absolute
+        dict(data_dir=str(inside / ".." / "outside" / "data")),  # ..
+        dict(data_dir=str(inside / "link")),  # symlink
+        dict(data_dir=str(inside / "data"), val_dir=str(inside / "link")),
+        dict(data_dir=str(inside / "data"), class_names_file="/etc/passwd"),
+        dict(data_dir=str(inside / "data"), checkpoint_dir=str(outside / "ckpt")),
+        dict(resume_from=str(outside / "ckpt")),
+        dict(builtin=True, checkpoint_dir="relative/to/the/server"),
+    ]
+    for fields in escapes:
+        with pytest.raises(PermissionDenied, match="outside the server's"):
+            check_request(TrainingRequest(**fields), roots=roots)
+    assert not (tmp_path / "relative").exists() and not list(outside.glob("**/.write-test-*"))  # nothing was made
+    with pytest.raises(InvalidRequest, match="holds a NUL byte"):
+        check_request(TrainingRequest(data_dir=str(inside) + "/\0x"), roots=roots)
+    with pytest.raises(PermissionDenied, match=r"\(none are configured\): .* `serve --checkpoint-root`"):
+        check_request(TrainingRequest(builtin=True, checkpoint_dir=str(inside)), roots=Roots.of([inside], []))
+    long = "/x" * 5000
+    with pytest.raises(PermissionDenied) as refused:
+        check_request(TrainingRequest(data_dir=long), roots=roots)
+    assert len(str(refused.value)) < 600  # what is echoed is cut short

@@ -34,7 +34,7 @@ class ServerProcess:
         self.log = log.open("a")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "client.cli", "serve", "--port", "0", "--metrics-port", "-1", "--width", "0.125",
-             "--state-dir", str(state_dir)],  # fmt: skip
+             "--state-dir", str(state_dir), "--data-root", str(state_dir.parent), "--checkpoint-root", str(state_dir.parent)],  # fmt: skip
             cwd=ROOT, stdout=subprocess.PIPE, stderr=self.log, text=True, start_new_session=True,
         )  # fmt: skip
         line = self.process.stdout.readline()  # printed once it serves

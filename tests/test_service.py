@@ -28,8 +28,10 @@ def dataset(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(ray_session):
-    srv = Server(ServeOptions(port=0, metrics_port=0, width=WIDTH, max_batch=16, max_delay_ms=2)).start()
+def server(ray_session, tmp_path_factory):
+    roots = [str(tmp_path_factory.getbasetemp())]  # every test's files are under it
+    srv = Server(ServeOptions(port=0, metrics_port=0, width=WIDTH, max_batch=16, max_delay_ms=2, data_roots=roots,
+                              checkpoint_roots=roots)).start()  # fmt: skip
     yield srv
     srv.stop()
 
@@ -166,7 +168,7 @@ def test_unknown_and_empty_jobs(client, call):
     "spec, message",
     [
         (dict(), "no dataset"),
-        (dict(data_dir="/no/such/folder"), "does not exist"),
+        (dict(data_dir="MISSING"), "does not exist"),
         (dict(data_dir="EMPTY"), "no class folders"),
         (dict(data_dir="DATA", preset="fast"), "unknown preset 'fast'"),
         (dict(data_dir="DATA", overrides={"lr": "-1"}), "lr must be"),
@@ -178,7 +180,7 @@ def test_unknown_and_empty_jobs(client, call):
 )
 def test_bad_training_specs_get_invalid_argument(client, dataset, tmp_path, spec, message):
     (tmp_path / "empty").mkdir()
-    folders = {"DATA": str(dataset / "train"), "EMPTY": str(tmp_path / "empty")}
+    folders = {"DATA": str(dataset / "train"), "EMPTY": str(tmp_path / "empty"), "MISSING": str(tmp_path / "no-such-folder")}
     if "data_dir" in spec:
         spec["data_dir"] = folders.get(spec["data_dir"], spec["data_dir"])
     request = pb.TrainingSpec(**{k: v for k, v in spec.items()})
@@ -359,14 +361,18 @@ def test_cli_train_follow_status_and_errors(server, client, capsys, dataset):
     assert code == 0 and "started job" in out and "FINISHED" in out and "validation top-1" in out
     code, out = run_cli(server, capsys, "status")
     assert code == 0 and "FINISHED" in out
-    code, out = run_cli(server, capsys, "train", "--data", "/no/such/dir")
+    code, out = run_cli(server, capsys, "train", "--data", str(dataset / "no-such-dir"))
     assert code == 1 and "INVALID_ARGUMENT" in out and "does not exist" in out
+    code, out = run_cli(server, capsys, "train", "--data", "/etc")
+    assert code == 1 and "PERMISSION_DENIED" in out and "data_dir /etc is outside the server's data roots" in out
     code, out = run_cli(server, capsys, "train", "--builtin", "--set", "lr")
     assert code == 2 and "NAME=VALUE" in out
     code, out = run_cli(server, capsys, "train")
     assert code == 2 and "--data DIR, --builtin, or --resume JOB|CHECKPOINT" in out
     code, out = run_cli(server, capsys, "train", "--resume", "/no/such/checkpoint")
-    assert code == 1 and "NOT_FOUND" in out and "no checkpoint file or folder at /no/such/checkpoint" in out
+    assert code == 1 and "PERMISSION_DENIED" in out and "resume_from /no/such/checkpoint is outside" in out
+    code, out = run_cli(server, capsys, "train", "--resume", str(dataset / "no-checkpoint"))
+    assert code == 1 and "NOT_FOUND" in out and "no checkpoint file or folder at" in out
 
 
 def test_cli_says_when_no_server_listens(capsys):

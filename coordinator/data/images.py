@@ -60,15 +60,21 @@ class ColourStats:
 
 
 # --- decoding ---------------------------------------------------------------------------------
+MAX_PIXELS = 40_000_000  # what an image may decode to; a bigger one (a decompression bomb?) is refused unread
+
+
 def load_image(source) -> np.ndarray:
     """(256, 256, 3) uint8 RGB from a path or a binary file object: shorter side rescaled to 256
-    (smaller images upscaled), then the centre 256x256."""
+    (smaller images upscaled), then the centre 256x256. An image that would decode to more than
+    MAX_PIXELS is refused from its header, before its pixels are allocated."""
     name = getattr(source, "name", None) or (source if isinstance(source, str) else "image")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # palette-transparency and EXIF chatter
             with Image.open(source) as img:
                 img.draft("RGB", (STORED, STORED))  # JPEG: let the decoder downscale by 2/4/8 where it can
+                if img.width * img.height > MAX_PIXELS:
+                    raise ValueError(f"{img.width}x{img.height} pixels, more than the {MAX_PIXELS // 10**6} million allowed")
                 img = ImageOps.exif_transpose(img)
                 img = _to_rgb(img)
                 scale = STORED / min(img.size)

@@ -22,6 +22,8 @@ from coordinator.service.requests import TrainingRequest
 from coordinator.service.serving import ModelVersion, Prediction
 from coordinator.training import Progress
 
+MAX_PIXEL_VALUE = 1e4  # preprocessed pixels lie within about +-255
+
 STATES = {state: pb.JobState.Value(state.name) for state in JobState}
 EVENT_KINDS = {
     "state": pb.TrainingEvent.STATE,
@@ -115,6 +117,8 @@ def classify_items(images, image_size: int) -> list:
     items = []
     for i, image in enumerate(images):
         kind = image.WhichOneof("data")
+        if kind == "encoded" and not image.encoded:
+            raise InvalidRequest(f"image {i}: encoded holds no bytes; send the file's bytes (JPEG, PNG, BMP or WebP)")
         if kind == "encoded":
             try:
                 items.append(("crop", centre_crop(load_image(io.BytesIO(image.encoded)))))
@@ -132,6 +136,9 @@ def classify_items(images, image_size: int) -> list:
             values = torch.from_numpy(np.frombuffer(image.tensor.data, dtype="<f4").astype(np.float32)).reshape(expected)
             if not torch.isfinite(values).all():
                 raise InvalidRequest(f"image {i}: tensor holds NaN or infinite values")
+            if values.abs().max() > MAX_PIXEL_VALUE:  # finite, but far enough out to overflow the network to NaN
+                raise InvalidRequest(f"image {i}: tensor values reach {values.abs().max().item():.3g}; send preprocessed "
+                                     f"pixels (0..255 minus the mean, or normalised), within +-{MAX_PIXEL_VALUE:g}")  # fmt: skip
             items.append(("tensor", values))
         else:
             raise InvalidRequest(f"image {i} is empty: set `encoded` or `tensor`")

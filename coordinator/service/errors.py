@@ -20,3 +20,15 @@ class PreconditionFailed(ServiceError):
 
 class Unavailable(ServiceError):
     """Not now, but soon: the service is starting or shutting down. Retry."""
+
+
+class PermissionDenied(ServiceError):
+    """The request names a path outside the roots the server was given."""
+
+
+class ResourceExhausted(ServiceError):
+    """A bounded resource is full (the classify queue, the watch streams). Retry later, with backoff."""
+
+
+class DeadlineExceeded(ServiceError):
+    """The client's deadline passed before the answer was ready; what was left of the work was dropped."""

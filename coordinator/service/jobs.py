@@ -22,7 +22,7 @@ from coordinator.data import open_dataset, patterns
 from coordinator.engine import error_summary
 from coordinator.service.errors import InvalidRequest, NotFound, PreconditionFailed
 from coordinator.service.metrics import Metrics
-from coordinator.service.requests import JobPlan, TrainingRequest, check_request
+from coordinator.service.requests import OPEN, JobPlan, Roots, TrainingRequest, check_request
 from coordinator.service.serving import ModelVersion
 from coordinator.service.state import StateStore
 from coordinator.training import CheckpointError, Progress, train
@@ -196,8 +196,8 @@ class JobManager:
     With a StateStore, every job's record is kept there and the table is read back at start."""
 
     def __init__(self, metrics: Metrics, publish: Callable[[ModelVersion], int], data_root: Path,
-                 store: Optional[StateStore] = None):  # fmt: skip
-        self.metrics, self.publish, self.data_root, self.store = metrics, publish, data_root, store
+                 store: Optional[StateStore] = None, roots: Roots = OPEN):  # fmt: skip
+        self.metrics, self.publish, self.data_root, self.store, self.roots = metrics, publish, data_root, store, roots
         self._jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
         if store is not None:
@@ -228,7 +228,7 @@ class JobManager:
             return sorted(self._jobs.values(), key=lambda j: j.created, reverse=True)
 
     def start(self, request: TrainingRequest) -> Job:
-        plan = check_request(request, self._resume_source(request.resume_from))
+        plan = check_request(request, self._resume_source(request.resume_from), self.roots)
         with self._lock:
             running = [job for job in self._jobs.values() if job.state in ACTIVE]
             if running:

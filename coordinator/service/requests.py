@@ -7,17 +7,46 @@ request leaves nothing behind and an accepted one does not fail for a reason vis
 from __future__ import annotations
 
 import dataclasses
+import os
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 from coordinator.data import check_folder
-from coordinator.service.errors import InvalidRequest, NotFound, PreconditionFailed
+from coordinator.service.errors import InvalidRequest, NotFound, PermissionDenied, PreconditionFailed
 from coordinator.training import CheckpointError, Recipe, ResumeMismatch, load_checkpoint, recipe, resume_recipe
-from coordinator.training.checkpoints import CheckpointMissing
+from coordinator.training.checkpoints import CheckpointMissing, shown
 
 DATASET_FIELDS = ("builtin", "data_dir", "val_dir", "class_names_file")
+
+
+@dataclass(frozen=True)
+class Roots:
+    """The folders a request's paths must lie in, after symlinks and '..' are resolved."""
+
+    data: tuple[Path, ...]  # data_dir, val_dir, class_names_file
+    checkpoints: tuple[Path, ...]  # checkpoint_dir, resume_from
+
+    @classmethod
+    def of(cls, data=(), checkpoints=()) -> "Roots":
+        return cls(tuple(Path(os.path.realpath(p)) for p in data), tuple(Path(os.path.realpath(p)) for p in checkpoints))
+
+    def check(self, field_name: str, path: str, kind: str = "data") -> Path:
+        """The path, resolved; PermissionDenied unless it lies in one of the roots of its kind."""
+        roots = self.data if kind == "data" else self.checkpoints
+        if "\0" in path:
+            raise InvalidRequest(f"{field_name} holds a NUL byte")
+        resolved = Path(os.path.realpath(path))
+        if not any(resolved.is_relative_to(root) for root in roots):
+            option = "--data-root" if kind == "data" else "--checkpoint-root"
+            where = ", ".join(str(r) for r in roots) if roots else "none are configured"
+            raise PermissionDenied(f"{field_name} {shown(path)} is outside the server's {kind} roots ({where}): use a "
+                                   f"folder under them, or ask the operator to add one with `serve {option}`")  # fmt: skip
+        return resolved
+
+
+OPEN = Roots((Path("/"),), (Path("/"),))  # everything: for callers that do their own checking
 
 
 @dataclass(frozen=True)
@@ -47,23 +76,39 @@ class JobPlan:
     resume: Optional[dict] = None  # the checkpoint's payload (training.load_checkpoint)
 
 
-def check_request(request: TrainingRequest, resume_source: Optional[Path] = None) -> JobPlan:
-    """The request's plan, or InvalidRequest (NotFound, PreconditionFailed) saying what to fix.
-    `resume_source`: the checkpoint file or folder that request.resume_from names."""
+def check_request(request: TrainingRequest, resume_source: Optional[Path] = None, roots: Roots = OPEN) -> JobPlan:
+    """The request's plan, or InvalidRequest (NotFound, PreconditionFailed, PermissionDenied) saying
+    what to fix. `resume_source`: the checkpoint file or folder that request.resume_from names.
+    Every path is checked against `roots` before anything reads it."""
+    try:
+        return _checked(request, resume_source, roots)
+    except OSError as exc:  # a name too long, a folder that vanished mid-scan, a permission: the request's
+        raise InvalidRequest(f"{shown(exc.filename or 'a path')}: {exc.strerror or type(exc).__name__}") from None
+
+
+def _checked(request: TrainingRequest, resume_source: Optional[Path], roots: Roots) -> JobPlan:
     payload = None
     if request.resume_from:
-        payload, request = _resumed(request, resume_source or Path(request.resume_from))
+        source = roots.check("resume_from", str(resume_source or request.resume_from), "checkpoints")
+        payload, request = _resumed(request, source)
+    for name in ("data_dir", "val_dir", "class_names_file"):  # a resumed run's come from its checkpoint: checked too
+        if getattr(request, name):
+            roots.check(name, getattr(request, name))
+    if request.checkpoint_dir:
+        roots.check("checkpoint_dir", request.checkpoint_dir, "checkpoints")
     if not request.builtin and not request.data_dir:
         raise InvalidRequest("no dataset: set data_dir to an ImageFolder training folder, or builtin for the built-in one")
     train_dir = None if request.builtin else Path(request.data_dir)
     val_dir = Path(request.val_dir) if request.val_dir else None
     try:
-        for folder in (train_dir, val_dir):
-            if folder is not None:
-                classes = check_folder(folder)
-                if payload is not None and folder == train_dir and classes != list(payload["classes"]):
-                    raise ResumeMismatch(f"cannot resume on {folder}: its {len(classes)} class folders are not the "
-                                         f"checkpoint's {len(payload['classes'])} classes")  # fmt: skip
+        classes = check_folder(train_dir) if train_dir is not None else None
+        if payload is not None and classes is not None and classes != list(payload["classes"]):
+            raise ResumeMismatch(f"cannot resume on {shown(train_dir)}: its {len(classes)} class folders are not the "
+                                 f"checkpoint's {len(payload['classes'])} classes")  # fmt: skip
+        if val_dir is not None:
+            extra = sorted(set(check_folder(val_dir)) - set(classes or []))
+            if classes is not None and extra:
+                raise InvalidRequest(f"val_dir has classes the training folder lacks: {', '.join(shown(c, 40) for c in extra[:5])}")
         plan = resume_recipe(payload, request.overrides) if payload else recipe(request.preset or "demo", request.overrides)
     except ResumeMismatch as exc:
         raise PreconditionFailed(str(exc)) from None
@@ -71,16 +116,16 @@ def check_request(request: TrainingRequest, resume_source: Optional[Path] = None
         raise InvalidRequest(str(exc)) from None
     class_names = Path(request.class_names_file) if request.class_names_file else None
     if class_names is not None and not class_names.is_file():
-        raise InvalidRequest(f"class_names_file {class_names} does not exist")
+        raise InvalidRequest(f"class_names_file {shown(class_names)} does not exist")
     checkpoint_dir = Path(request.checkpoint_dir) if request.checkpoint_dir else None
-    if checkpoint_dir is not None:
+    if checkpoint_dir is not None:  # made last: a request refused for any other reason leaves no folder behind
         try:
             checkpoint_dir.mkdir(parents=True, exist_ok=True)
             probe = checkpoint_dir / f".write-test-{uuid.uuid4().hex}"
             probe.write_bytes(b"")
             probe.unlink()
         except OSError as exc:
-            raise InvalidRequest(f"checkpoint_dir {checkpoint_dir} is not writable: {exc.strerror or exc}") from None
+            raise InvalidRequest(f"checkpoint_dir {shown(checkpoint_dir)} is not writable: {exc.strerror or exc}") from None
     return JobPlan(plan, train_dir, val_dir, class_names, checkpoint_dir, request, payload)
 
 

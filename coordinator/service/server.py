@@ -26,6 +26,7 @@ from coordinator.data import ColourStats, patterns
 from coordinator.engine import ensure_ray
 from coordinator.service.jobs import JobManager
 from coordinator.service.metrics import GrpcMetricsInterceptor, Metrics
+from coordinator.service.requests import Roots
 from coordinator.service.security import (
     AuthInterceptor,
     SecurityError,
@@ -35,7 +36,7 @@ from coordinator.service.security import (
     load_tokens,
     token_file_from_env,
 )
-from coordinator.service.servicers import InferenceServicer, ModelServicer, TrainingServicer
+from coordinator.service.servicers import InferenceServicer, ModelServicer, ParseRequests, TrainingServicer
 from coordinator.service.serving import Classifier, ModelVersion
 from coordinator.service.state import StateStore
 from towers import NetConfig
@@ -56,6 +57,8 @@ class ServeOptions:
     ray_address: Optional[str] = None  # None: RAY_ADDRESS, else a new local Ray
     max_batch: int = 32  # images per served batch
     max_delay_ms: float = 1.0  # how long a lone request waits for company (batches also form while the towers work)
+    max_queue: int = 256  # images waiting to be classified, at most; beyond, RESOURCE_EXHAUSTED
+    max_watchers: int = 16  # WatchTraining streams open at once, at most (each holds a handler thread)
     width: float = 1.0  # the network served before any training
     data_root: Optional[str] = None  # where the built-in dataset is generated
     threads: int = 32  # gRPC handler threads
@@ -67,6 +70,14 @@ class ServeOptions:
     tls_key: Optional[str] = None
     tls_client_ca: Optional[str] = None  # clients must then present a certificate it signed (mutual TLS)
     insecure_no_auth: bool = False  # allow a non-loopback host without tokens (a trusted network only)
+    data_roots: Optional[list] = None  # folders requests may train on; None: the user's home on loopback, else none
+    checkpoint_roots: Optional[list] = None  # folders requests may write checkpoints to and resume from; likewise
+
+    def roots(self) -> Roots:
+        """The path roots, with their safe defaults: on loopback the user's home, elsewhere nothing until given."""
+        default = [Path.home()] if is_loopback(self.host) else []
+        pick = lambda given: default if given is None else given  # noqa: E731
+        return Roots.of(pick(self.data_roots), pick(self.checkpoint_roots))
 
 
 class Server:
@@ -74,11 +85,12 @@ class Server:
         self.options = options
         self.metrics = Metrics()
         self.classifier = Classifier(
-            options.max_batch, options.max_delay_ms / 1000.0, self.metrics, options.transport, self._serving_changed
+            options.max_batch, options.max_delay_ms / 1000.0, self.metrics, options.transport, self._serving_changed,
+            options.max_queue,
         )
         data_root = Path(options.data_root) if options.data_root else patterns.default_root()
         self.store = StateStore(options.state_dir, options.keep_versions) if options.state_dir else None
-        self.jobs = JobManager(self.metrics, self._publish, data_root, self.store)
+        self.jobs = JobManager(self.metrics, self._publish, data_root, self.store, options.roots())
         self.health = health.HealthServicer()
         self.port = self.metrics_port = None
         self._grpc: Optional[grpc.Server] = None
@@ -103,9 +115,10 @@ class Server:
         self._grpc = grpc.server(
             futures.ThreadPoolExecutor(max_workers=opts.threads, thread_name_prefix="grpc"),
             interceptors=interceptors,
+            maximum_concurrent_rpcs=opts.threads * 4,  # beyond, gRPC answers RESOURCE_EXHAUSTED: its own queue is bounded
             options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)],
         )
-        rpc.add_TrainingServiceServicer_to_server(TrainingServicer(self.jobs), self._grpc)
+        rpc.add_TrainingServiceServicer_to_server(TrainingServicer(self.jobs, opts.max_watchers), self._grpc)
         rpc.add_InferenceServiceServicer_to_server(InferenceServicer(self.classifier, self.metrics), self._grpc)
         rpc.add_ModelServiceServicer_to_server(ModelServicer(self.classifier), self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
@@ -145,7 +158,7 @@ class Server:
         interceptors = [GrpcMetricsInterceptor(self.metrics)]
         if tokens:
             interceptors.append(AuthInterceptor(tokens, SERVICE_NAMES))
-        return interceptors, credentials
+        return [*interceptors, ParseRequests()], credentials
 
     def _publish(self, version: ModelVersion) -> int:
         """Serve a new version (numbered here) and, with a state dir, keep it for after a restart."""

@@ -7,6 +7,7 @@ kind, anything else INTERNAL with the cause (and the traceback in the log).
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Callable, Optional
 
@@ -16,8 +17,18 @@ from alexnet_api.v1 import alexnet_pb2 as pb
 from alexnet_api.v1 import alexnet_pb2_grpc as rpc
 from coordinator.data import CROP
 from coordinator.service import convert
-from coordinator.service.errors import InvalidRequest, NotFound, PreconditionFailed, ServiceError, Unavailable
+from coordinator.service.errors import (
+    DeadlineExceeded,
+    InvalidRequest,
+    NotFound,
+    PermissionDenied,
+    PreconditionFailed,
+    ResourceExhausted,
+    ServiceError,
+    Unavailable,
+)
 from coordinator.service.jobs import JobManager
+from coordinator.training.checkpoints import shown
 from coordinator.service.metrics import Metrics
 from coordinator.service.serving import Classifier
 
@@ -28,15 +39,21 @@ STATUS_CODES = {
     NotFound: grpc.StatusCode.NOT_FOUND,
     PreconditionFailed: grpc.StatusCode.FAILED_PRECONDITION,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
+
+
+MAX_MESSAGE = 1000  # characters of a status message: it travels in metadata, and may quote the request
 
 
 def status_of(exc: Exception, what: str) -> tuple[grpc.StatusCode, str]:
     """The gRPC status and message for an error met while doing `what`."""
     if isinstance(exc, ServiceError):
-        return STATUS_CODES[type(exc)], str(exc)
+        return STATUS_CODES[type(exc)], shown(str(exc), MAX_MESSAGE)
     log.exception("%s failed", what)
-    return grpc.StatusCode.INTERNAL, f"{what} failed: {type(exc).__name__}: {exc}"
+    return grpc.StatusCode.INTERNAL, shown(f"{what} failed: {type(exc).__name__}: {exc}", MAX_MESSAGE)
 
 
 def answer(context, what: str, work: Callable, on_code: Optional[Callable[[grpc.StatusCode], None]] = None):
@@ -53,8 +70,10 @@ def answer(context, what: str, work: Callable, on_code: Optional[Callable[[grpc.
 
 
 class TrainingServicer(rpc.TrainingServiceServicer):
-    def __init__(self, jobs: JobManager):
+    def __init__(self, jobs: JobManager, max_watchers: int = 16):
         self.jobs = jobs
+        # Each watch holds a handler thread while it lasts: a cap keeps threads for the other RPCs.
+        self.max_watchers, self._watchers = max_watchers, threading.BoundedSemaphore(max_watchers)
 
     def StartTraining(self, request, context):
         return answer(context, "starting training", lambda: self._status(self.jobs.start(convert.training_request(request))))
@@ -77,8 +96,15 @@ class TrainingServicer(rpc.TrainingServiceServicer):
 
     def WatchTraining(self, request, context):
         job = answer(context, "watching the job", lambda: self.jobs.get(request.job_id))
-        for event in job.watch(context.is_active):
-            yield convert.training_event(job.id, event)
+        if not self._watchers.acquire(blocking=False):
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"{self.max_watchers} watch streams are open, the most this server allows: close one, "
+                          "or poll GetTraining instead")  # fmt: skip
+        try:
+            for event in job.watch(context.is_active):  # gRPC's flow control bounds what waits for a slow reader
+                yield convert.training_event(job.id, event)
+        finally:
+            self._watchers.release()
 
     @staticmethod
     def _status(job) -> pb.TrainingJob:
@@ -94,7 +120,8 @@ class InferenceServicer(rpc.InferenceServiceServicer):
 
         def classify():
             items = convert.classify_items(request.images, CROP)
-            return convert.classify_response(*self.classifier.classify(items, request.top_k))
+            answer = self.classifier.classify(items, request.top_k, context.time_remaining(), context.is_active)
+            return convert.classify_response(*answer)
 
         def observe(code: grpc.StatusCode) -> None:
             self.metrics.classify_requests.labels(code.name).inc()
@@ -109,3 +136,33 @@ class ModelServicer(rpc.ModelServiceServicer):
 
     def GetModelInfo(self, request, context):
         return answer(context, "describing the model", lambda: convert.model_info(*self.classifier.serving()))
+
+
+class ParseRequests(grpc.ServerInterceptor):
+    """Decodes each request inside the call, so that bytes that are not the method's message (or
+    hold invalid UTF-8 in a string) get INVALID_ARGUMENT, not the INTERNAL that grpcio answers when
+    its own decoding fails before any handler runs."""
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None or not (handler.unary_unary or handler.unary_stream):
+            return handler  # unknown methods (UNIMPLEMENTED), and reflection's stream, pass through
+        decode, method = handler.request_deserializer, handler_call_details.method.rsplit("/", 1)[-1]
+
+        def parsed(raw, context):
+            try:
+                return decode(raw)
+            except Exception as exc:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"the request is not a valid {method} message ({type(exc).__name__}): send the "
+                              "message the API's proto defines")  # fmt: skip
+
+        if handler.unary_unary:
+            run = handler.unary_unary
+            return grpc.unary_unary_rpc_method_handler(lambda raw, context: run(parsed(raw, context), context),
+                                                       response_serializer=handler.response_serializer)  # fmt: skip
+
+        def stream(raw, context):
+            yield from handler.unary_stream(parsed(raw, context), context)
+
+        return grpc.unary_stream_rpc_method_handler(stream, response_serializer=handler.response_serializer)

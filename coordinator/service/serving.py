@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import threading
 import time
 from concurrent import futures
@@ -24,7 +25,7 @@ import torch
 
 from coordinator.data import ColourStats, to_tensor
 from coordinator.engine import ModelParallelAlexNet, named
-from coordinator.service.errors import InvalidRequest, Unavailable
+from coordinator.service.errors import DeadlineExceeded, InvalidRequest, ResourceExhausted, Unavailable
 from coordinator.service.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -59,8 +60,13 @@ class Prediction:
 @dataclass
 class _Request:
     items: list  # ("crop", uint8 HxWx3) or ("tensor", float32 3x227x227)
+    deadline: float = math.inf  # perf_counter time after which its answer is of no use
+    is_active: Callable[[], bool] = lambda: True  # False once the client has gone (cancelled, or its deadline)
     enqueued: float = field(default_factory=time.perf_counter)
     done: futures.Future = field(default_factory=futures.Future)
+
+    def wanted(self) -> bool:
+        return self.is_active() and time.perf_counter() < self.deadline
 
 
 class Classifier:
@@ -73,8 +79,10 @@ class Classifier:
         metrics: Metrics,
         transport: str = "auto",
         on_serving: Callable[[bool], None] = lambda serving: None,
+        max_queue: int = 256,
     ):
         self.max_batch, self.max_delay, self.metrics, self.transport = max_batch, max_delay, metrics, transport
+        self.max_queue = max_queue  # images waiting, at most; beyond, requests are refused (ResourceExhausted)
         self.on_serving = on_serving  # told False while the serving pair is rebuilt, True when it serves again
         self._rebuilding: Optional[str] = None  # why requests are refused meanwhile
         self.engine: Optional[ModelParallelAlexNet] = None
@@ -113,29 +121,40 @@ class Classifier:
             raise
         return engine
 
-    def classify(self, items: list, top_k: int) -> tuple[list[list[Prediction]], ModelVersion]:
-        """The top_k classes of each item, most probable first, and the version that answered."""
+    def classify(self, items: list, top_k: int, timeout: Optional[float] = None,
+                 is_active: Callable[[], bool] = lambda: True) -> tuple[list[list[Prediction]], ModelVersion]:  # fmt: skip
+        """The top_k classes of each item, most probable first, and the version that answered.
+        Waits at most `timeout` seconds; a request whose client left (is_active) is not computed."""
         classes = len(self.serving()[1].labels)
         if not 1 <= top_k <= classes:
             raise InvalidRequest(f"top_k must be between 1 and {classes} (the classes), got {top_k}")
-        probs, version = self._submit(items).done.result()
+        deadline = math.inf if timeout is None else time.perf_counter() + timeout
+        request = self._submit(_Request(items, deadline, is_active))
+        try:
+            probs, version = request.done.result(timeout)
+        except futures.TimeoutError:
+            raise DeadlineExceeded(f"no answer within the deadline of {timeout:.3g} s; the request was dropped "
+                                   "(a longer deadline, or fewer images per request, may help)") from None  # fmt: skip
         values, indices = probs.topk(min(top_k, len(version.labels)), dim=1)
         return [
             [Prediction(int(i), version.labels[int(i)], float(p)) for p, i in zip(row_p, row_i)]
             for row_p, row_i in zip(values, indices)
         ], version
 
-    def _submit(self, items: list) -> _Request:
-        if len(items) > self.max_batch:
+    def _submit(self, request: _Request) -> _Request:
+        if len(request.items) > self.max_batch:
             raise InvalidRequest(
-                f"{len(items)} images in one request; this server batches at most {self.max_batch}: split the request"
+                f"{len(request.items)} images in one request; this server batches at most {self.max_batch}: split the request"
             )
-        request = _Request(items)
         with self._cv:
             if self._closing:
                 raise Unavailable("the server is shutting down")
             if self._rebuilding:
                 raise Unavailable(self._rebuilding)
+            waiting = sum(len(r.items) for r in self._queue)
+            if waiting + len(request.items) > self.max_queue:
+                raise ResourceExhausted(f"the classify queue is full ({waiting} images waiting, at most "
+                                        f"{self.max_queue}): retry later, with backoff")  # fmt: skip
             self._queue.append(request)
             self.metrics.pending.set(len(self._queue))
             self._cv.notify()
@@ -173,8 +192,12 @@ class Classifier:
                 self._cv.wait(remaining)
             batch, size = [], 0
             while self._queue and size + len(self._queue[0].items) <= self.max_batch:
-                size += len(self._queue[0].items)
-                batch.append(self._queue.popleft())
+                request = self._queue.popleft()
+                if not request.wanted():  # its client gave up or its deadline passed: not computed
+                    request.done.set_exception(DeadlineExceeded("the request expired in the queue"))
+                    continue
+                size += len(request.items)
+                batch.append(request)
             self.metrics.pending.set(len(self._queue))
             return batch
 

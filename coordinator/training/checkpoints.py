@@ -99,10 +99,10 @@ def find_checkpoint(source) -> Path:
             return latest.resolve()
         index = read_index(path)
         if not index:
-            raise CheckpointMissing(f"{_shown(source)} holds no checkpoint (no {LATEST} nor {INDEX})")
+            raise CheckpointMissing(f"{shown(source)} holds no checkpoint (no {LATEST} nor {INDEX})")
         return path / max(index, key=lambda name: index[name]["step"])
     if not path.is_file():
-        raise CheckpointMissing(f"no checkpoint file or folder at {_shown(source)}")
+        raise CheckpointMissing(f"no checkpoint file or folder at {shown(source)}")
     return path
 
 
@@ -112,9 +112,9 @@ def load_checkpoint(source) -> dict:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated, not a torch file, or objects beyond tensors and plain values
-        raise CheckpointError(f"{_shown(path)} is not a readable checkpoint ({type(exc).__name__})") from None
+        raise CheckpointError(f"{shown(path)} is not a readable checkpoint ({type(exc).__name__})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise CheckpointError(f"{_shown(path)} is not a resumable checkpoint (format {FORMAT}; older ones hold too little)")
+        raise CheckpointError(f"{shown(path)} is not a resumable checkpoint (format {FORMAT}; older ones hold too little)")
     payload["path"] = str(path)
     return payload
 
@@ -134,11 +134,11 @@ def resume_recipe(payload: dict, overrides: Optional[dict] = None) -> Recipe:
                       if name in {f.name for f in dataclasses.fields(Recipe)}})  # fmt: skip
     if "width" in overrides and recipe(overrides={"width": overrides["width"]}).width != saved.width:
         raise ResumeMismatch(f"the network's shape differs: the checkpoint has width {saved.width}, "
-                             f"the request asks for {_shown(overrides['width'], 40)}")  # fmt: skip
+                             f"the request asks for {shown(overrides['width'], 40)}")  # fmt: skip
     overrides.pop("width", None)
     changed = sorted(set(overrides) - set(RESUMABLE_OVERRIDES))
     if changed:
-        raise ValueError(f"a resumed run keeps its recipe: {', '.join(_shown(c, 40) for c in changed[:5])} cannot change "
+        raise ValueError(f"a resumed run keeps its recipe: {', '.join(shown(c, 40) for c in changed[:5])} cannot change "
                          f"(only {', '.join(RESUMABLE_OVERRIDES)} can); start a new run to change them")  # fmt: skip
     return recipe(overrides=overrides, base=saved)
 
@@ -150,16 +150,16 @@ def check_resumable(payload: dict, dataset: Dataset) -> None:
         theirs, ours = len(payload["classes"]), dataset.num_classes
         missing = sorted(set(payload["classes"]) - set(dataset.classes))[:3]
         problems.append(f"the classes differ ({theirs} in the checkpoint, {ours} here"
-                        + (f"; missing here: {', '.join(_shown(m, 40) for m in missing)}" if missing else "") + ")")  # fmt: skip
+                        + (f"; missing here: {', '.join(shown(m, 40) for m in missing)}" if missing else "") + ")")  # fmt: skip
     elif payload["fingerprint"] != dataset.fingerprint():
         problems.append("the same classes but other files (the file list's fingerprint differs): "
                         "a resumed run must see the data it was trained on")  # fmt: skip
     if problems:
-        raise ResumeMismatch(f"cannot resume {_shown(payload.get('path', 'the checkpoint'))} on {_shown(dataset.root)}: "
+        raise ResumeMismatch(f"cannot resume {shown(payload.get('path', 'the checkpoint'))} on {shown(dataset.root)}: "
                              + "; ".join(problems))  # fmt: skip
 
 
-def _shown(value, limit: int = 200) -> str:
+def shown(value, limit: int = 200) -> str:
     """A path or name for a message, cut short: messages never carry unbounded input."""
     text = str(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."

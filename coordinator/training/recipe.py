@@ -59,8 +59,12 @@ class Recipe:
             problems.append(f"schedule must be plateau or step, got {self.schedule!r}")
         if not 0 < self.val_fraction < 1:
             problems.append(f"val_fraction must be between 0 and 1, got {self.val_fraction}")
-        if not self.width > 0:
-            problems.append(f"width must be positive, got {self.width}")
+        if not 0 < self.width <= 4:
+            problems.append(f"width must be in (0, 4] (1 is the paper's network), got {self.width}")
+        if self.batch_size > 4096:
+            problems.append(f"batch_size must be at most 4096 (the paper's is 128), got {self.batch_size}")
+        if self.epochs > 10000:
+            problems.append(f"epochs must be at most 10000, got {self.epochs}")
         if self.transport not in TRANSPORT_CHOICES:
             problems.append(f"transport must be one of {', '.join(TRANSPORT_CHOICES)}, got {self.transport!r}")
         if problems:

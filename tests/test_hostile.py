@@ -1,0 +1,204 @@
+"""Malformed and hostile requests across every RPC, each with its documented status, while a
+training job runs beside them: none gets UNKNOWN or INTERNAL, the server stays SERVING, the job
+goes on, and no refused request leaves anything behind."""
+
+import struct
+import time
+import zlib
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2
+from PIL import Image
+
+from alexnet_api.v1 import alexnet_pb2 as pb
+from client import AlexNetClient
+from coordinator.data.patterns import generate
+from coordinator.service import ServeOptions, Server
+from test_service import jpeg_bytes, wait_for
+
+WIDTH, MAX_BATCH = 0.125, 4
+INVALID, DENIED, MISSING = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.NOT_FOUND
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that claims width x height pixels, with next to no data: a decompression bomb's header."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def tensor(values) -> pb.Image:
+    array = np.asarray(values, dtype="<f4")
+    return pb.Image(tensor=pb.Tensor(shape=list(array.shape), data=array.tobytes()))
+
+
+def pixels(fill: float) -> np.ndarray:
+    return np.full((3, 227, 227), fill, dtype=np.float32)
+
+
+@pytest.fixture(scope="module")
+def world(ray_session, tmp_path_factory):
+    base = tmp_path_factory.getbasetemp()
+    root = generate(tmp_path_factory.mktemp("hostile") / "patterns", train_per_class=8, val_per_class=2)
+    srv = Server(ServeOptions(port=0, metrics_port=-1, width=WIDTH, max_batch=MAX_BATCH, data_roots=[str(base)],
+                              checkpoint_roots=[str(base)])).start()  # fmt: skip
+    with AlexNetClient(f"127.0.0.1:{srv.port}", timeout=60) as client:
+        yield srv, client, root
+    srv.stop()
+
+
+def cases(root, tmp):
+    """(name, rpc, request or raw bytes, code, words the message must hold)."""
+    val_extra = generate(tmp / "val-extra", train_per_class=2, val_per_class=1) / "val"
+    (val_extra / "unicorns").mkdir()
+    Image.new("RGB", (8, 8)).save(val_extra / "unicorns" / "0.png")
+    (tmp / "torn.pt").write_bytes(b"\x80\x02 not a checkpoint")
+    truncated = jpeg_bytes()[:200]
+    train, long = str(root / "train"), "x" * 100_000
+    spec = lambda **f: pb.TrainingSpec(**{"data_dir": train, **f})  # noqa: E731
+    c = lambda *images, top_k=1: pb.ClassifyRequest(images=list(images), top_k=top_k)  # noqa: E731
+    return [
+        ("no images", "Classify", c(), INVALID, "no images"),
+        ("empty image", "Classify", c(pb.Image()), INVALID, "image 0 is empty"),
+        ("garbage bytes", "Classify", c(pb.Image(encoded=b"\x00garbage" * 50)), INVALID, "cannot be decoded"),
+        ("zero bytes", "Classify", c(pb.Image(encoded=b"")), INVALID, "encoded holds no bytes"),
+        ("truncated JPEG", "Classify", c(pb.Image(encoded=truncated)), INVALID, "cannot be decoded"),
+        ("text as image", "Classify", c(pb.Image(encoded=b"hello, world\n" * 10)), INVALID, "cannot be decoded"),
+        ("decompression bomb", "Classify", c(pb.Image(encoded=png_header(13000, 13000))), INVALID, "million allowed"),
+        ("huge claimed PNG", "Classify", c(pb.Image(encoded=png_header(2**31 - 1, 2))), INVALID, "cannot be decoded"),
+        ("tensor shape", "Classify", c(tensor(np.zeros((3, 100, 100)))), INVALID, "must be [3, 227, 227]"),
+        ("tensor scalar", "Classify", c(tensor(np.float32(1))), INVALID, "tensor shape is []"),
+        ("tensor bytes", "Classify", c(pb.Image(tensor=pb.Tensor(shape=[3, 227, 227], data=b"\0" * 12))), INVALID, "holds 12 bytes"),
+        ("tensor NaN", "Classify", c(tensor(pixels(np.nan))), INVALID, "NaN or infinite"),
+        ("tensor inf", "Classify", c(tensor(pixels(np.inf))), INVALID, "NaN or infinite"),
+        ("tensor extreme", "Classify", c(tensor(pixels(3e38))), INVALID, "send preprocessed pixels"),
+        ("top_k 0", "Classify", c(pb.Image(encoded=jpeg_bytes()), top_k=0), INVALID, "top_k must be between 1 and"),
+        ("top_k negative", "Classify", c(pb.Image(encoded=jpeg_bytes()), top_k=-3), INVALID, "top_k must be"),
+        ("top_k huge", "Classify", c(pb.Image(encoded=jpeg_bytes()), top_k=10**6), INVALID, "top_k must be"),
+        ("too many images", "Classify", c(*[pb.Image(encoded=jpeg_bytes())] * (MAX_BATCH + 1)), INVALID, "split the request"),
+        ("not protobuf: Classify", "Classify", b"\xff\xff\xff\xff", INVALID, "not a valid Classify message"),
+        ("not protobuf: model", "GetModelInfo", b"\x0a\xff", INVALID, "not a valid GetModelInfo message"),
+        ("no dataset", "StartTraining", pb.TrainingSpec(), INVALID, "no dataset"),
+        ("NUL in path", "StartTraining", spec(data_dir=train + "\0/x"), INVALID, "NUL byte"),
+        ("long path", "StartTraining", spec(data_dir="/" + long), DENIED, "outside the server's data roots"),
+        ("long path inside", "StartTraining", spec(data_dir=str(tmp / long[:5000])), INVALID, "name too long"),
+        ("root of the disk", "StartTraining", spec(data_dir="/"), DENIED, "outside the server's data roots"),
+        ("dot-dot", "StartTraining", spec(data_dir=str(root / ".." / ".." / ".." / ".." / "etc")), DENIED, "outside"),
+        ("proc", "StartTraining", spec(data_dir="/proc"), DENIED, "outside the server's data roots"),
+        ("val outside", "StartTraining", spec(val_dir="/etc"), DENIED, "val_dir /etc is outside"),
+        ("names outside", "StartTraining", spec(class_names_file="/etc/passwd"), DENIED, "class_names_file /etc/passwd"),
+        ("checkpoints outside", "StartTraining", spec(checkpoint_dir="/tmp-not/ckpt"), DENIED, "checkpoint_dir"),
+        ("val with a class more", "StartTraining", spec(val_dir=str(val_extra)), INVALID, "lacks: unicorns"),
+        ("names missing", "StartTraining", spec(class_names_file=str(tmp / "none.txt")), INVALID, "does not exist"),
+        ("unknown preset", "StartTraining", spec(preset="fast"), INVALID, "unknown preset 'fast'"),
+        ("huge preset", "StartTraining", spec(preset=long), INVALID, "unknown preset"),
+        ("unknown override", "StartTraining", spec(overrides={"learning_rate": "1"}), INVALID, "unknown override"),
+        ("huge override", "StartTraining", spec(overrides={long: "1"}), INVALID, "unknown override"),
+        ("bad value", "StartTraining", spec(overrides={"epochs": "many"}), INVALID, "is not a valid int"),
+        ("NaN rate", "StartTraining", spec(overrides={"lr": "nan"}), INVALID, "lr must be a finite number"),
+        ("batch of a billion", "StartTraining", spec(overrides={"batch_size": "1000000000"}), INVALID, "at most 4096"),
+        ("width of a thousand", "StartTraining", spec(overrides={"width": "1000"}), INVALID, "width must be in (0, 4]"),
+        ("resume nothing", "StartTraining", pb.TrainingSpec(resume_from=str(tmp / "none")), MISSING, "no checkpoint"),
+        ("resume torn", "StartTraining", pb.TrainingSpec(resume_from=str(tmp / "torn.pt")), INVALID, "not a readable"),
+        ("resume outside", "StartTraining", pb.TrainingSpec(resume_from="/etc/passwd"), DENIED, "resume_from"),
+        ("resume with preset", "StartTraining", pb.TrainingSpec(resume_from=str(tmp / "torn.pt"), preset="paper"), INVALID, "leave preset empty"),
+        ("not protobuf: start", "StartTraining", b"\x0a\x05ab", INVALID, "not a valid StartTraining message"),
+        ("bad UTF-8 in a string", "GetTraining", b"\x0a\x02\xff\xfe", INVALID, "not a valid GetTraining message"),
+        ("empty job id", "GetTraining", pb.JobRef(), INVALID, "job_id is empty"),
+        ("unknown job", "GetTraining", pb.JobRef(job_id="nope"), MISSING, "no training job 'nope'"),
+        ("huge job id", "GetTraining", pb.JobRef(job_id=long), MISSING, "no training job"),
+        ("stop unknown", "StopTraining", pb.JobRef(job_id="nope"), MISSING, "no training job"),
+        ("watch unknown", "WatchTraining", pb.JobRef(job_id="nope"), MISSING, "no training job"),
+        ("watch empty", "WatchTraining", pb.JobRef(), INVALID, "job_id is empty"),
+        ("watch not protobuf", "WatchTraining", b"\x0a", INVALID, "not a valid WatchTraining message"),
+        ("unknown method", "Explode", pb.JobRef(), grpc.StatusCode.UNIMPLEMENTED, ""),
+    ]
+
+
+SERVICES = {"Classify": "InferenceService", "GetModelInfo": "ModelService", "Explode": "TrainingService"}
+STREAMS = {"WatchTraining"}
+
+
+def invoke(channel, method, request):
+    path = f"/alexnet.v1.{SERVICES.get(method, 'TrainingService')}/{method}"
+    raw = request if isinstance(request, bytes) else request.SerializeToString()
+    if method in STREAMS:
+        return list(channel.unary_stream(path)(raw, timeout=30))
+    return channel.unary_unary(path)(raw, timeout=30)
+
+
+def test_hostile_requests_get_their_documented_status_and_change_nothing(world, tmp_path):
+    srv, client, root = world
+    job = client.train(root / "train", overrides={"width": "0.125", "epochs": "1000", "batch_size": "8"})
+    wait_for(lambda: client.get(job.job_id).progress.step >= 2, timeout=300)
+    table = cases(root, tmp_path)
+    assert len(table) >= 40
+    before = set(p.name for p in tmp_path.iterdir())
+    channel = grpc.insecure_channel(f"127.0.0.1:{srv.port}", options=[("grpc.max_send_message_length", 64 << 20)])
+    wrong = []
+    for name, method, request, code, words in table:
+        try:
+            invoke(channel, method, request)
+            got, message = grpc.StatusCode.OK, ""
+        except grpc.RpcError as exc:
+            got, message = exc.code(), exc.details() or ""
+        if got != code or words not in message or len(message) > 1000:
+            wrong.append(f"{name}: {got.name} {message[:200]!r}")
+    channel.close()
+    assert not wrong, "\n".join(wrong)
+
+    # The server is unharmed: it serves, the job runs on, and nothing was created or started.
+    health = client.health.Check(health_pb2.HealthCheckRequest(), timeout=10).status
+    assert health == health_pb2.HealthCheckResponse.SERVING
+    assert client.classify([jpeg_bytes()], top_k=1).results[0].top[0].probability > 0
+    step = client.get(job.job_id).progress.step
+    wait_for(lambda: client.get(job.job_id).progress.step > step, timeout=120)
+    assert [j.job_id for j in client.list()] == [job.job_id] and client.get(job.job_id).state == pb.RUNNING
+    assert set(p.name for p in tmp_path.iterdir()) == before and not (tmp_path / "none").exists()
+    client.stop(job.job_id)
+    wait_for(lambda: client.get(job.job_id).state == pb.STOPPED, timeout=120)
+
+
+def test_the_classify_queue_is_bounded_and_an_expired_request_is_not_computed(world):
+    srv, client, _ = world
+    classifier = srv.classifier
+    started = []
+    real_run = classifier._run
+
+    def slow_run(batch):  # the real batches, each held 1 s longer, so that requests pile up behind them
+        started.append(len(batch))
+        time.sleep(1.0)
+        real_run(batch)
+
+    image = pb.Image(encoded=jpeg_bytes())
+    classifier._run, classifier.max_queue = slow_run, 2 * MAX_BATCH  # below what the handler threads could queue
+    try:
+        with AlexNetClient(f"127.0.0.1:{srv.port}") as c:
+            futures = [c.inference.Classify.future(pb.ClassifyRequest(images=[image] * MAX_BATCH, top_k=1), timeout=30)
+                       for _ in range(6)]  # fmt: skip
+            codes = []
+            for future in futures:
+                try:
+                    future.result()
+                    codes.append("OK")
+                except grpc.RpcError as exc:
+                    codes.append(exc.code().name)
+                    if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                        assert "the classify queue is full" in exc.details()
+            assert set(codes) == {"OK", "RESOURCE_EXHAUSTED"} and codes.count("OK") >= 3  # one running, two waiting
+            computed = len(started)
+            blocker = c.inference.Classify.future(pb.ClassifyRequest(images=[image], top_k=1), timeout=30)
+            wait_for(lambda: len(started) == computed + 1, timeout=10, every=0.01)  # the blocker's batch is running
+            with pytest.raises(grpc.RpcError) as late:  # 50 ms: expires in the queue behind the 1 s batch
+                c.inference.Classify(pb.ClassifyRequest(images=[image], top_k=1), timeout=0.05)
+            assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            blocker.result()
+            time.sleep(1.5)
+            assert len(started) == computed + 1  # the blocker alone: the expired request was never computed
+    finally:
+        classifier._run, classifier.max_queue = real_run, 256
