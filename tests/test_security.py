@@ -203,3 +203,17 @@ def test_every_path_a_request_names_must_lie_in_the_roots(tmp_path):
     with pytest.raises(PermissionDenied) as refused:
         check_request(TrainingRequest(data_dir=long), roots=roots)
     assert len(str(refused.value)) < 600  # what is echoed is cut short
+
+
+def test_the_local_ray_a_server_starts_keeps_its_token_private(tmp_path):
+    """With Ray's token authentication on (as outside the tests), the token file ends up 0600."""
+    import stat
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | {"HOME": str(tmp_path)}
+    script = "from coordinator.engine import ensure_ray; ensure_ray(num_cpus=1); import ray; ray.shutdown()"
+    subprocess.run([sys.executable, "-c", script], env=env, cwd=Path(__file__).parents[1], check=True, timeout=120,
+                   capture_output=True)  # fmt: skip
+    token = tmp_path / ".ray" / "auth_token"
+    assert token.is_file() and stat.S_IMODE(token.stat().st_mode) == 0o600

@@ -26,6 +26,22 @@ def ensure_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) ->
         ray.init(address=address)
     else:
         ray.init(num_cpus=num_cpus or max(os.cpu_count() or 1, 6), include_dashboard=False)
+        private_ray_token()
+
+
+def private_ray_token() -> None:
+    """Make Ray's token file readable by its owner only (Ray 2.60 writes it 0644).
+
+    Ray 2.60's own processes listen on every interface, and nothing in its configuration binds them
+    to loopback; its token (on by default outside the tests) is what keeps others out, so no one
+    else on the machine may read it.
+    """
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.join(os.path.expanduser("~"), ".ray", "auth_token")
+    try:
+        if os.stat(path).st_uid == os.getuid():
+            os.chmod(path, 0o600)
+    except FileNotFoundError:
+        pass  # token authentication is off, or the token came from RAY_AUTH_TOKEN
 
 
 def free_devices() -> dict:

@@ -56,6 +56,12 @@ def status_of(exc: Exception, what: str) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, shown(f"{what} failed: {type(exc).__name__}: {exc}", MAX_MESSAGE)
 
 
+def deadline_of(context) -> Optional[float]:
+    """Seconds left before the client's deadline; None when it set none (gRPC then gives a huge number)."""
+    remaining = context.time_remaining()
+    return remaining if remaining is not None and remaining < 10**6 else None
+
+
 def answer(context, what: str, work: Callable, on_code: Optional[Callable[[grpc.StatusCode], None]] = None):
     """Do one RPC's work and return its result, or abort the call with the status of what went wrong."""
     code = grpc.StatusCode.OK
@@ -120,7 +126,7 @@ class InferenceServicer(rpc.InferenceServiceServicer):
 
         def classify():
             items = convert.classify_items(request.images, CROP)
-            answer = self.classifier.classify(items, request.top_k, context.time_remaining(), context.is_active)
+            answer = self.classifier.classify(items, request.top_k, deadline_of(context), context.is_active)
             return convert.classify_response(*answer)
 
         def observe(code: grpc.StatusCode) -> None:

@@ -1,0 +1,152 @@
+"""Classify under load, against a server that is training: throughput, latency, every status code,
+the server's memory, and what the load costs the training.
+
+    python benchmarks/load.py                          # 32 clients x 60 s, then 60 s beyond the queue
+    python benchmarks/load.py --clients 32 --seconds 60 --width 0.25
+
+Starts `alexnet-mp serve` in its own process (loopback, a small --max-queue), starts a training
+job on a generated dataset, and measures its images/s for --seconds with no load. Then:
+  load      --clients concurrent grpc.aio clients, each sending 1-image Classify requests
+            back to back for --seconds;
+  overflow  the same clients sending --overflow-images images per request, more than the queue
+            holds: the overflow must get RESOURCE_EXHAUSTED, and nothing else may fail.
+For each phase it prints requests/s, p50/p99 latency, the count of every status code, the
+server's RSS at the start and end, and the training's images/s beside the no-load figure.
+Not a test: a run. grpc.aio (part of grpcio) drives the clients.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from alexnet_api.v1 import alexnet_pb2 as pb  # noqa: E402
+from alexnet_api.v1 import alexnet_pb2_grpc as rpc  # noqa: E402
+
+
+def rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        return int(re.search(r"VmRSS:\s+(\d+)", status.read()).group(1)) / 1024
+
+
+def percentile(values, q):
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+async def hammer(target: str, clients: int, seconds: float, images: int, image: bytes):
+    """`clients` concurrent callers for `seconds`: (latencies of OK calls, count of each status code)."""
+    latencies, codes = [], collections.Counter()
+    request = pb.ClassifyRequest(images=[pb.Image(encoded=image)] * images, top_k=1)
+    stop_at = time.perf_counter() + seconds
+
+    async def caller(stub):
+        while time.perf_counter() < stop_at:
+            start = time.perf_counter()
+            try:
+                await stub.Classify(request, timeout=30)
+                latencies.append(time.perf_counter() - start)
+                codes["OK"] += 1
+            except grpc.aio.AioRpcError as exc:
+                codes[exc.code().name] += 1
+                if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    await asyncio.sleep(0.05)  # the backoff the message asks for
+
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = rpc.InferenceServiceStub(channel)
+        await asyncio.gather(*(caller(stub) for _ in range(clients)))
+    return latencies, codes
+
+
+BATCH = 32  # the training job's
+
+
+def training_rate(first, last) -> float:
+    """Training images/s between two of the job's progress reports."""
+    return (last.step - first.step) * BATCH / max(last.elapsed_seconds - first.elapsed_seconds, 1e-9)
+
+
+def photo() -> bytes:
+    """A 300x260 JPEG of noise: decoding and resizing cost what a photo's do."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 260, 3), dtype=np.uint8)).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--seconds", type=float, default=60)
+    parser.add_argument("--width", type=float, default=0.25, help="of the served and the trained network")
+    parser.add_argument("--max-queue", type=int, default=64)
+    parser.add_argument("--overflow-images", type=int, default=8)
+    args = parser.parse_args()
+
+    from client import AlexNetClient
+    from coordinator.data.patterns import generate
+
+    folder = Path(tempfile.mkdtemp(prefix="alexnet-mp-load-"))
+    data = generate(folder / "patterns", train_per_class=60, val_per_class=6)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "client.cli", "serve", "--port", "0", "--metrics-port", "-1", "--width", str(args.width),
+         "--max-queue", str(args.max_queue), "--state-dir", "", "--data-root", str(folder)],  # fmt: skip
+        cwd=ROOT, stdout=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    target = "127.0.0.1:" + re.search(r":(\d+)", server.stdout.readline()).group(1)
+    try:
+        with AlexNetClient(target, timeout=60) as client:
+            overrides = {"width": str(args.width), "epochs": "1000", "batch_size": str(BATCH)}
+            job = client.train(data / "train", overrides=overrides)
+            while client.get(job.job_id).progress.step < 3:
+                time.sleep(0.5)
+            first = client.get(job.job_id).progress
+            time.sleep(args.seconds / 2)
+            quiet = training_rate(first, client.get(job.job_id).progress)
+            print(f"server pid {server.pid}; training alone: {quiet:.1f} images/s (width {args.width}, batch {BATCH})")
+            image = photo()
+            for phase, images in (("load", 1), ("overflow", args.overflow_images)):
+                before = rss_mib(server.pid)
+                start_step = client.get(job.job_id).progress
+                started = time.perf_counter()
+                latencies, codes = asyncio.run(hammer(target, args.clients, args.seconds, images, image))
+                elapsed = time.perf_counter() - started
+                end_step = client.get(job.job_id).progress
+                rate = training_rate(start_step, end_step)
+                after = rss_mib(server.pid)
+                print(f"{phase}: {args.clients} clients x {images} image(s), {elapsed:.0f} s: "
+                      f"{codes['OK'] / elapsed:.1f} OK requests/s, p50 {percentile(latencies, 0.5) * 1000:.0f} ms, "
+                      f"p99 {percentile(latencies, 0.99) * 1000:.0f} ms; codes {dict(codes)}; server RSS "
+                      f"{before:.0f} -> {after:.0f} MiB ({(after - before) / before:+.1%}); training {rate:.1f} "
+                      f"images/s ({rate / quiet:.0%} of alone); job {pb.JobState.Name(client.get(job.job_id).state)}")  # fmt: skip
+            client.stop(job.job_id)
+            print(f"median of the OK latencies above: {statistics.median(latencies) * 1000:.0f} ms (last phase)")
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=60)
+        finally:
+            os.killpg(server.pid, signal.SIGKILL) if server.poll() is None else None
+
+
+if __name__ == "__main__":
+    main()
