@@ -39,9 +39,11 @@ from alexnet_api.v1 import alexnet_pb2 as pb  # noqa: E402
 from alexnet_api.v1 import alexnet_pb2_grpc as rpc  # noqa: E402
 
 
-def rss_mib(pid: int) -> float:
+def rss_mib(pid: int, kind: str = "VmRSS") -> float:
+    """The process's resident memory (VmRSS), or a part of it: RssAnon (its own heap), RssShmem
+    (shared memory it has touched: Ray's object store, mapped into every Ray process)."""
     with open(f"/proc/{pid}/status") as status:
-        return int(re.search(r"VmRSS:\s+(\d+)", status.read()).group(1)) / 1024
+        return int(re.search(rf"{kind}:\s+(\d+)", status.read()).group(1)) / 1024
 
 
 def percentile(values, q):
@@ -125,18 +127,20 @@ def main() -> None:
             print(f"server pid {server.pid}; training alone: {quiet:.1f} images/s (width {args.width}, batch {BATCH})")
             image = photo()
             for phase, images in (("load", 1), ("overflow", args.overflow_images)):
-                before = rss_mib(server.pid)
+                before, anon_before = rss_mib(server.pid), rss_mib(server.pid, "RssAnon")
                 start_step = client.get(job.job_id).progress
                 started = time.perf_counter()
                 latencies, codes = asyncio.run(hammer(target, args.clients, args.seconds, images, image))
                 elapsed = time.perf_counter() - started
                 end_step = client.get(job.job_id).progress
                 rate = training_rate(start_step, end_step)
-                after = rss_mib(server.pid)
+                after, anon_after, shared = rss_mib(server.pid), rss_mib(server.pid, "RssAnon"), rss_mib(server.pid, "RssShmem")
                 print(f"{phase}: {args.clients} clients x {images} image(s), {elapsed:.0f} s: "
                       f"{codes['OK'] / elapsed:.1f} OK requests/s, p50 {percentile(latencies, 0.5) * 1000:.0f} ms, "
                       f"p99 {percentile(latencies, 0.99) * 1000:.0f} ms; codes {dict(codes)}; server RSS "
-                      f"{before:.0f} -> {after:.0f} MiB ({(after - before) / before:+.1%}); training {rate:.1f} "
+                      f"{before:.0f} -> {after:.0f} MiB ({(after - before) / before:+.1%}; of it anonymous {anon_before:.0f} "
+                      f"-> {anon_after:.0f} MiB ({(anon_after - anon_before) / anon_before:+.1%}), object store pages "
+                      f"{shared:.0f} MiB); training {rate:.1f} "
                       f"images/s ({rate / quiet:.0%} of alone); job {pb.JobState.Name(client.get(job.job_id).state)}")  # fmt: skip
             client.stop(job.job_id)
             print(f"median of the OK latencies above: {statistics.median(latencies) * 1000:.0f} ms (last phase)")
