@@ -308,3 +308,21 @@ def test_generation_is_skipped_when_already_there(tmp_path):
     stamp = (root / "dataset.json").stat().st_mtime_ns
     assert generate(tmp_path / "p", train_per_class=1, val_per_class=1) == root
     assert (root / "dataset.json").stat().st_mtime_ns == stamp
+
+
+def test_checking_a_folder_looks_at_a_bounded_number_of_entries(tmp_path):
+    """A request's data_dir is checked before a job is accepted: a huge tree without images (the
+    disk's root, /proc) must answer at once, not after a walk of all of it."""
+    from coordinator.data import DatasetError, check_folder
+    from coordinator.data.folders import CHECK_BUDGET
+
+    deep = tmp_path / "root" / "a"
+    for i in range(CHECK_BUDGET // 50 + 10):  # more entries than the budget, and no image among them
+        (deep / f"d{i}").mkdir(parents=True)
+        for j in range(50):
+            (deep / f"d{i}" / f"f{j}.txt").touch()
+    (tmp_path / "root" / "z" / "late").mkdir(parents=True)
+    Image.new("RGB", (4, 4)).save(tmp_path / "root" / "z" / "late" / "0.png")  # beyond the budget: not reached
+    with pytest.raises(DatasetError, match=f"no image among the first {CHECK_BUDGET} entries"):
+        check_folder(tmp_path / "root")  # it stopped at the budget: the image in z/ exists but was not reached
+    assert check_folder(tmp_path / "root" / "z") == ["late"]  # images one folder down are found

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
@@ -33,13 +34,21 @@ def _no_images(root: Path) -> DatasetError:
     return DatasetError(f"{root} has class folders but no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in them")
 
 
+CHECK_BUDGET = 10_000  # files and folders check_folder looks at before it gives up
+
+
 def check_folder(root: Path) -> list[str]:
     """The class folders' names; fails fast, saying what to fix, unless `root` holds class folders
-    with at least one image."""
-    folders = _class_folders(root)
+    with an image among the first CHECK_BUDGET entries (so a root of / answers at once, unwalked)."""
+    folders, seen = _class_folders(root), 0
     for folder in folders:
-        if next(_images_in(folder), None) is not None:
-            return [f.name for f in folders]
+        for _, subfolders, files in os.walk(folder):
+            if any(Path(name).suffix.lower() in IMAGE_EXTENSIONS for name in files):
+                return [f.name for f in folders]
+            seen += len(files) + len(subfolders)
+            if seen >= CHECK_BUDGET:
+                raise DatasetError(f"no image among the first {CHECK_BUDGET} entries under {str(root)[:200]}: "
+                                   "expected the ImageFolder layout root/<class>/<image>")  # fmt: skip
     raise _no_images(root)
 
 
