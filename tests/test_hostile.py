@@ -159,6 +159,9 @@ def test_hostile_requests_get_their_documented_status_and_change_nothing(world, 
     step = client.get(job.job_id).progress.step
     wait_for(lambda: client.get(job.job_id).progress.step > step, timeout=120)
     assert [j.job_id for j in client.list()] == [job.job_id] and client.get(job.job_id).state == pb.RUNNING
+    with pytest.raises(grpc.RpcError) as busy:  # a valid request, refused while the job runs, makes no folder
+        client.train(root / "train", checkpoint_dir=tmp_path / "new" / "checkpoints")
+    assert busy.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "train one job at a time" in busy.value.details()
     assert set(p.name for p in tmp_path.iterdir()) == before and not (tmp_path / "none").exists()
     client.stop(job.job_id)
     wait_for(lambda: client.get(job.job_id).state == pb.STOPPED, timeout=120)

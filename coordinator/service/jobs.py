@@ -22,7 +22,7 @@ from coordinator.data import open_dataset, patterns
 from coordinator.engine import error_summary
 from coordinator.service.errors import InvalidRequest, NotFound, PreconditionFailed
 from coordinator.service.metrics import Metrics
-from coordinator.service.requests import OPEN, JobPlan, Roots, TrainingRequest, check_request
+from coordinator.service.requests import OPEN, JobPlan, Roots, TrainingRequest, check_request, make_checkpoint_dir
 from coordinator.service.serving import ModelVersion
 from coordinator.service.state import StateStore
 from coordinator.training import CheckpointError, Progress, train
@@ -236,6 +236,7 @@ class JobManager:
                     f"job {running[0].id} is still {running[0].state.name}: the towers train one job at a time; "
                     "stop it (StopTraining) or wait for it to end"
                 )
+            make_checkpoint_dir(plan)  # only now that the request is accepted
             job = Job(plan.request, plan, self.store.save_job if self.store else None)
             self._jobs[job.id] = job
             job.thread = threading.Thread(target=self._run, args=(job,), name=f"train-{job.id}", daemon=True)

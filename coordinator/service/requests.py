@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -118,15 +117,29 @@ def _checked(request: TrainingRequest, resume_source: Optional[Path], roots: Roo
     if class_names is not None and not class_names.is_file():
         raise InvalidRequest(f"class_names_file {shown(class_names)} does not exist")
     checkpoint_dir = Path(request.checkpoint_dir) if request.checkpoint_dir else None
-    if checkpoint_dir is not None:  # made last: a request refused for any other reason leaves no folder behind
-        try:
-            checkpoint_dir.mkdir(parents=True, exist_ok=True)
-            probe = checkpoint_dir / f".write-test-{uuid.uuid4().hex}"
-            probe.write_bytes(b"")
-            probe.unlink()
-        except OSError as exc:
-            raise InvalidRequest(f"checkpoint_dir {shown(checkpoint_dir)} is not writable: {exc.strerror or exc}") from None
+    if checkpoint_dir is not None:
+        _check_writable(checkpoint_dir)
     return JobPlan(plan, train_dir, val_dir, class_names, checkpoint_dir, request, payload)
+
+
+def _check_writable(folder: Path) -> None:
+    """InvalidRequest unless `folder`, or the nearest folder above it that exists, may be written.
+    Nothing is made here: a request refused later must leave nothing behind (JobManager makes it)."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        what = "is not a folder" if existing == folder and not folder.is_dir() else f"cannot be written ({existing})"
+        raise InvalidRequest(f"checkpoint_dir {shown(folder)} {what}")
+
+
+def make_checkpoint_dir(plan: "JobPlan") -> None:
+    """Create the accepted job's checkpoint folder."""
+    if plan.checkpoint_dir is not None:
+        try:
+            plan.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InvalidRequest(f"checkpoint_dir {shown(plan.checkpoint_dir)} cannot be made: {exc.strerror or exc}") from None
 
 
 def _resumed(request: TrainingRequest, source: Path) -> tuple[dict, TrainingRequest]:
