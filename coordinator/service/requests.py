@@ -90,15 +90,14 @@ def _checked(request: TrainingRequest, resume_source: Optional[Path], roots: Roo
     if request.resume_from:
         source = roots.check("resume_from", str(resume_source or request.resume_from), "checkpoints")
         payload, request = _resumed(request, source)
-    for name in ("data_dir", "val_dir", "class_names_file"):  # a resumed run's come from its checkpoint: checked too
-        if getattr(request, name):
-            roots.check(name, getattr(request, name))
-    if request.checkpoint_dir:
-        roots.check("checkpoint_dir", request.checkpoint_dir, "checkpoints")
+    # Each path resolved once and used so from here on: a symlink swapped after the check changes nothing.
+    kinds = {"data_dir": "data", "val_dir": "data", "class_names_file": "data", "checkpoint_dir": "checkpoints"}
+    paths = {name: roots.check(name, getattr(request, name), kind) if getattr(request, name) else None
+             for name, kind in kinds.items()}  # a resumed run's come from its checkpoint: checked too  # fmt: skip
     if not request.builtin and not request.data_dir:
         raise InvalidRequest("no dataset: set data_dir to an ImageFolder training folder, or builtin for the built-in one")
-    train_dir = None if request.builtin else Path(request.data_dir)
-    val_dir = Path(request.val_dir) if request.val_dir else None
+    train_dir = None if request.builtin else paths["data_dir"]
+    val_dir = paths["val_dir"]
     try:
         classes = check_folder(train_dir) if train_dir is not None else None
         if payload is not None and classes is not None and classes != list(payload["classes"]):
@@ -113,10 +112,9 @@ def _checked(request: TrainingRequest, resume_source: Optional[Path], roots: Roo
         raise PreconditionFailed(str(exc)) from None
     except ValueError as exc:  # DatasetError is one
         raise InvalidRequest(str(exc)) from None
-    class_names = Path(request.class_names_file) if request.class_names_file else None
+    class_names, checkpoint_dir = paths["class_names_file"], paths["checkpoint_dir"]
     if class_names is not None and not class_names.is_file():
-        raise InvalidRequest(f"class_names_file {shown(class_names)} does not exist")
-    checkpoint_dir = Path(request.checkpoint_dir) if request.checkpoint_dir else None
+        raise InvalidRequest(f"class_names_file {shown(request.class_names_file)} does not exist")
     if checkpoint_dir is not None:
         _check_writable(checkpoint_dir)
     return JobPlan(plan, train_dir, val_dir, class_names, checkpoint_dir, request, payload)
