@@ -133,6 +133,7 @@ def serve_options(args):
         data_roots=getattr(args, "data_roots", None),
         checkpoint_roots=getattr(args, "checkpoint_roots", None),
         keep_versions=getattr(args, "keep_versions", 5),
+        pinned_versions=tuple(getattr(args, "pinned_versions", ())),
     )
 
 
@@ -186,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--state-dir", help="job records and model versions kept across restarts "
                        "(default: $XDG_DATA_HOME/alexnet-mp/state, else ~/.local/share/alexnet-mp/state; '' keeps nothing)")  # fmt: skip
     serve.add_argument("--keep-versions", type=int, default=5, help="model versions kept in the state dir")
+    serve.add_argument("--pin-version", type=int, action="append", default=[], dest="pinned_versions", metavar="N",
+                       help="keep version N in the state dir whatever its age (repeatable)")  # fmt: skip
     serve.add_argument("--auth-token-file", help="tokens clients must send, one per line, optionally 'read:' or "
                        "'train:' first (default: $ALEXNET_MP_AUTH_TOKEN_FILE; none: no authentication)")  # fmt: skip
     serve.add_argument("--tls-cert", help="serve TLS with this certificate (PEM; needs --tls-key)")

@@ -119,14 +119,14 @@ def test_the_state_dir_keeps_the_last_versions_and_passes_over_what_it_cannot_re
     from coordinator.service.serving import ModelVersion
     from coordinator.service.state import StateStore
 
-    store = StateStore(tmp_path, keep_versions=2)
-    for number in range(1, 5):
+    store = StateStore(tmp_path, keep_versions=2, pinned=[1])
+    for number in range(1, 6):
         weights = {"w": torch.full((3,), float(number))}
         store.save_version(ModelVersion(number, weights, ["a", "b"], ColourStats.imagenet(), True, {"num_classes": 2}))
-    assert sorted(p.name for p in store.versions_dir.iterdir()) == ["v000003.pt", "v000004.pt"]
-    (store.versions_dir / "v000004.pt").write_bytes(b"torn")  # damaged: the one before is served
+    assert sorted(p.name for p in store.versions_dir.iterdir()) == ["v000001.pt", "v000004.pt", "v000005.pt"]
+    (store.versions_dir / "v000005.pt").write_bytes(b"torn")  # damaged: the one before is served
     latest = store.latest_version()
-    assert latest.version == 3 and latest.state["w"].tolist() == [3.0] * 3 and latest.stats == ColourStats.imagenet()
+    assert latest.version == 4 and latest.state["w"].tolist() == [4.0] * 3 and latest.stats == ColourStats.imagenet()
 
     running = {"job_id": "a1", "state": "RUNNING", "request": {"builtin": True}, "progress": None, "top1": 0.5,
                "top5": 0.9, "error": "", "model_version": 3, "created": 1.0, "ended": 0.0, "saved": 2.0}  # fmt: skip

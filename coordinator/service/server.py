@@ -64,7 +64,8 @@ class ServeOptions:
     threads: int = 32  # gRPC handler threads
     transport: str = "auto"  # the serving towers' exchanges (a training job's come from its recipe)
     state_dir: Optional[str] = None  # where job records and model versions outlive the server (None: nowhere)
-    keep_versions: int = 5  # model versions kept in the state dir
+    keep_versions: int = 5  # model versions kept in the state dir, besides the pinned ones
+    pinned_versions: tuple = ()  # version numbers the state dir keeps whatever their age
     auth_token_file: Optional[str] = None  # tokens and their roles (security.py); None: no authentication
     tls_cert: Optional[str] = None  # PEM files: with both, the port speaks TLS only
     tls_key: Optional[str] = None
@@ -89,7 +90,8 @@ class Server:
             options.max_queue,
         )
         data_root = Path(options.data_root) if options.data_root else patterns.default_root()
-        self.store = StateStore(options.state_dir, options.keep_versions) if options.state_dir else None
+        self.store = (StateStore(options.state_dir, options.keep_versions, pinned=options.pinned_versions)
+                      if options.state_dir else None)  # fmt: skip
         self.jobs = JobManager(self.metrics, self._publish, data_root, self.store, options.roots())
         self.health = health.HealthServicer()
         self.port = self.metrics_port = None

@@ -6,7 +6,8 @@
 
 Every file is written to a temporary name and renamed into place, so a server killed mid-write
 leaves the previous file whole. Versions are read with torch.load(weights_only=True). Both are
-bounded: the last `keep_versions` versions, and the last `keep_jobs` ended jobs.
+bounded: the last `keep_versions` versions plus those pinned by number, and the last `keep_jobs`
+ended jobs.
 """
 
 from __future__ import annotations
@@ -34,10 +35,10 @@ def default_state_dir() -> Path:
 
 
 class StateStore:
-    def __init__(self, root, keep_versions: int = 5, keep_jobs: int = 1000):
+    def __init__(self, root, keep_versions: int = 5, keep_jobs: int = 1000, pinned=()):
         if keep_versions < 1:
             raise ValueError(f"keep_versions must be at least 1, got {keep_versions}")
-        self.root = Path(root)
+        self.root, self.pinned = Path(root), frozenset(int(v) for v in pinned)  # versions never pruned
         self.jobs_dir, self.versions_dir = self.root / "jobs", self.root / "versions"
         self.keep_versions, self.keep_jobs = keep_versions, keep_jobs
         for folder in (self.jobs_dir, self.versions_dir):
@@ -75,7 +76,8 @@ class StateStore:
             "net": dict(version.net),
         }
         write_atomically(self.versions_dir / f"v{version.version:06d}.pt", lambda tmp: torch.save(payload, tmp))
-        for old in self._version_files()[: -self.keep_versions]:
+        unpinned = [path for path in self._version_files() if int(path.stem[1:]) not in self.pinned]
+        for old in unpinned[: -self.keep_versions]:
             old.unlink(missing_ok=True)
 
     def latest_version(self) -> Optional[ModelVersion]:
@@ -89,5 +91,6 @@ class StateStore:
         return None
 
     def _version_files(self) -> list[Path]:
-        return sorted(self.versions_dir.glob("v*.pt"))
+        """Every kept version, oldest first."""
+        return sorted(self.versions_dir.glob("v[0-9]*.pt"))
 
