@@ -173,9 +173,9 @@ def test_the_classify_queue_is_bounded_and_an_expired_request_is_not_computed(wo
     started = []
     real_run = classifier._run
 
-    def slow_run(batch):  # the real batches, each held 1 s longer, so that requests pile up behind them
+    def slow_run(batch):  # the real batches, each held 2 s longer, so that requests pile up behind them
         started.append(len(batch))
-        time.sleep(1.0)
+        time.sleep(2.0)
         real_run(batch)
 
     image = pb.Image(encoded=jpeg_bytes())
@@ -193,15 +193,16 @@ def test_the_classify_queue_is_bounded_and_an_expired_request_is_not_computed(wo
                     codes.append(exc.code().name)
                     if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                         assert "the classify queue is full" in exc.details()
-            assert set(codes) == {"OK", "RESOURCE_EXHAUSTED"} and codes.count("OK") >= 3  # one running, two waiting
+            # Two requests fill the queue; a third is accepted only if the batcher took the first out of it in time.
+            assert codes.count("OK") in (2, 3) and codes.count("RESOURCE_EXHAUSTED") == 6 - codes.count("OK")
             computed = len(started)
             blocker = c.inference.Classify.future(pb.ClassifyRequest(images=[image], top_k=1), timeout=30)
             wait_for(lambda: len(started) == computed + 1, timeout=10, every=0.01)  # the blocker's batch is running
-            with pytest.raises(grpc.RpcError) as late:  # 50 ms: expires in the queue behind the 1 s batch
+            with pytest.raises(grpc.RpcError) as late:  # 50 ms: expires in the queue behind the 2 s batch
                 c.inference.Classify(pb.ClassifyRequest(images=[image], top_k=1), timeout=0.05)
             assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
             blocker.result()
-            time.sleep(1.5)
+            time.sleep(2.5)
             assert len(started) == computed + 1  # the blocker alone: the expired request was never computed
     finally:
         classifier._run, classifier.max_queue = real_run, 256
