@@ -203,7 +203,11 @@ class Trainer:
             if upcoming[:2] == (self.epoch, self.position):
                 return upcoming[2]
             upcoming[2].close()
-        return EarlyStart(training_pass(self.dataset, self.plan, self.epoch, self.per_epoch, self.position))
+        return self._start_pass(self.epoch, self.position)[2]
+
+    def _start_pass(self, epoch: int, from_batch: int) -> tuple[int, int, EarlyStart]:
+        """That epoch's training pass from that batch, started now: (epoch, from_batch, the pass)."""
+        return epoch, from_batch, EarlyStart(training_pass(self.dataset, self.plan, epoch, self.per_epoch, from_batch))
 
     def _completed(self, finished: Optional[FinishedStep]) -> None:
         if finished is None:
@@ -228,8 +232,7 @@ class Trainer:
         start = time.perf_counter()
         self.pipeline.abandon()
         self._close_passes()  # the data goes back to the snapshot's place too: its pass starts while actors are replaced
-        self.upcoming = (self.snapshot.epoch, self.snapshot.position, EarlyStart(
-            training_pass(self.dataset, self.plan, self.snapshot.epoch, self.per_epoch, self.snapshot.position)))  # fmt: skip
+        self.upcoming = self._start_pass(self.snapshot.epoch, self.snapshot.position)
         replaced = recover(self.engine, error, self.restarts, self.plan.max_restarts)
         self.restarts += 1
         lost = self.step - self.snapshot.step
@@ -241,7 +244,7 @@ class Trainer:
     def _validate(self) -> None:
         """Validate this epoch (its pass started beside the last step), step the schedule, checkpoint."""
         if self.epoch + 1 < self.plan.epochs and self.upcoming is None:  # the next pass starts while this one runs
-            self.upcoming = (self.epoch + 1, 0, EarlyStart(training_pass(self.dataset, self.plan, self.epoch + 1, self.per_epoch)))
+            self.upcoming = self._start_pass(self.epoch + 1, 0)
         validation, self.validation = self.validation or EarlyStart(validation_pass(self.dataset, self.plan)), None
         self.top1, self.top5 = evaluate(self.engine, validation, self.skips)
         self._report("epoch", self.epoch + 1, top1=self.top1, top5=self.top5)  # with the rate this epoch used
