@@ -159,12 +159,33 @@ def test_hostile_requests_get_their_documented_status_and_change_nothing(world, 
     step = client.get(job.job_id).progress.step
     wait_for(lambda: client.get(job.job_id).progress.step > step, timeout=120)
     assert [j.job_id for j in client.list()] == [job.job_id] and client.get(job.job_id).state == pb.RUNNING
+    watchers = [client.watch(job.job_id) for _ in range(srv.options.max_watchers)]  # the job runs: streams stay open
+    for stream in watchers:
+        assert next(stream).kind == pb.TrainingEvent.STATE
+    with pytest.raises(grpc.RpcError) as crowded:
+        next(client.watch(job.job_id))
+    assert crowded.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "watch streams are open" in crowded.value.details()
+    watchers.pop().cancel()  # a client that leaves frees its slot
+    wait_for(lambda: _watch_opens(client, job.job_id), timeout=30, every=0.2)
+    for stream in watchers:
+        stream.cancel()
     with pytest.raises(grpc.RpcError) as busy:  # a valid request, refused while the job runs, makes no folder
         client.train(root / "train", checkpoint_dir=tmp_path / "new" / "checkpoints")
     assert busy.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "train one job at a time" in busy.value.details()
     assert set(p.name for p in tmp_path.iterdir()) == before and not (tmp_path / "none").exists()
     client.stop(job.job_id)
     wait_for(lambda: client.get(job.job_id).state == pb.STOPPED, timeout=120)
+
+
+def _watch_opens(client, job_id) -> bool:
+    stream = client.watch(job_id)
+    try:
+        next(stream)
+        return True
+    except grpc.RpcError:
+        return False
+    finally:
+        stream.cancel()
 
 
 def test_the_classify_queue_is_bounded_and_an_expired_request_is_not_computed(world):
