@@ -2,6 +2,7 @@
 training job runs beside them: none gets UNKNOWN or INTERNAL, the server stays SERVING, the job
 goes on, and no refused request leaves anything behind."""
 
+import contextlib
 import struct
 import time
 import zlib
@@ -188,20 +189,29 @@ def _watch_opens(client, job_id) -> bool:
         stream.cancel()
 
 
-def test_the_classify_queue_is_bounded_and_an_expired_request_is_not_computed(world):
-    srv, client, _ = world
-    classifier = srv.classifier
-    started = []
-    real_run = classifier._run
+@contextlib.contextmanager
+def held_batches(classifier, hold: float = 2.0, max_queue: int = 2 * MAX_BATCH):
+    """The real batches, each held `hold` s longer, so that requests pile up behind them; yields the list
+    of batch sizes (in requests) as they start. By default the queue holds two full requests, below
+    what the handler threads could queue."""
+    started, real_run = [], classifier._run
 
-    def slow_run(batch):  # the real batches, each held 2 s longer, so that requests pile up behind them
+    def slow_run(batch):
         started.append(len(batch))
-        time.sleep(2.0)
+        time.sleep(hold)
         real_run(batch)
 
-    image = pb.Image(encoded=jpeg_bytes())
-    classifier._run, classifier.max_queue = slow_run, 2 * MAX_BATCH  # below what the handler threads could queue
+    classifier._run, classifier.max_queue = slow_run, max_queue
     try:
+        yield started
+    finally:
+        classifier._run, classifier.max_queue = real_run, 256
+
+
+def test_the_classify_queue_is_bounded_and_an_expired_request_is_not_computed(world):
+    srv, client, _ = world
+    image = pb.Image(encoded=jpeg_bytes())
+    with held_batches(srv.classifier) as started:
         with AlexNetClient(f"127.0.0.1:{srv.port}") as c:
             futures = [c.inference.Classify.future(pb.ClassifyRequest(images=[image] * MAX_BATCH, top_k=1), timeout=30)
                        for _ in range(6)]  # fmt: skip
@@ -225,5 +235,43 @@ def test_the_classify_queue_is_bounded_and_an_expired_request_is_not_computed(wo
             blocker.result()
             time.sleep(2.5)
             assert len(started) == computed + 1  # the blocker alone: the expired request was never computed
-    finally:
-        classifier._run, classifier.max_queue = real_run, 256
+
+
+def test_clients_that_cancel_free_their_places_in_the_queue_and_are_not_computed(world):
+    srv, _, _ = world
+    full = pb.ClassifyRequest(images=[pb.Image(encoded=jpeg_bytes())] * MAX_BATCH, top_k=1)
+    with held_batches(srv.classifier, hold=4.0) as started, AlexNetClient(f"127.0.0.1:{srv.port}") as c:
+        blocker = c.inference.Classify.future(full, timeout=60)
+        wait_for(lambda: len(started) == 1, timeout=10, every=0.01)  # its batch runs for 4 s
+        queued = [c.inference.Classify.future(full, timeout=30) for _ in range(2)]  # the queue is full now
+        wait_for(lambda: srv.classifier._queue and len(srv.classifier._queue) == 2, timeout=5, every=0.01)
+        with pytest.raises(grpc.RpcError) as refused:
+            c.inference.Classify(full, timeout=30)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        for future in queued:
+            future.cancel()
+        # Within a second the handler threads see their clients gone and give up the places.
+        wait_for(lambda: not srv.classifier._queue, timeout=5, every=0.05)
+        after = [c.inference.Classify.future(full, timeout=60) for _ in range(2)]
+        assert [len(f.result().results) for f in [blocker, *after]] == [MAX_BATCH] * 3
+        assert started == [1, 1, 1]  # batches of one request: the blocker and the two after it, never the cancelled
+
+
+def test_rpcs_beyond_the_concurrency_limit_are_refused_and_the_server_recovers_when_they_go(world):
+    srv, client, _ = world
+    one = pb.ClassifyRequest(images=[pb.Image(encoded=jpeg_bytes())], top_k=1)
+    limit = srv.options.threads * 4
+    with held_batches(srv.classifier, hold=10.0, max_queue=10 * limit), \
+            AlexNetClient(f"127.0.0.1:{srv.port}") as c:  # fmt: skip
+        calls = [c.inference.Classify.future(one, timeout=60) for _ in range(limit + 12)]
+        wait_for(lambda: sum(call.done() for call in calls) >= 12, timeout=10, every=0.05)
+        time.sleep(1.0)  # any more refusals come in meanwhile
+        done = [call for call in calls if call.done()]
+        assert done and all(call.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for call in done)
+        assert all("Concurrent RPC limit" in call.details() for call in done)
+        assert len(done) == 12, len(done)  # the overflow, exactly: none of the others has an answer yet
+        for call in calls:
+            call.cancel()
+        # The handler threads see their clients gone within a second; the server answers again.
+        wait_for(lambda: not srv.classifier._queue, timeout=15, every=0.1)
+    assert len(client.classify([jpeg_bytes()], top_k=1).results) == 1

@@ -131,7 +131,7 @@ class Classifier:
         deadline = math.inf if timeout is None else time.perf_counter() + timeout
         request = self._submit(_Request(items, deadline, is_active))
         try:
-            probs, version = request.done.result(timeout)
+            probs, version = self._answer_to(request)
         except futures.TimeoutError:
             raise DeadlineExceeded(f"no answer within the deadline of {timeout:.3g} s; the request was dropped "
                                    "(a longer deadline, or fewer images per request, may help)") from None  # fmt: skip
@@ -140,6 +140,29 @@ class Classifier:
             [Prediction(int(i), version.labels[int(i)], float(p)) for p, i in zip(row_p, row_i)]
             for row_p, row_i in zip(values, indices)
         ], version
+
+    def _answer_to(self, request: _Request):
+        """Waits for the request's answer while its client is there; one that leaves (cancels, or
+        its deadline passes) frees this handler thread and its place in the queue within a second."""
+        while True:
+            remaining = request.deadline - time.perf_counter()
+            if remaining > 0 and request.is_active():
+                try:
+                    return request.done.result(min(remaining, 1.0))
+                except futures.TimeoutError:
+                    continue
+            with self._cv:
+                self._drop_unwanted()
+            if request.done.done():  # answered meanwhile, or dropped just now
+                return request.done.result()
+            raise futures.TimeoutError  # taken into a batch already: it is computed, and its answer unread
+
+    def _drop_unwanted(self) -> None:
+        """Drops the queued requests whose client left or whose deadline passed (lock held)."""
+        for request in [r for r in self._queue if not r.wanted()]:
+            self._queue.remove(request)
+            request.done.set_exception(DeadlineExceeded("the request expired in the queue"))
+        self.metrics.pending.set(len(self._queue))
 
     def _submit(self, request: _Request) -> _Request:
         if len(request.items) > self.max_batch:
@@ -151,6 +174,7 @@ class Classifier:
                 raise Unavailable("the server is shutting down")
             if self._rebuilding:
                 raise Unavailable(self._rebuilding)
+            self._drop_unwanted()  # requests whose clients left hold no place
             waiting = sum(len(r.items) for r in self._queue)
             if waiting + len(request.items) > self.max_queue:
                 raise ResourceExhausted(f"the classify queue is full ({waiting} images waiting, at most "
