@@ -3,6 +3,7 @@ the server's memory, and what the load costs the training.
 
     python benchmarks/load.py                          # 32 clients x 60 s, then 60 s beyond the queue
     python benchmarks/load.py --clients 32 --seconds 60 --width 0.25
+    python benchmarks/load.py --serving-nice 19       # the serving towers yield the CPUs to training
 
 Starts `alexnet-mp serve` in its own process (loopback, a small --max-queue), starts a training
 job on a generated dataset, and measures its images/s for --seconds with no load. Then:
@@ -102,6 +103,7 @@ def main() -> None:
     parser.add_argument("--width", type=float, default=0.25, help="of the served and the trained network")
     parser.add_argument("--max-queue", type=int, default=64)
     parser.add_argument("--overflow-images", type=int, default=8)
+    parser.add_argument("--serving-nice", type=int, default=0, help="the server's --serving-nice")
     args = parser.parse_args()
 
     from client import AlexNetClient
@@ -111,7 +113,7 @@ def main() -> None:
     data = generate(folder / "patterns", train_per_class=60, val_per_class=6)
     server = subprocess.Popen(
         [sys.executable, "-m", "client.cli", "serve", "--port", "0", "--metrics-port", "-1", "--width", str(args.width),
-         "--max-queue", str(args.max_queue), "--state-dir", "", "--data-root", str(folder)],  # fmt: skip
+         "--max-queue", str(args.max_queue), "--serving-nice", str(args.serving_nice), "--state-dir", "", "--data-root", str(folder)],  # fmt: skip
         cwd=ROOT, stdout=subprocess.PIPE, text=True, start_new_session=True,
     )  # fmt: skip
     target = "127.0.0.1:" + re.search(r":(\d+)", server.stdout.readline()).group(1)

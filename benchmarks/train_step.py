@@ -95,6 +95,8 @@ def main() -> None:
     parser.add_argument("--num-classes", type=int, default=1000)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="the reference's device")
     parser.add_argument("--transport", default="auto", help="the engine's: auto, object_store or collective")
+    parser.add_argument("--replicas", type=int, default=1,
+                        help="the engine's data-parallel groups of two towers (each gets --batch / replicas images)")  # fmt: skip
     parser.add_argument(
         "--tf32", action="store_true", help="CUDA only: TensorFloat-32 matmuls and convolutions on both sides"
     )
@@ -111,12 +113,16 @@ def main() -> None:
     from coordinator import ModelParallelAlexNet
     from towers import AlexNet
 
-    towers = 2
-    if args.threads % towers:
+    towers = 2 * args.replicas
+    if args.threads % towers and args.threads > towers:
         parser.error(f"--threads must be a multiple of the {towers} towers")
+    if args.batch % args.replicas:
+        parser.error(f"--batch must be a multiple of --replicas {args.replicas}")
     net = dict(num_classes=args.num_classes, width=args.width, image_size=args.image_size)
-    ray.init(num_cpus=args.threads, include_dashboard=False, log_to_driver=False)
-    engine = ModelParallelAlexNet(**net, cpus_per_tower=args.threads // towers, tf32=args.tf32, transport=args.transport)
+    # More towers than threads: each tower still gets a thread, and the towers share the cores.
+    ray.init(num_cpus=max(args.threads, towers), include_dashboard=False, log_to_driver=False)
+    engine = ModelParallelAlexNet(**net, cpus_per_tower=max(1, args.threads // towers), tf32=args.tf32,
+                                  transport=args.transport, replicas=args.replicas)  # fmt: skip
     # The same float32 arithmetic on both sides (PyTorch's own default has TF32 convolutions, not matmuls).
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = args.tf32
     if args.reference_keeps_freed_memory:
@@ -189,7 +195,8 @@ def main() -> None:
     )
     if device == "cuda":
         print(f"TF32 {'on' if args.tf32 else 'off'} on both sides")
-    print(f"batch {args.batch} at {args.image_size} px, width {args.width}, {args.steps} timed steps, {args.threads} threads per side")
+    print(f"batch {args.batch} at {args.image_size} px, width {args.width}, {args.steps} timed steps, {args.threads} threads per side"
+          + (f"; {args.replicas} replica groups of {args.batch // args.replicas} images" if args.replicas > 1 else ""))  # fmt: skip
     print(f"engine    median {engine_s:7.3f} s/step  {args.batch / engine_s:7.1f} images/s  (all: {', '.join(f'{t:.2f}' for t in times['engine'])})")
     print(f"reference median {reference_s:7.3f} s/step  {args.batch / reference_s:7.1f} images/s  (all: {', '.join(f'{t:.2f}' for t in times['reference'])})")
     print(f"speed-up (reference / engine): {reference_s / engine_s:.3f}x")
@@ -224,7 +231,9 @@ def main() -> None:
             for stage in stages
         )
         wait = sum(tower["exchange_seconds"].values()) / steps
-        print(f"  tower {t}: {row}  | compute {sum(compute.values()) / steps:.3f}  exchange wait {wait:.3f}")
+        allreduce = (f"  all-reduce {tower['allreduce_seconds'] / steps:.3f} s, {tower['allreduce_bytes'] / steps / 1e6:.1f} MB"
+                     if args.replicas > 1 else "")  # fmt: skip
+        print(f"  tower {t}: {row}  | compute {sum(compute.values()) / steps:.3f}  exchange wait {wait:.3f}{allreduce}")
     own = stats["coordinator_seconds"]
     print(f"  coordinator: loss {own['loss'] / steps:.4f}, dispatch {own['dispatch'] / steps:.4f}")
 

@@ -107,10 +107,15 @@ def show_model(info: pb.ModelInfo) -> None:
             f"{layer.parameters:,}",
         )
     console.print(layers)
-    towers = Table("tower", "device", "host", "parameters")
-    for tower in info.towers:
-        towers.add_row(str(tower.index), tower.device, tower.host, f"{tower.parameters:,}")
+    towers = Table("role", "group", "tower", "device", "host", "node", "parameters")
+    for role, listed in (("classify", info.towers), ("training", info.training_towers)):
+        for tower in listed:
+            towers.add_row(role, str(tower.replica), str(tower.index), tower.device, tower.host, tower.node[:12],
+                           f"{tower.parameters:,}")  # fmt: skip
     console.print(towers)
+    if info.training_replicas:
+        console.print(f"the running job trains {info.training_replicas} data-parallel group(s) of "
+                      f"{len(info.training_towers) // info.training_replicas} towers")  # fmt: skip
     console.print(
         f"{info.parameters:,} parameters, {len(info.classes)} classes, input {info.image_size}px, "
         f"exchanges over {info.transport}; model version {info.model_version} ({info.model_note})"

@@ -15,8 +15,9 @@ SMALL = dict(num_classes=10, width=0.125, image_size=99)
 def ray_session():
     import ray
 
-    # Logical CPUs: two towers, and room for a second model or a serving pair beside them.
-    ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
+    # Logical CPUs, as the server's own Ray has: a serving pair, a training job of two replica
+    # groups (or a second model), and room for data loading beside them.
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
     yield ray
     # No ray.shutdown() here: Ray's own exit handler runs it after pytest has printed its report.
     # Shut down earlier, a failure's traceback that still holds an ObjectRef would touch a dead

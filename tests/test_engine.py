@@ -228,10 +228,10 @@ def test_placement_follows_the_devices():
 def test_towers_that_cannot_be_placed_give_a_clear_error_not_a_hang(small_engine):
     import ray
 
-    free = ray.available_resources()["CPU"]  # the small engine holds two of the session's six
-    expected = r"did not start within 2 s: each needs \{'num_cpus': 3\}, and the cluster has \{'CPU': [\d.]+\} free"
+    free = ray.available_resources()["CPU"]  # the small engine holds two of the session's eight
+    expected = r"did not start within 2 s: each needs \{'num_cpus': 4\}, and the cluster has \{'CPU': [\d.]+\} free"
     with pytest.raises(RuntimeError, match=expected):
-        ModelParallelAlexNet(**SMALL, cpus_per_tower=3, start_timeout=2)
+        ModelParallelAlexNet(**SMALL, cpus_per_tower=4, start_timeout=2)
     deadline = time.monotonic() + 30
     while ray.available_resources().get("CPU") != free and time.monotonic() < deadline:
         time.sleep(0.1)

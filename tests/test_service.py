@@ -176,6 +176,7 @@ def test_unknown_and_empty_jobs(client, call):
         (dict(data_dir="DATA", overrides={"epochs": "many"}), "epochs='many' is not a valid int"),
         (dict(data_dir="DATA", overrides={"learning_rate": "0.1"}), "unknown override learning_rate"),
         (dict(data_dir="DATA", overrides={"transport": "pigeon"}), "transport must be one of auto, object_store, collective"),
+        (dict(data_dir="DATA", overrides={"batch_size": "8", "replicas": "3"}), "batch_size (8) must be a multiple of replicas (3)"),
     ],
 )
 def test_bad_training_specs_get_invalid_argument(client, dataset, tmp_path, spec, message):
@@ -220,9 +221,14 @@ def test_full_lifecycle_watch_to_the_end(client, server, dataset, tmp_path):
 
 
 def test_one_job_at_a_time_stop_and_list(client, dataset, tmp_path):
-    long = dict(TINY, epochs="500")
+    long = dict(TINY, epochs="500", replicas="2")  # two data-parallel groups, 4 images each
     first = client.train(str(dataset / "train"), overrides=long, checkpoint_dir=tmp_path)
     wait_for(lambda: client.get(first.job_id).progress.step >= 2)
+    info = client.info()  # the serving pair, and the job's two groups of two towers
+    assert [(t.replica, t.index) for t in info.towers] == [(0, 0), (0, 1)]
+    assert info.training_replicas == 2
+    assert [(t.replica, t.index) for t in info.training_towers] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert all(t.node and t.host and t.device == "cpu" for t in info.training_towers)
     with pytest.raises(grpc.RpcError) as caught:
         client.train(str(dataset / "train"), overrides=TINY)
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
@@ -231,6 +237,7 @@ def test_one_job_at_a_time_stop_and_list(client, dataset, tmp_path):
     assert stopping.state in (pb.STOPPING, pb.STOPPED)
     stopped = finish(client, first.job_id)
     assert stopped.state == pb.STOPPED
+    assert not client.info().training_towers and client.info().training_replicas == 0
     assert list(tmp_path.glob("checkpoint-*.pt"))  # the stop wrote a checkpoint: nothing is lost
     assert (tmp_path / "latest.pt").exists()
     listed = client.list()

@@ -46,8 +46,9 @@ class Tower(nn.Module):
             module.bias.copy_(bias)
 
     def forward_segment(
-        self, k: int, inputs: torch.Tensor | Sequence[torch.Tensor], dropout_seed: Optional[int] = None
-    ) -> torch.Tensor:
+        self, k: int, inputs: torch.Tensor | Sequence[torch.Tensor], dropout_seed: Optional[int] = None,
+        first_sample: int = 0,
+    ) -> torch.Tensor:  # fmt: skip
         """Segment k's output on this tower.
 
         `inputs` is the image for segment 0, and for a later segment every tower's output of
@@ -68,7 +69,7 @@ class Tower(nn.Module):
 
             def mask(s=s, batch=x.shape[0]):
                 rows = s.out_split[self.index]
-                return dropout_mask(dropout_seed, s.name, self.index, batch, rows, self.config.dropout)
+                return dropout_mask(dropout_seed, s.name, self.index, batch, rows, self.config.dropout, first_sample)
 
             x = apply_then(
                 self._plans[s.name],

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import random
 import threading
+import time
 from concurrent import futures
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
@@ -97,6 +98,19 @@ def batches(
         else:
             pixels = to_tensor(crops, shift, stats, normalise)
         yield Batch(pixels, torch.as_tensor(block["label"][ok], dtype=torch.long), bad)
+
+
+def check_room_for_loading(wait: float = 10.0) -> None:
+    """Raise a RuntimeError that says what to do if Ray has no CPU free for data loading (its tasks
+    take half a CPU each) once the towers are placed; without it a training run would wait for
+    its first batch for ever. Waits a little first: actors that just ended free theirs late."""
+    deadline = time.monotonic() + wait
+    while (free := ray.available_resources().get("CPU", 0.0)) < 0.5 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if free < 0.5:
+        raise RuntimeError(f"the towers hold every CPU Ray has ({ray.cluster_resources().get('CPU', 0):g}), and "
+                           "loading images needs half a CPU beside them: train with fewer replicas, or give "
+                           "Ray more CPUs (ray start --num-cpus, or more nodes)")  # fmt: skip
 
 
 class EarlyStart:

@@ -16,6 +16,7 @@ import ray
 import torch
 import torch.nn.functional as F
 
+from coordinator.engine.replicas import link_replicas
 from coordinator.engine.transport import Transport, error_summary
 from towers import NetConfig
 
@@ -64,9 +65,13 @@ def named(lost: dict[int, str]) -> str:
 
 
 class Coordinator:
-    def __init__(self, towers: Sequence, config: NetConfig, transport: Transport):
+    """Runs each step on every data-parallel group of towers (one group unless replicas > 1):
+    towers[g * T : (g + 1) * T] are group g's T towers, and take its shard of the batch."""
+
+    def __init__(self, towers: Sequence, config: NetConfig, transport: Transport, replicas: int = 1):
         self.config = config
         self.transport = transport
+        self.replicas = replicas
         self.segments = len(config.segments)
         self.seconds = {"loss": 0.0, "dispatch": 0.0}
         self.generation = -1
@@ -86,54 +91,66 @@ class Coordinator:
             self.relink = True
             raise TowerFailure(f"cannot link the towers: {named(lost)}", list(lost))
         self.generation += 1
-        self.transport.connect(self.towers, self.generation)
+        for group in self.groups:
+            self.transport.connect(group, self.generation)
+        link_replicas(self.groups, self.generation)
         self.relink = False
         return self.generation
+
+    @property
+    def groups(self) -> list[list]:
+        size = len(self.towers) // self.replicas
+        return [self.towers[g * size : (g + 1) * size] for g in range(self.replicas)]
 
     def ping(self) -> int:
         """Liveness, touching no tower: the generation of the links."""
         return self.generation
 
-    def _forward(self, images, dropout_seed: Optional[int]) -> list:
-        outputs = [t.forward.remote(0, images, dropout_seed) for t in self.towers]
+    def _forward(self, towers: list, images, dropout_seed: Optional[int], first_sample: int) -> list:
+        """One group's forward on its shard, whose first sample is the step's `first_sample`."""
+        outputs = [t.forward.remote(0, images, dropout_seed, first_sample) for t in towers]
         for k in range(1, self.segments):
             delivered = self.transport.all_gather(outputs)
-            outputs = [tower.forward.remote(k, delivered[t], dropout_seed) for t, tower in enumerate(self.towers)]
+            outputs = [tower.forward.remote(k, delivered[t], dropout_seed, first_sample) for t, tower in enumerate(towers)]
         return outputs
 
-    def _backward(self, delivered: list) -> list:
-        """Every segment's backward, from the loss's gradient down to segment 0; what to wait for."""
+    def _backward(self, towers: list, delivered: list) -> list:
+        """One group's backward, from the loss's gradient down to segment 0; what to wait for."""
         for k in range(self.segments - 1, 0, -1):
             partials = [
-                tower.backward.options(num_returns=len(self.towers)).remote(k, delivered[t])
-                for t, tower in enumerate(self.towers)
+                tower.backward.options(num_returns=len(towers)).remote(k, delivered[t]) for t, tower in enumerate(towers)
             ]
             delivered = self.transport.reduce_scatter(partials)
-        return [tower.backward.remote(0, delivered[t]) for t, tower in enumerate(self.towers)]
+        return [tower.backward.remote(0, delivered[t]) for t, tower in enumerate(towers)]
 
-    def forward_backward(self, images, labels: np.ndarray, dropout_seed: Optional[int]) -> float:
-        """Forward and backward of one batch (`images` as the transport put them); gradients are
-        left accumulated in the towers."""
+    def forward_backward(self, shards: list, labels: list, dropout_seed: Optional[int]) -> float:
+        """Forward and backward of one batch, given as each group's shard (images as the transport
+        put them, and labels); gradients are left accumulated in the towers. Returns the batch's loss."""
         if self.relink:
             self.connect(self.towers)
         try:
             start = time.perf_counter()
-            outputs = self._forward(images, dropout_seed)
+            firsts = np.cumsum([0] + [len(shard) for shard in labels[:-1]])
+            outputs = [self._forward(group, images, dropout_seed, int(first))
+                       for group, images, first in zip(self.groups, shards, firsts)]  # fmt: skip
             self.seconds["dispatch"] += time.perf_counter() - start
-            # The one tensor that reaches the coordinator: the loss needs all the logits.
-            logits = torch.cat(self.transport.gather(outputs), dim=1)
-            start = time.perf_counter()
-            loss, grad = softmax_cross_entropy(logits, torch.tensor(labels, dtype=torch.long))
-            delivered = self.transport.scatter(torch.split(grad, list(self.config.shapes[-1].out_split), dim=1))
-            self.seconds["loss"] += time.perf_counter() - start
-            start = time.perf_counter()
-            done = self._backward(delivered)
-            self.seconds["dispatch"] += time.perf_counter() - start
+            losses, done = [], []
+            for group, out, shard_labels in zip(self.groups, outputs, labels):
+                # The one tensor that reaches the coordinator: the loss needs all the logits.
+                logits = torch.cat(self.transport.gather(out), dim=1)
+                start = time.perf_counter()
+                loss, grad = softmax_cross_entropy(logits, torch.tensor(shard_labels, dtype=torch.long))
+                delivered = self.transport.scatter(torch.split(grad, list(self.config.shapes[-1].out_split), dim=1))
+                self.seconds["loss"] += time.perf_counter() - start
+                start = time.perf_counter()
+                done += self._backward(group, delivered)
+                self.seconds["dispatch"] += time.perf_counter() - start
+                losses.append(loss)
             ray.get(done)
         except Exception as error:
             self._recover_from(error)
             raise
-        return loss
+        return float(np.mean(losses))  # equal shards: the mean of their means is the batch's mean
 
     def _recover_from(self, error: Exception) -> None:
         """After a failed step: drop its remains in the towers that answer, and name those that do not.

@@ -9,9 +9,11 @@ from typing import Optional
 import numpy as np
 import ray
 import torch
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from coordinator.engine.coordinator_actor import PROBE_SECONDS, Coordinator, TowerFailure, unanswered
 from coordinator.engine.placement import Placement, ensure_ray, free_devices
+from coordinator.engine.replicas import ReplicaGroup
 from coordinator.engine.tower_actor import TowerActor
 from coordinator.engine.transport import EXCHANGE_TIMEOUT, InferenceGraph, check_transport, make_transport
 from towers import NetConfig, merge_state_dicts, split_state_dict
@@ -32,7 +34,15 @@ class ModelParallelAlexNet:
     cluster may be adding a node); past it a RuntimeError says what they need and what is free.
     keep_freed_memory has each tower's allocator keep what it frees for the next step (glibc;
     faster steps on CPU for a step's peak memory staying resident, see docs/performance.md);
-    False returns it.
+    False returns it. nice lowers the towers' CPU priority by 0 to 19: a serving pair that shares
+    CPUs with a training pair may yield to it.
+
+    replicas > 1 trains R data-parallel groups of the towers: each step's batch is split into R
+    equal shards, one per group, and each tower's gradients are averaged with the same tower of
+    the other groups (an all-reduce, coordinator.engine.replicas) before the update, which is the
+    single-process step on the whole batch. Each group's towers are placed on one node (a bundle
+    of one placement group), the groups spread over nodes where there are several. Weights and
+    momentum are group 0's (state_dict); replica_checksums() shows that the groups agree.
     """
 
     def __init__(
@@ -51,6 +61,8 @@ class ModelParallelAlexNet:
         tf32: bool = False,
         start_timeout: float = 600.0,
         keep_freed_memory: bool = True,
+        nice: int = 0,
+        replicas: int = 1,
         **config,
     ):
         for name, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)):
@@ -60,12 +72,18 @@ class ModelParallelAlexNet:
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
         check_transport(transport)
+        if not (isinstance(replicas, int) and replicas >= 1):
+            raise ValueError(f"replicas must be a whole number of at least 1, got {replicas!r}")
+        if not 0 <= nice <= 19:
+            raise ValueError(f"nice must be between 0 and 19, got {nice}")
         if not exchange_timeout > 0:
             raise ValueError(f"exchange_timeout must be positive, got {exchange_timeout}")
         self.lr, self.seed, self.steps, self.dtype = lr, seed, 0, dtype
         ensure_ray()
-        self.placement = Placement.plan(self.config.towers, cpus_per_tower)
+        self.replicas = replicas
+        self.placement = Placement.plan(self.config.towers * replicas, cpus_per_tower)
         self.transport = make_transport(transport, self.placement.kind, exchange_timeout)
+        self._groups = self.placement.reserve_groups(replicas, self.config.towers, start_timeout)
         self._tower_args = dict(
             seed=seed,
             lr=lr,
@@ -75,8 +93,9 @@ class ModelParallelAlexNet:
             dtype=dtype,
             tf32=tf32,
             keep_freed_memory=keep_freed_memory,
+            nice=nice,  # CPU priority lowered by this much: a serving pair may yield to training
         )
-        self._towers = [self._start_tower(t) for t in range(self.config.towers)]
+        self._towers = [self._start_tower(i) for i in range(self.config.towers * replicas)]
         self._coordinator = None
         self._graph: Optional[InferenceGraph] = None
         self._graph_lock = threading.Lock()
@@ -92,12 +111,21 @@ class ModelParallelAlexNet:
         self._start_coordinator()
 
     def _start_coordinator(self) -> None:
-        # The coordinator only routes and computes the loss: it needs no core of its own.
-        self._coordinator = ray.remote(Coordinator).options(num_cpus=0).remote(self._towers, self.config, self.transport)
+        # The coordinator only routes and computes the loss: it needs no core of its own. It stays
+        # beside the driver (where it can), so that losing a node of towers does not take it too.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        self._coordinator = ray.remote(Coordinator).options(num_cpus=0, scheduling_strategy=here).remote(
+            self._towers, self.config, self.transport, self.replicas
+        )
         ray.get(self._coordinator.take_stats.remote())  # surfaces a transport that could not link the towers
 
-    def _start_tower(self, t: int):
-        return ray.remote(TowerActor).options(**self.placement.actor_options).remote(self.config, t, self.transport, **self._tower_args)
+    def _start_tower(self, i: int):
+        """Tower i: tower i % T of replica group i // T."""
+        group, t = divmod(i, self.config.towers)
+        backend = "nccl" if self.placement.kind == "gpu" else "gloo"  # NCCL takes one rank per GPU
+        replicas = ReplicaGroup(backend, self.transport.timeout)
+        options = {**self.placement.actor_options, **self.placement.in_group(self._groups, group)}
+        return ray.remote(TowerActor).options(**options).remote(self.config, t, self.transport, **self._tower_args, replicas=replicas)
 
     def repair(self) -> list[str]:
         """Replace every actor of the model that is dead or hung: what was replaced, e.g. "tower 1
@@ -106,7 +134,8 @@ class ModelParallelAlexNet:
         replaced = []
         for t, why in self.lost_towers().items():
             old = self.towers[t]
-            replaced.append(f"tower {t} ({why}; pid {old['pid']} on {old['host']})")
+            name = f"tower {t}" if self.replicas == 1 else "group {} tower {}".format(*divmod(t, self.config.towers))
+            replaced.append(f"{name} ({why}; pid {old['pid']} on {old['host']})")
             self.restart_tower(t, relink=False)
         try:
             ray.get(self._coordinator.ping.remote(), timeout=PROBE_SECONDS)
@@ -165,7 +194,11 @@ class ModelParallelAlexNet:
         labels = self._check_labels(labels, images.shape[0])
         if dropout_seed is None:
             dropout_seed = derive_seed(self.seed, "step", self.steps)
-        return self.transport.put_images(images), labels, dropout_seed
+        if len(images) % self.replicas:
+            raise ValueError(f"a batch of {len(images)} images does not split evenly among {self.replicas} replica "
+                             f"groups: use a batch size that is a multiple of {self.replicas}")  # fmt: skip
+        shards = [self.transport.put_images(shard) for shard in images.chunk(self.replicas)]
+        return shards, list(np.split(labels, self.replicas)), dropout_seed
 
     def forward_backward(self, images, labels, dropout_seed: Optional[int] = None) -> float:
         """Loss of one batch, leaving its gradients in the towers (see gradients(), apply_update())."""
@@ -198,7 +231,7 @@ class ModelParallelAlexNet:
         images = self._check_images(images)
         with self._graph_lock:
             if self._graph is None:
-                self._graph = self.transport.compile_inference(self._towers, len(self.config.segments))
+                self._graph = self.transport.compile_inference(self._group(0), len(self.config.segments))
             try:
                 return self._graph.run(images)
             except Exception:
@@ -217,26 +250,43 @@ class ModelParallelAlexNet:
     # --- weights ------------------------------------------------------------------------------
     # Weights travel as numpy arrays, which Ray's object store holds without pickling.
     def gradients(self) -> OrderedDict:
-        return merge_state_dicts([_tensors(g) for g in self._gather("gradients")], self.config)
+        """The gradients that forward_backward left, of the whole batch: the mean of the groups'."""
+        groups = [merge_state_dicts([_tensors(g) for g in group], self.config) for group in self._by_group(self._gather("gradients"))]
+        return OrderedDict((name, sum(g[name] for g in groups) / self.replicas) for name in groups[0])
 
     def state_dict(self) -> OrderedDict:
-        return merge_state_dicts([_tensors(s) for s in self._gather("get_state")], self.config)
+        """The weights, as one network's (group 0's: every group holds the same)."""
+        return merge_state_dicts([_tensors(s) for s in self._gather("get_state", self._group(0))], self.config)
 
     def load_state_dict(self, state: dict) -> None:
-        """Load canonical weights. The optimiser's momentum starts again from zero: it belonged to other weights."""
-        pieces = split_state_dict(state, self.config)
-        ray.get([t.set_state.remote({k: v.numpy() for k, v in p.items()}) for t, p in zip(self._towers, pieces)])
+        """Load canonical weights into every group. The optimiser's momentum starts again from zero:
+        it belonged to other weights."""
+        pieces = [{k: v.numpy() for k, v in p.items()} for p in split_state_dict(state, self.config)] * self.replicas
+        ray.get([t.set_state.remote(p) for t, p in zip(self._towers, pieces)])
 
     def optimizer_state(self) -> list:
-        """Each tower's optimiser state (momentum buffers), for checkpoints."""
-        return self._gather("get_optimizer_state")
+        """Each tower's optimiser state (momentum buffers; group 0's), for checkpoints."""
+        return self._gather("get_optimizer_state", self._group(0))
 
     def load_optimizer_state(self, states: list) -> None:
-        """Each tower's optimiser state, as optimizer_state() gave it (after load_state_dict, which clears it)."""
-        ray.get([t.set_optimizer_state.remote(s) for t, s in zip(self._towers, states)])
+        """Each tower's optimiser state, as optimizer_state() gave it (after load_state_dict, which
+        clears it), into every group."""
+        ray.get([t.set_optimizer_state.remote(s) for t, s in zip(self._towers, list(states) * self.replicas)])
 
-    def _gather(self, method: str) -> list:
-        return ray.get([getattr(t, method).remote() for t in self._towers])
+    def replica_checksums(self) -> list[list[str]]:
+        """Each group's towers' digests of weights and momentum: the groups agree while the lists do."""
+        return self._by_group(self._gather("checksum"))
+
+    def _group(self, g: int) -> list:
+        return self._by_group(self._towers)[g]
+
+    def _by_group(self, per_tower: list) -> list[list]:
+        """A list in tower order (group-major) cut into each group's part."""
+        size = self.config.towers
+        return [per_tower[i : i + size] for i in range(0, len(per_tower), size)]
+
+    def _gather(self, method: str, towers: Optional[list] = None) -> list:
+        return ray.get([getattr(t, method).remote() for t in (self._towers if towers is None else towers)])
 
     def shutdown(self) -> None:
         self._drop_graph()
@@ -244,6 +294,8 @@ class ModelParallelAlexNet:
             if actor is not None:
                 ray.kill(actor)
         self._towers = []
+        self.placement.release_groups(self._groups)
+        self._groups = None
 
     def __enter__(self):
         return self

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import ray
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 # One GPU hosts this many models' towers when it is shared: the server's training and serving pairs.
 MODELS_PER_SHARED_GPU = 2
@@ -15,9 +16,9 @@ MODELS_PER_SHARED_GPU = 2
 def ensure_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> None:
     """Join the Ray already initialised, or at `address` (else RAY_ADDRESS), or start a local one.
 
-    A local Ray gets at least 6 logical CPUs whatever the machine has: a training pair and a
-    serving pair of towers take one each, and data loading needs room beside them. The physical
-    cores are shared; Ray's CPU count only decides what may be scheduled.
+    A local Ray gets at least 8 logical CPUs whatever the machine has: a serving pair of towers
+    and a training job of up to two replica groups take one each, and data loading needs room
+    beside them. The physical cores are shared; Ray's CPU count only decides what may be scheduled.
     """
     if ray.is_initialized():
         return
@@ -25,7 +26,7 @@ def ensure_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) ->
     if address:
         ray.init(address=address)
     else:
-        ray.init(num_cpus=num_cpus or max(os.cpu_count() or 1, 6), include_dashboard=False)
+        ray.init(num_cpus=num_cpus or max(os.cpu_count() or 1, 8), include_dashboard=False)
         private_ray_token()
 
 
@@ -73,3 +74,33 @@ class Placement:
                 f"{towers * cpus_per_tower} CPUs; start Ray with more (ray.init(num_cpus=...)) or add nodes"
             )
         return Placement("cpu", {"num_cpus": cpus_per_tower})
+
+    def reserve_groups(self, replicas: int, towers: int, timeout: float):
+        """For replicas > 1: one placement group whose bundle g holds replica group g's towers, so
+        that each group's towers share a node (a bundle is never split) while the groups spread
+        over nodes where there are several (SPREAD). None for one group: Ray places its towers."""
+        if replicas == 1:
+            return None
+        per_group = {("CPU" if k == "num_cpus" else "GPU"): v * towers for k, v in self.actor_options.items()}
+        groups = ray.util.placement_group([per_group] * replicas, strategy="SPREAD")
+        try:
+            ray.get(groups.ready(), timeout=timeout)
+        except ray.exceptions.GetTimeoutError:
+            ray.util.remove_placement_group(groups)
+            raise RuntimeError(
+                f"the {replicas} replica groups could not be placed within {timeout:g} s: each needs {per_group} "
+                f"on one node, and the cluster has {free_devices()} free; use fewer replicas or add nodes"
+            ) from None
+        return groups
+
+    @staticmethod
+    def in_group(groups, g: int) -> dict:
+        """Actor options that put an actor in replica group g's bundle (none without groups)."""
+        if groups is None:
+            return {}
+        return {"scheduling_strategy": PlacementGroupSchedulingStrategy(groups, placement_group_bundle_index=g)}
+
+    @staticmethod
+    def release_groups(groups) -> None:
+        if groups is not None:
+            ray.util.remove_placement_group(groups)

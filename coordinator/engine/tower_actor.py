@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import functools
 import os
 import platform
@@ -16,6 +17,7 @@ import numpy as np
 import ray
 import torch
 
+from coordinator.engine.replicas import ReplicaGroup
 from coordinator.engine.transport import Received, Transport, to_wire
 from towers import NetConfig, Tower, paper_sgd
 
@@ -37,6 +39,15 @@ def keep_freed_memory_in_heap() -> bool:
         return False
     libc = ctypes.CDLL(None)
     return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+def lower_priority(nice: int) -> None:
+    """Lower this process's CPU priority by `nice` (0 to 19), every thread of it: on Linux a
+    thread's priority is its own. Threads started later (torch's pool) inherit it."""
+    if nice == 0:
+        return
+    for tid in os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else [0]:
+        os.setpriority(os.PRIO_PROCESS, int(tid), min(19, os.getpriority(os.PRIO_PROCESS, int(tid)) + nice))
 
 
 def _locked(method):
@@ -67,7 +78,10 @@ class TowerActor:
         dtype: torch.dtype = torch.float32,
         tf32: bool = False,
         keep_freed_memory: bool = True,
+        nice: int = 0,
+        replicas: Optional[ReplicaGroup] = None,
     ):
+        lower_priority(nice)
         torch.set_num_threads(threads)
         self.keeps_freed_memory = keep_freed_memory and keep_freed_memory_in_heap()
         self.device = torch.device("cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu")
@@ -75,6 +89,7 @@ class TowerActor:
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = tf32
         self.index = index
         self.transport = transport
+        self.replicas = replicas or ReplicaGroup()  # the same tower in the other data-parallel groups
         self.tower = Tower(config, index, seed).to(self.device, dtype)
         self.optimizer = paper_sgd(self.tower, lr, momentum, weight_decay)
         # Exchange points are named by the layer that receives: conv3, fc6, fc7, fc8.
@@ -96,8 +111,10 @@ class TowerActor:
             "tower": self.index,
             "device": str(self.device) if self.device.type == "cpu" else torch.cuda.get_device_name(self.device),
             "host": socket.gethostname(),
+            "node": ray.get_runtime_context().get_node_id(),  # Ray's node, several of which may share a host
             "pid": os.getpid(),
             "threads": torch.get_num_threads(),
+            "nice": os.getpriority(os.PRIO_PROCESS, 0),
             "keeps_freed_memory": self.keeps_freed_memory,
             "parameters": sum(p.numel() for p in self.tower.parameters()),
         }
@@ -115,8 +132,9 @@ class TowerActor:
         self._stats["exchange_bytes"][key] += got.foreign_bytes
 
     @_locked
-    def forward(self, k: int, delivered: Sequence, dropout_seed: Optional[int]):
-        """Segment k of a training step. `delivered` is the batch for k=0, else the all-gather of segment k-1's outputs."""
+    def forward(self, k: int, delivered: Sequence, dropout_seed: Optional[int], first_sample: int = 0):
+        """Segment k of a training step. `delivered` is the batch for k=0, else the all-gather of
+        segment k-1's outputs; `first_sample` is the batch's place in the step's (for dropout)."""
         self.tower.train()
         got = self.transport.receive(delivered, self.index, self.device, self.points[k])
         if k == 0:
@@ -124,7 +142,7 @@ class TowerActor:
         else:
             inputs = got.tensors
             self._record_exchange((self.points[k], "forward"), got)
-        out = self._timed((self.stages[k], "forward"), self.tower.forward_segment, k, inputs, dropout_seed)
+        out = self._timed((self.stages[k], "forward"), self.tower.forward_segment, k, inputs, dropout_seed, first_sample)
         return self.transport.send(out) if k + 1 < len(self.points) else self.transport.encode(out)  # logits go to the loss
 
     def infer(self, k: int, *pieces):
@@ -158,6 +176,8 @@ class TowerActor:
 
     @_locked
     def apply_update(self, lr: Optional[float] = None) -> None:
+        """The SGD step, on the gradients averaged with this tower's replicas (if any) first."""
+        self.replicas.average([p.grad for p in self.tower.parameters() if p.grad is not None])
         if lr is not None:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
@@ -178,10 +198,26 @@ class TowerActor:
     def join_exchange(self, address, generation: int, world: int) -> None:
         self.transport.join(address, self.index, world, generation)
 
+    # --- the replicas' all-reduce (see replicas.py) -----------------------------------------------
+    def host_replicas(self):
+        return self.replicas.host()
+
+    def join_replicas(self, address, rank: int, size: int, generation: int) -> None:
+        self.replicas.join(address, rank, size, generation)
+
+    @_locked
+    def checksum(self) -> str:
+        """A digest of the weights and momentum: equal in every replica group while they agree."""
+        digest = hashlib.sha256()
+        momentum = [s.get("momentum_buffer") for s in self.optimizer.state.values()]
+        for tensor in [*self.tower.state_dict().values(), *(m for m in momentum if m is not None)]:
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()
+
     @_locked
     def take_stats(self) -> dict:
         stats, self._stats = self._stats, self._empty_stats()
-        return {name: dict(values) for name, values in stats.items()}
+        return {**{name: dict(values) for name, values in stats.items()}, **self.replicas.take_stats()}
 
     @_locked
     def gradients(self) -> dict:

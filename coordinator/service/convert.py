@@ -156,7 +156,17 @@ def classify_response(top: list[list[Prediction]], version: ModelVersion) -> pb.
 
 
 # --- the model ---------------------------------------------------------------------------------
-def model_info(engine, version: ModelVersion) -> pb.ModelInfo:
+def tower_infos(towers: list[dict], per_group: int) -> list[pb.TowerInfo]:
+    """An engine's towers (ModelParallelAlexNet.towers, group-major) as TowerInfo messages."""
+    return [
+        pb.TowerInfo(index=t["tower"], device=t["device"], host=t["host"], parameters=t["parameters"],
+                     replica=i // per_group, node=t.get("node", ""))  # fmt: skip
+        for i, t in enumerate(towers)
+    ]
+
+
+def model_info(engine, version: ModelVersion, training: Optional[tuple[list[dict], int]] = None) -> pb.ModelInfo:
+    """The served model; with `training` (the running job's towers and replica groups), those too."""
     config = engine.config
     layers = [
         pb.LayerInfo(
@@ -173,13 +183,12 @@ def model_info(engine, version: ModelVersion) -> pb.ModelInfo:
         )
         for s in config.shapes
     ]
-    towers = [
-        pb.TowerInfo(index=t["tower"], device=t["device"], host=t["host"], parameters=t["parameters"])
-        for t in engine.towers
-    ]
+    training_towers, replicas = training or ([], 0)
     return pb.ModelInfo(
         layers=layers,
-        towers=towers,
+        towers=tower_infos(engine.towers, config.towers),
+        training_towers=tower_infos(training_towers, config.towers),
+        training_replicas=replicas,
         classes=version.labels,
         model_version=version.version,
         parameters=config.parameter_count(),

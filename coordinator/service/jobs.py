@@ -86,6 +86,7 @@ class Job:
         self.top1, self.top5 = math.nan, math.nan
         self.model_version, self.created, self.ended = 0, time.time(), 0.0
         self.stop_event = threading.Event()
+        self.engine = None  # the running job's ModelParallelAlexNet, while it runs
         self._events: collections.deque = collections.deque(maxlen=self.HISTORY)
         self._seq = 0
         self._cv = threading.Condition()
@@ -222,6 +223,12 @@ class JobManager:
             raise NotFound(f"no training job {job_id!r}; ListTrainings shows them all")
         return job
 
+    def training_towers(self) -> Optional[tuple[list[dict], int]]:
+        """The running job's towers (kept current through repairs) and its replica groups, or None."""
+        with self._lock:
+            engine = next((job.engine for job in self._jobs.values() if job.engine is not None), None)
+        return None if engine is None else (list(engine.towers), engine.replicas)
+
     def list(self) -> list[Job]:
         """Every job, newest first."""
         with self._lock:
@@ -297,12 +304,15 @@ class JobManager:
                 checkpoint_dir=plan.checkpoint_dir,
                 resume=plan.resume,
                 checkpoint_meta={"request": dataclasses.asdict(plan.request)},
+                on_engine=lambda engine: setattr(job, "engine", engine),
             )
             final = JobState.STOPPED if result.state == "stopped" else JobState.FINISHED
             job.set_state(final, f"{result.state} after {result.steps} steps, top-1 {result.top1:.1%}")
         except Exception as exc:  # the job fails; the server and its other jobs carry on
             log.exception("training job %s failed", job.id)  # the whole traceback goes to the log
             job.set_state(JobState.FAILED, "failed", error=error_summary(exc))  # one line, without Ray's wrapping
+        finally:
+            job.engine = None
 
     def stop_all(self, timeout: float = 60) -> None:
         jobs = self.list()

@@ -58,6 +58,7 @@ class ServeOptions:
     max_batch: int = 32  # images per served batch
     max_delay_ms: float = 1.0  # how long a lone request waits for company (batches also form while the towers work)
     max_queue: int = 256  # images waiting to be classified, at most; beyond, RESOURCE_EXHAUSTED
+    serving_nice: int = 0  # the serving towers' CPU priority, lowered by this (0-19), for training's sake
     max_watchers: int = 16  # WatchTraining streams open at once, at most (each holds a handler thread)
     width: float = 1.0  # the network served before any training
     data_root: Optional[str] = None  # where the built-in dataset is generated
@@ -87,7 +88,7 @@ class Server:
         self.metrics = Metrics()
         self.classifier = Classifier(
             options.max_batch, options.max_delay_ms / 1000.0, self.metrics, options.transport, self._serving_changed,
-            options.max_queue,
+            options.max_queue, options.serving_nice,
         )
         data_root = Path(options.data_root) if options.data_root else patterns.default_root()
         self.store = (StateStore(options.state_dir, options.keep_versions, pinned=options.pinned_versions)
@@ -122,7 +123,7 @@ class Server:
         )
         rpc.add_TrainingServiceServicer_to_server(TrainingServicer(self.jobs, opts.max_watchers), self._grpc)
         rpc.add_InferenceServiceServicer_to_server(InferenceServicer(self.classifier, self.metrics), self._grpc)
-        rpc.add_ModelServiceServicer_to_server(ModelServicer(self.classifier), self._grpc)
+        rpc.add_ModelServiceServicer_to_server(ModelServicer(self.classifier, self.jobs), self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc)
         address = f"{opts.host}:{opts.port}"

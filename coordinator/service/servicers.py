@@ -137,11 +137,12 @@ class InferenceServicer(rpc.InferenceServiceServicer):
 
 
 class ModelServicer(rpc.ModelServiceServicer):
-    def __init__(self, classifier: Classifier):
-        self.classifier = classifier
+    def __init__(self, classifier: Classifier, jobs: JobManager):
+        self.classifier, self.jobs = classifier, jobs
 
     def GetModelInfo(self, request, context):
-        return answer(context, "describing the model", lambda: convert.model_info(*self.classifier.serving()))
+        describe = lambda: convert.model_info(*self.classifier.serving(), self.jobs.training_towers())  # noqa: E731
+        return answer(context, "describing the model", describe)
 
 
 class ParseRequests(grpc.ServerInterceptor):

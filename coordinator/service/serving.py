@@ -80,9 +80,11 @@ class Classifier:
         transport: str = "auto",
         on_serving: Callable[[bool], None] = lambda serving: None,
         max_queue: int = 256,
+        nice: int = 0,
     ):
         self.max_batch, self.max_delay, self.metrics, self.transport = max_batch, max_delay, metrics, transport
         self.max_queue = max_queue  # images waiting, at most; beyond, requests are refused (ResourceExhausted)
+        self.nice = nice  # the serving towers' CPU priority, lowered by this: training beside them keeps its pace
         self.on_serving = on_serving  # told False while the serving pair is rebuilt, True when it serves again
         self._rebuilding: Optional[str] = None  # why requests are refused meanwhile
         self.engine: Optional[ModelParallelAlexNet] = None
@@ -112,7 +114,7 @@ class Classifier:
     def _serving_engine(self, version: ModelVersion) -> ModelParallelAlexNet:
         """New serving towers with the version's weights; none are left running if that fails."""
         # Dropout only acts in training; "paper" initial weights are what version 0 serves.
-        engine = ModelParallelAlexNet(**version.net, dropout=0.0, init="paper", transport=self.transport)
+        engine = ModelParallelAlexNet(**version.net, dropout=0.0, init="paper", transport=self.transport, nice=self.nice)
         try:
             if version.state is not None:
                 engine.load_state_dict(version.state)

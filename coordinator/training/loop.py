@@ -23,7 +23,7 @@ from typing import Callable, Optional
 import torch
 
 from coordinator.data import ColourStats, Dataset, DatasetError, batches, open_dataset
-from coordinator.data.loader import EarlyStart
+from coordinator.data.loader import EarlyStart, check_room_for_loading
 from coordinator.engine import ModelParallelAlexNet, error_summary
 from coordinator.training.checkpoints import check_resumable, load_checkpoint, save_checkpoint, snapshot_of
 from coordinator.training.pipeline import FinishedStep, StepPipeline
@@ -311,6 +311,7 @@ def train(
     engine=None,
     resume=None,
     checkpoint_meta: Optional[dict] = None,
+    on_engine: Optional[Callable] = None,
 ) -> Result:
     """Train the two-tower network on `dataset` (a Dataset or a training folder path) by `plan`.
 
@@ -320,7 +321,7 @@ def train(
     With a checkpoint_dir, the run's state is saved there after every epoch, every `checkpoint_every`
     steps and when stopped (checkpoints.py), with `checkpoint_meta`. `resume` (a checkpoint file,
     a folder meaning its latest, or a loaded payload) goes on from where that run was, exactly: pass
-    the plan `resume_recipe` gives. An engine may be passed in to reuse its actors.
+    the plan `resume_recipe` gives. An engine may be passed in to reuse its actors; on_engine gets it.
     """
     if not isinstance(plan, Recipe):
         raise TypeError(f"plan must be a Recipe (training.recipe(preset, overrides) makes one), got {type(plan).__name__}")
@@ -336,8 +337,10 @@ def train(
     if own_engine:
         engine = ModelParallelAlexNet(num_classes=dataset.num_classes, dropout=plan.dropout, lr=plan.lr, momentum=plan.momentum,
                                       weight_decay=plan.weight_decay, seed=plan.seed, init=plan.init, width=plan.width,
-                                      transport=plan.transport)  # fmt: skip
+                                      transport=plan.transport, replicas=plan.replicas)  # fmt: skip
     try:
+        (on_engine or (lambda e: None))(engine)
+        check_room_for_loading()
         trainer = Trainer(dataset, plan, engine, stop or threading.Event(), checkpoint_dir, on_event or (lambda e: None),
                           on_publish, on_stats, snapshot, checkpoint_meta)  # fmt: skip
         return trainer.run()

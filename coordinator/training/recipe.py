@@ -33,6 +33,7 @@ class Recipe:
     width: float = 1.0  # 1.0 is the paper's network
     publish_every: int = 50  # steps between published model versions (see training.train's on_publish)
     transport: str = "auto"  # how the towers exchange tensors: auto, object_store or collective (engine.transport)
+    replicas: int = 1  # data-parallel groups of the towers, each on batch_size / replicas images (engine.replicas)
     snapshot_every: int = 100  # steps between in-memory snapshots that a run recovers from when actors die
     checkpoint_every: int = 0  # steps between checkpoints, besides every epoch and on stop (0: those only)
     keep_checkpoints: int = 3  # the last this many are kept, and the most accurate one
@@ -65,6 +66,11 @@ class Recipe:
             problems.append(f"batch_size must be at most 4096 (the paper's is 128), got {self.batch_size}")
         if self.epochs > 10000:
             problems.append(f"epochs must be at most 10000, got {self.epochs}")
+        if not 1 <= self.replicas <= 64:
+            problems.append(f"replicas must be between 1 and 64, got {self.replicas}")
+        elif self.batch_size % self.replicas:
+            problems.append(f"batch_size ({self.batch_size}) must be a multiple of replicas ({self.replicas}): "
+                            "each group takes an equal share")  # fmt: skip
         if self.transport not in TRANSPORT_CHOICES:
             problems.append(f"transport must be one of {', '.join(TRANSPORT_CHOICES)}, got {self.transport!r}")
         if problems:

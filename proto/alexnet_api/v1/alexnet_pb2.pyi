@@ -232,19 +232,23 @@ class LayerInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., outputs: _Optional[int] = ..., outputs_per_tower: _Optional[_Iterable[int]] = ..., sees: _Optional[str] = ..., kernel: _Optional[int] = ..., stride: _Optional[int] = ..., pad: _Optional[int] = ..., then: _Optional[_Iterable[str]] = ..., parameters: _Optional[int] = ...) -> None: ...
 
 class TowerInfo(_message.Message):
-    __slots__ = ("index", "device", "host", "parameters")
+    __slots__ = ("index", "device", "host", "parameters", "replica", "node")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     HOST_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
     index: int
     device: str
     host: str
     parameters: int
-    def __init__(self, index: _Optional[int] = ..., device: _Optional[str] = ..., host: _Optional[str] = ..., parameters: _Optional[int] = ...) -> None: ...
+    replica: int
+    node: str
+    def __init__(self, index: _Optional[int] = ..., device: _Optional[str] = ..., host: _Optional[str] = ..., parameters: _Optional[int] = ..., replica: _Optional[int] = ..., node: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("layers", "towers", "classes", "model_version", "parameters", "model_note", "image_size", "transport")
+    __slots__ = ("layers", "towers", "classes", "model_version", "parameters", "model_note", "image_size", "transport", "training_towers", "training_replicas")
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     TOWERS_FIELD_NUMBER: _ClassVar[int]
     CLASSES_FIELD_NUMBER: _ClassVar[int]
@@ -253,6 +257,8 @@ class ModelInfo(_message.Message):
     MODEL_NOTE_FIELD_NUMBER: _ClassVar[int]
     IMAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     TRANSPORT_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_TOWERS_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_REPLICAS_FIELD_NUMBER: _ClassVar[int]
     layers: _containers.RepeatedCompositeFieldContainer[LayerInfo]
     towers: _containers.RepeatedCompositeFieldContainer[TowerInfo]
     classes: _containers.RepeatedScalarFieldContainer[str]
@@ -261,4 +267,6 @@ class ModelInfo(_message.Message):
     model_note: str
     image_size: int
     transport: str
-    def __init__(self, layers: _Optional[_Iterable[_Union[LayerInfo, _Mapping]]] = ..., towers: _Optional[_Iterable[_Union[TowerInfo, _Mapping]]] = ..., classes: _Optional[_Iterable[str]] = ..., model_version: _Optional[int] = ..., parameters: _Optional[int] = ..., model_note: _Optional[str] = ..., image_size: _Optional[int] = ..., transport: _Optional[str] = ...) -> None: ...
+    training_towers: _containers.RepeatedCompositeFieldContainer[TowerInfo]
+    training_replicas: int
+    def __init__(self, layers: _Optional[_Iterable[_Union[LayerInfo, _Mapping]]] = ..., towers: _Optional[_Iterable[_Union[TowerInfo, _Mapping]]] = ..., classes: _Optional[_Iterable[str]] = ..., model_version: _Optional[int] = ..., parameters: _Optional[int] = ..., model_note: _Optional[str] = ..., image_size: _Optional[int] = ..., transport: _Optional[str] = ..., training_towers: _Optional[_Iterable[_Union[TowerInfo, _Mapping]]] = ..., training_replicas: _Optional[int] = ...) -> None: ...

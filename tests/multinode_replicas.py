@@ -1,0 +1,65 @@
+"""Two replica groups on a Ray cluster of several nodes on this machine (ray.cluster_utils.Cluster:
+one raylet per node), training; the node of group 1 is removed mid-run. Prints one JSON line: where
+the towers were before and after, the run's events, and whether the groups still agree.
+
+Run by tests/test_replicas.py in a process of its own, since it starts its own Ray cluster:
+    python tests/multinode_replicas.py WORKDIR
+"""
+
+import json
+import os
+import sys
+import threading
+from pathlib import Path
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.pop("RAY_ADDRESS", None)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import ray  # noqa: E402
+from ray.cluster_utils import Cluster  # noqa: E402
+
+from coordinator import ModelParallelAlexNet  # noqa: E402
+from coordinator.data.patterns import generate  # noqa: E402
+from coordinator.training import recipe, train  # noqa: E402
+
+REMOVE_AFTER_STEP = 3
+
+
+def main(workdir: Path) -> None:
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})  # the driver's node: no group fits
+    workers = [cluster.add_node(num_cpus=2) for _ in range(3)]  # a group needs 2 CPUs on one node; one spare
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    data = generate(workdir / "patterns", train_per_class=8, val_per_class=2)
+    plan = recipe("demo", {"width": "0.125", "batch_size": "8", "epochs": "2", "snapshot_every": "2",
+                           "publish_every": "1000", "replicas": "2", "init": "pytorch"})  # fmt: skip
+    engine = ModelParallelAlexNet(num_classes=10, dropout=plan.dropout, lr=plan.lr, seed=plan.seed, init=plan.init,
+                                  width=plan.width, image_size=227, replicas=2)  # fmt: skip
+    before = [dict(tower) for tower in engine.towers]
+    events, removed = [], []
+    group1_node = next(w for w in workers if w.node_id == before[2]["node"])
+
+    def on_event(progress):
+        events.append({"kind": progress.kind, "step": progress.step, "message": progress.message})
+        if progress.kind == "step" and progress.step == REMOVE_AFTER_STEP and not removed:
+            removed.append(group1_node.node_id)
+            # From another thread: remove_node waits for the raylet to go, while the run goes on.
+            threading.Thread(target=cluster.remove_node, args=(group1_node,), daemon=True).start()
+
+    result = train(data / "train", plan, engine=engine, on_event=on_event, checkpoint_dir=workdir / "checkpoints")
+    print(json.dumps({
+        "before": [{"node": t["node"], "tower": t["tower"]} for t in before],
+        "after": [{"node": t["node"], "tower": t["tower"]} for t in engine.towers],
+        "removed": removed,
+        "events": events,
+        "checksums": engine.replica_checksums(),
+        "state": result.state, "steps": result.steps, "restarts": result.restarts,
+    }))
+    engine.shutdown()
+    ray.shutdown()
+    cluster.shutdown()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
