@@ -220,7 +220,7 @@ def test_full_lifecycle_watch_to_the_end(client, server, dataset, tmp_path):
     assert late.state == pb.FINISHED and late.progress.step == 16
 
 
-def test_one_job_at_a_time_stop_and_list(client, dataset, tmp_path):
+def test_one_job_at_a_time_stop_and_list(client, server, dataset, tmp_path):
     long = dict(TINY, epochs="500", replicas="2")  # two data-parallel groups, 4 images each
     first = client.train(str(dataset / "train"), overrides=long, checkpoint_dir=tmp_path)
     wait_for(lambda: client.get(first.job_id).progress.step >= 2)
@@ -229,6 +229,9 @@ def test_one_job_at_a_time_stop_and_list(client, dataset, tmp_path):
     assert info.training_replicas == 2
     assert [(t.replica, t.index) for t in info.training_towers] == [(0, 0), (0, 1), (1, 0), (1, 1)]
     assert all(t.node and t.host and t.device == "cpu" for t in info.training_towers)
+    allreduced = {dict(labels)["replica"]: value for (name, labels), value in scrape(server).items()
+                  if name == "alexnet_allreduce_bytes_total" and dict(labels)["tower"] == "1"}  # fmt: skip
+    assert set(allreduced) == {"0", "1"} and min(allreduced.values()) > 0
     with pytest.raises(grpc.RpcError) as caught:
         client.train(str(dataset / "train"), overrides=TINY)
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
@@ -321,7 +324,9 @@ def test_one_scrape_shows_every_metric(client, server, dataset):
     ]
     assert [n for n in expected if n not in names] == []
     labels = {dict(l)["tower"] for n, l in samples if n == "alexnet_tower_compute_seconds_total"}
-    assert labels == {"0", "1"}
+    assert labels == {"0", "1"}  # within each replica group, whatever the number of groups
+    replicas = {dict(l)["replica"] for n, l in samples if n == "alexnet_tower_compute_seconds_total"}
+    assert "0" in replicas
     points = {(dict(l)["point"], dict(l)["direction"]) for n, l in samples if n == "alexnet_exchange_bytes_total"}
     assert {p for p, _ in points} == {"conv3", "fc6", "fc7", "fc8"} and {d for _, d in points} == {"forward", "backward"}
     codes = {dict(l)["code"] for n, l in samples if n == "alexnet_classify_requests_total"}

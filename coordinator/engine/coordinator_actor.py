@@ -177,5 +177,5 @@ class Coordinator:
         """Timings since the last call: each tower's, and the coordinator's own; and the transport."""
         towers = ray.get([t.take_stats.remote() for t in self.towers])
         own, self.seconds = self.seconds, {"loss": 0.0, "dispatch": 0.0}
-        return {"towers": towers, "coordinator_seconds": own, "transport": self.transport.describe()}
+        return {"towers": towers, "replicas": self.replicas, "coordinator_seconds": own, "transport": self.transport.describe()}
 

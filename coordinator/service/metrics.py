@@ -36,10 +36,18 @@ class Metrics:
         # Towers and exchanges
         self.tower_compute = Counter(
             "alexnet_tower_compute_seconds_total",
-            "Seconds each tower computed, per stage and direction",
-            ["tower", "stage", "direction"],
+            "Seconds each tower computed, per stage and direction (replica: its data-parallel group)",
+            ["replica", "tower", "stage", "direction"],
             registry=r,
         )
+        self.allreduce_seconds = Counter(
+            "alexnet_allreduce_seconds_total", "Seconds each tower spent averaging its gradients with its replicas",
+            ["replica", "tower"], registry=r,
+        )  # fmt: skip
+        self.allreduce_bytes = Counter(
+            "alexnet_allreduce_bytes_total", "Bytes of gradients each tower all-reduced with its replicas",
+            ["replica", "tower"], registry=r,
+        )  # fmt: skip
         self.exchange_seconds = Histogram(
             "alexnet_exchange_duration_seconds",
             "Per step, the longest any tower waited for an exchange's data",
@@ -88,7 +96,7 @@ class Metrics:
         for tower in range(config.towers):
             for stage in config.stage_names:
                 for direction in ("forward", "backward"):
-                    self.tower_compute.labels(str(tower), stage, direction)
+                    self.tower_compute.labels("0", str(tower), stage, direction)
         for segment in config.segments[1:]:
             for direction in ("forward", "backward"):
                 self.exchange_seconds.labels(segment[0].name, direction)
@@ -113,9 +121,14 @@ class Metrics:
     def observe_engine(self, stats: dict) -> None:
         """One step's timings from ModelParallelAlexNet.take_stats()."""
         longest: dict = {}
-        for t, tower in enumerate(stats["towers"]):
+        per_group = len(stats["towers"]) // stats.get("replicas", 1)
+        for i, tower in enumerate(stats["towers"]):
+            replica, t = (str(n) for n in divmod(i, per_group))
             for (stage, direction), seconds in tower["compute_seconds"].items():
-                self.tower_compute.labels(str(t), stage, direction).inc(seconds)
+                self.tower_compute.labels(replica, t, stage, direction).inc(seconds)
+            if stats.get("replicas", 1) > 1:
+                self.allreduce_seconds.labels(replica, t).inc(tower["allreduce_seconds"])
+                self.allreduce_bytes.labels(replica, t).inc(tower["allreduce_bytes"])
             for key, seconds in tower["exchange_seconds"].items():
                 longest[key] = max(longest.get(key, 0.0), seconds)
             for (point, direction), n in tower["exchange_bytes"].items():
