@@ -104,6 +104,9 @@ def main() -> None:
     parser.add_argument("--max-queue", type=int, default=64)
     parser.add_argument("--overflow-images", type=int, default=8)
     parser.add_argument("--serving-nice", type=int, default=0, help="the server's --serving-nice")
+    parser.add_argument("--client-nice", type=int, default=0,
+                        help="run these load clients at this CPU niceness: on a small machine they take the cores "
+                             "that remote clients would not")  # fmt: skip
     args = parser.parse_args()
 
     from client import AlexNetClient
@@ -128,6 +131,7 @@ def main() -> None:
             quiet = training_rate(first, client.get(job.job_id).progress)
             print(f"server pid {server.pid}; training alone: {quiet:.1f} images/s (width {args.width}, batch {BATCH})")
             image = photo()
+            os.nice(args.client_nice)  # after the server started: it keeps priority 0
             for phase, images in (("load", 1), ("overflow", args.overflow_images)):
                 before, anon_before = rss_mib(server.pid), rss_mib(server.pid, "RssAnon")
                 start_step = client.get(job.job_id).progress

@@ -4,6 +4,7 @@ The equivalence tests run once per transport in coordinator.engine.TRANSPORTS: a
 is proven by registering it there.
 """
 
+import os
 import subprocess
 import sys
 import time
@@ -290,6 +291,21 @@ def test_hyperparameters_are_checked(ray_session):
         ModelParallelAlexNet(**SMALL, lr=-1)
     with pytest.raises(ValueError, match="dtype must be"):
         ModelParallelAlexNet(**SMALL, dtype=torch.float16)
+    with pytest.raises(ValueError, match="nice must be between 0 and 19, got 20"):
+        ModelParallelAlexNet(**SMALL, nice=20)
+
+
+def test_towers_can_yield_the_cpu(ray_session):
+    """nice: a serving pair beside a training pair may run at a lower CPU priority (serve --serving-nice)."""
+    # Ray starts its workers at a priority of its own (RAY_worker_niceness, 15): the towers go below it.
+    base = ray_session.get(ray_session.remote(lambda: os.getpriority(os.PRIO_PROCESS, 0)).remote())
+    with ModelParallelAlexNet(**SMALL, nice=2) as engine:
+        assert [t["nice"] for t in engine.towers] == [min(19, base + 2)] * 2 and base + 2 <= 19
+        # Every thread, torch's pool too (started by the first step), runs at that priority.
+        engine.train_step(torch.randn(2, 3, 99, 99), torch.tensor([0, 1]))
+        pid = engine.towers[0]["pid"]
+        threads = [int(tid) for tid in os.listdir(f"/proc/{pid}/task")]
+        assert {os.getpriority(os.PRIO_PROCESS, tid) for tid in threads} == {base + 2}
 
 
 def test_inference_graph_can_hand_tensors_on_as_they_are(ray_session, monkeypatch):

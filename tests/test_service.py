@@ -3,6 +3,7 @@
 import io
 import re
 import math
+import os
 import threading
 import time
 import urllib.request
@@ -392,3 +393,20 @@ def test_cli_says_when_no_server_listens(capsys):
 
     assert main(["--target", "127.0.0.1:1", "status"]) == 1
     assert "no alexnet-mp server at 127.0.0.1:1" in capsys.readouterr().out
+
+
+def test_with_serving_nice_the_handler_threads_decode_below_the_training_towers():
+    """Handler threads decode images in the server's process, which runs at priority 0 while Ray
+    runs the towers at RAY_worker_niceness (15): --serving-nice puts the handlers below them too."""
+    server = Server(ServeOptions(port=0, metrics_port=-1, serving_nice=3))  # not started: no Ray needed
+    mine, seen = os.getpriority(os.PRIO_PROCESS, threading.get_native_id()), []
+
+    def handler():
+        server._handler_priority()
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+
+    worker = threading.Thread(target=handler)
+    worker.start()
+    worker.join()
+    assert seen == [min(19, int(os.environ.get("RAY_worker_niceness", 15)) + 3)]
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine  # this thread is left as it was

@@ -42,12 +42,14 @@ def keep_freed_memory_in_heap() -> bool:
 
 
 def lower_priority(nice: int) -> None:
-    """Lower this process's CPU priority by `nice` (0 to 19), every thread of it: on Linux a
-    thread's priority is its own. Threads started later (torch's pool) inherit it."""
+    """Run every thread of this process `nice` steps below the main thread's CPU priority (Ray
+    starts a worker's main thread at RAY_worker_niceness, some of its own threads at 0): on
+    Linux a thread's priority is its own. Threads started later (torch's pool) inherit it."""
     if nice == 0:
         return
+    target = min(19, os.getpriority(os.PRIO_PROCESS, os.getpid()) + nice)
     for tid in os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else [0]:
-        os.setpriority(os.PRIO_PROCESS, int(tid), min(19, os.getpriority(os.PRIO_PROCESS, int(tid)) + nice))
+        os.setpriority(os.PRIO_PROCESS, int(tid), target)
 
 
 def _locked(method):

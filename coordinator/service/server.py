@@ -9,6 +9,7 @@ Two pairs of tower actors run side by side: the training pair belongs to the run
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from concurrent import futures
@@ -42,6 +43,9 @@ from coordinator.service.state import StateStore
 from towers import NetConfig
 
 log = logging.getLogger(__name__)
+
+# The CPU priority (niceness) Ray gives its worker processes unless RAY_worker_niceness says otherwise.
+RAY_WORKER_NICENESS = 15
 
 SERVICE_NAMES = tuple(
     pb.DESCRIPTOR.services_by_name[name].full_name for name in ("TrainingService", "InferenceService", "ModelService")
@@ -83,6 +87,15 @@ class ServeOptions:
 
 
 class Server:
+    def _handler_priority(self) -> None:
+        """With --serving-nice, each handler thread (it decodes the images) runs at the serving
+        towers' priority: Ray runs its workers, the towers, at RAY_worker_niceness (15), and this
+        process at 0, which would put every decode ahead of training."""
+        if self.options.serving_nice:
+            ray_workers = int(os.environ.get("RAY_worker_niceness", RAY_WORKER_NICENESS))
+            target = min(19, ray_workers + self.options.serving_nice)
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), target)
+
     def __init__(self, options: ServeOptions = ServeOptions()):
         self.options = options
         self.metrics = Metrics()
@@ -116,7 +129,8 @@ class Server:
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         # The gRPC server is made here, after Ray has started its processes: nothing forks after this.
         self._grpc = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=opts.threads, thread_name_prefix="grpc"),
+            futures.ThreadPoolExecutor(max_workers=opts.threads, thread_name_prefix="grpc",
+                                       initializer=self._handler_priority),  # fmt: skip
             interceptors=interceptors,
             maximum_concurrent_rpcs=opts.threads * 4,  # beyond, gRPC answers RESOURCE_EXHAUSTED: its own queue is bounded
             options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)],
