@@ -13,7 +13,7 @@ from coordinator.data import open_dataset
 from coordinator.data.patterns import generate
 from coordinator import ModelParallelAlexNet
 from coordinator.training import PRESETS, PlateauSchedule, StepSchedule, recipe, train
-from coordinator.training.loop import SkipLog, class_probabilities, evaluate, validation_pass
+from coordinator.training.passes import SkipLog, class_probabilities, evaluate, validation_pass
 
 
 def test_paper_preset_is_the_papers_recipe():
@@ -190,6 +190,39 @@ def test_a_tower_killed_mid_run_is_replaced_and_the_run_ends_as_if_nothing_happe
     assert_same_weights(weights, untouched[-1])
 
 
+def test_a_replica_group_that_loses_a_tower_takes_a_healthy_groups_weights_and_loses_no_step(ray_session, patterns):
+    """Two replica groups; kill -9 of group 1's tower 0 mid-step: group 1 is rebuilt from group 0's
+    weights and momentum, only the failed step is redone (no snapshot), and the run ends with the
+    weights of one that was never interrupted."""
+    plan = recipe("demo", {"width": 0.125, "epochs": 1, "batch_size": 16, "steps_per_epoch": 8, "snapshot_every": 3,
+                           "replicas": 2})  # fmt: skip
+    untouched = []
+    straight = train(patterns, plan, on_publish=lambda step, state: untouched.append(state))
+    engine = ModelParallelAlexNet(num_classes=patterns.num_classes, width=0.125, init="kaiming", replicas=2)
+    events, killed = [], []
+
+    def on_event(event):
+        events.append(event)
+        if event.kind == "step" and event.step == 5 and not killed:  # step 6 has just been submitted
+            killed.append(engine.towers[2]["pid"])
+            os.kill(killed[0], signal.SIGKILL)
+
+    try:
+        result = train(patterns, plan, on_event=on_event, engine=engine, on_publish=lambda step, state: None)
+        weights = engine.state_dict()
+        group0, group1 = engine.replica_checksums()
+    finally:
+        engine.shutdown()
+    [recovered] = [e for e in events if e.kind == "recovered"]
+    assert f"replaced group 1 tower 0 (died; pid {killed[0]}" in recovered.message
+    assert "every group took group 0's weights and momentum: no step lost, 1 failed step(s) to redo from step 5" in recovered.message
+    steps = [e.step for e in events if e.kind == "step"]
+    assert steps[steps.index(5) + 1] == 6  # the run went on from where it was, not from the snapshot at step 3
+    assert result.state == "finished" and result.restarts == 1 and result.steps == straight.steps == 8
+    assert group0 == group1
+    assert_same_weights(weights, untouched[-1])
+
+
 def assert_same_weights(ours: dict, theirs: dict, rtol: float = 1e-6) -> None:
     assert ours.keys() == theirs.keys()
     for name in ours:
@@ -236,10 +269,10 @@ class WeightsOnly:
         self.weights = {"w": torch.full((megabytes * 2**18,), value)}
         self.lr, self.steps = 0.01, int(value)
 
-    def state_dict(self):
+    def state_dict(self, group=0):
         return self.weights
 
-    def optimizer_state(self):
+    def optimizer_state(self, group=0):
         return [{}, {}]
 
 

@@ -30,14 +30,15 @@ def softmax_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[f
 
 
 class TowerFailure(RuntimeError):
-    """A step that failed because towers died or stopped answering; `towers` are their indices."""
+    """A step that failed because towers died or stopped answering; `towers` are their indices.
+    before_update: the step failed in its forward or backward, so no tower applied an update."""
 
-    def __init__(self, message: str, towers: list[int]):
+    def __init__(self, message: str, towers: list[int], before_update: bool = False):
         super().__init__(message)
-        self.towers = towers
+        self.towers, self.before_update = towers, before_update
 
     def __reduce__(self):  # Ray pickles it on its way to the driver
-        return TowerFailure, (str(self), self.towers)
+        return TowerFailure, (str(self), self.towers, self.before_update)
 
 
 # How long a tower may take to answer a liveness check after a failed step.
@@ -161,7 +162,8 @@ class Coordinator:
         lost = unanswered([t.abandon_step.remote() for t in self.towers])
         if lost:
             self.relink = True
-            raise TowerFailure(f"{named(lost)} during the step, which was abandoned ({error_summary(error)})", list(lost)) from error
+            raise TowerFailure(f"{named(lost)} during the step, which was abandoned ({error_summary(error)})", list(lost),
+                               before_update=True) from error  # fmt: skip
         self.connect(self.towers)  # a failed collective leaves the group unusable; a new generation is cheap
 
     def apply_update(self, lr: Optional[float] = None) -> None:

@@ -97,6 +97,7 @@ class ModelParallelAlexNet:
         )
         self._towers = [self._start_tower(i) for i in range(self.config.towers * replicas)]
         self._coordinator = None
+        self.repaired: list[int] = []  # the towers the last repair() replaced
         self._graph: Optional[InferenceGraph] = None
         self._graph_lock = threading.Lock()
         try:
@@ -131,9 +132,10 @@ class ModelParallelAlexNet:
         """Replace every actor of the model that is dead or hung: what was replaced, e.g. "tower 1
         (died; pid 123 on host)". Replaced towers start from their initial weights: load the
         model's state before going on. Empty when every actor answered."""
-        replaced = []
+        replaced, self.repaired = [], []
         for t, why in self.lost_towers().items():
             old = self.towers[t]
+            self.repaired.append(t)
             name = f"tower {t}" if self.replicas == 1 else "group {} tower {}".format(*divmod(t, self.config.towers))
             replaced.append(f"{name} ({why}; pid {old['pid']} on {old['host']})")
             self.restart_tower(t, relink=False)
@@ -254,9 +256,9 @@ class ModelParallelAlexNet:
         groups = [merge_state_dicts([_tensors(g) for g in group], self.config) for group in self._by_group(self._gather("gradients"))]
         return OrderedDict((name, sum(g[name] for g in groups) / self.replicas) for name in groups[0])
 
-    def state_dict(self) -> OrderedDict:
-        """The weights, as one network's (group 0's: every group holds the same)."""
-        return merge_state_dicts([_tensors(s) for s in self._gather("get_state", self._group(0))], self.config)
+    def state_dict(self, group: int = 0) -> OrderedDict:
+        """The weights, as one network's (a group's: every group holds the same)."""
+        return merge_state_dicts([_tensors(s) for s in self._gather("get_state", self._group(group))], self.config)
 
     def load_state_dict(self, state: dict) -> None:
         """Load canonical weights into every group. The optimiser's momentum starts again from zero:
@@ -264,9 +266,14 @@ class ModelParallelAlexNet:
         pieces = [{k: v.numpy() for k, v in p.items()} for p in split_state_dict(state, self.config)] * self.replicas
         ray.get([t.set_state.remote(p) for t, p in zip(self._towers, pieces)])
 
-    def optimizer_state(self) -> list:
-        """Each tower's optimiser state (momentum buffers; group 0's), for checkpoints."""
-        return self._gather("get_optimizer_state", self._group(0))
+    def optimizer_state(self, group: int = 0) -> list:
+        """Each tower's optimiser state (momentum buffers; a group's), for checkpoints."""
+        return self._gather("get_optimizer_state", self._group(group))
+
+    def intact_group(self) -> Optional[int]:
+        """With replicas: a group none of whose towers the last repair() replaced, or None."""
+        lost = {t // self.config.towers for t in self.repaired}
+        return next((g for g in range(self.replicas) if g not in lost), None) if self.replicas > 1 else None
 
     def load_optimizer_state(self, states: list) -> None:
         """Each tower's optimiser state, as optimizer_state() gave it (after load_state_dict, which

@@ -10,6 +10,7 @@ during the last training step, the next training pass during validation.
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import logging
@@ -20,15 +21,14 @@ from contextlib import closing
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-import torch
-
-from coordinator.data import ColourStats, Dataset, DatasetError, batches, open_dataset
+from coordinator.data import ColourStats, Dataset, open_dataset
 from coordinator.data.loader import EarlyStart, check_room_for_loading
 from coordinator.engine import ModelParallelAlexNet, error_summary
 from coordinator.training.checkpoints import check_resumable, load_checkpoint, save_checkpoint, snapshot_of
+from coordinator.training.passes import SkipLog, evaluate, training_pass, validation_pass
 from coordinator.training.pipeline import FinishedStep, StepPipeline
 from coordinator.training.recipe import Recipe, schedule_for
-from coordinator.training.recovery import Snapshot, recover, restore, take_snapshot
+from coordinator.training.recovery import Snapshot, failed_before_update, recover, restore, take_snapshot
 
 log = logging.getLogger(__name__)
 
@@ -69,61 +69,6 @@ class Result:
     restarts: int = 0  # recoveries from lost actors
 
 
-class SkipLog:
-    """Unreadable files: each is reported once and counted."""
-
-    def __init__(self):
-        self.paths: set[str] = set()
-
-    def add(self, paths) -> None:
-        for path in paths:
-            if path not in self.paths:
-                self.paths.add(path)
-                log.warning("skipping unreadable image %s", path)
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-
-def validation_pass(dataset: Dataset, plan: Recipe, batch_size: int = 64):
-    """Batches of the validation set: centre crops, or with ten_crop the paper's ten views of each image."""
-    mode = "ten-crop" if plan.ten_crop else "eval"
-    return batches(dataset.val, dataset.stats, batch_size, mode, limit=plan.val_images or None, normalise=plan.normalise)
-
-
-def training_pass(dataset: Dataset, plan: Recipe, epoch: int, steps: int, from_batch: int = 0):
-    """The batches of one epoch's `steps` steps, shuffled and augmented for that epoch, from its `from_batch`th."""
-    return batches(dataset.train, dataset.stats, plan.batch_size, "train", plan.seed, epoch, steps * plan.batch_size,
-                   plan.normalise, start=from_batch * plan.batch_size)  # fmt: skip
-
-
-def class_probabilities(engine, images: torch.Tensor) -> torch.Tensor:
-    """Each image's softmax; for a ten-crop batch (N, 10, 3, H, W), the mean over its ten views."""
-    if images.dim() == 5:
-        n = images.shape[0]
-        return engine.predict(images.reshape(n * 10, *images.shape[2:])).softmax(1).reshape(n, 10, -1).mean(1)
-    return engine.predict(images).softmax(1)
-
-
-def evaluate(engine, loader, skips: SkipLog) -> tuple[float, float]:
-    """Top-1 and top-5 accuracy over a validation pass."""
-    correct1 = correct5 = total = 0
-    with closing(loader):
-        for batch in loader:
-            skips.add(batch.bad_paths)
-            if len(batch.labels) == 0:
-                continue
-            probs = class_probabilities(engine, batch.images)
-            top = probs.topk(min(5, probs.shape[1]), dim=1).indices
-            hits = top == batch.labels[:, None]
-            correct1 += hits[:, 0].sum().item()
-            correct5 += hits.any(dim=1).sum().item()
-            total += len(batch.labels)
-    if total == 0:
-        raise DatasetError("no validation image could be read")
-    return correct1 / total, correct5 / total
-
-
 class Trainer:
     """One run of `train`: its counters as attributes, its phases as methods.
 
@@ -142,6 +87,7 @@ class Trainer:
         if plan.steps_per_epoch:
             self.per_epoch = min(self.per_epoch, plan.steps_per_epoch)
         self.pipeline = StepPipeline(engine)
+        self.in_flight: collections.deque[int] = collections.deque()  # places of the batches whose steps run
         self.upcoming: Optional[tuple[int, int, EarlyStart]] = None  # (epoch, from batch, pass) started before it is read
         self.validation: Optional[EarlyStart] = None  # this epoch's validation pass, likewise
         self.skips = SkipLog()
@@ -190,6 +136,7 @@ class Trainer:
                 if self._weights_due(self.step + 1):
                     # A published version or a snapshot holds exactly that step's weights: no step may run past it.
                     self._completed(self.pipeline.finish())
+                self.in_flight.append(self.position)  # its place in the pass, should its step fail
                 self.position += 1
                 self._completed(self.pipeline.submit(batch.images, batch.labels))
             else:
@@ -212,6 +159,7 @@ class Trainer:
     def _completed(self, finished: Optional[FinishedStep]) -> None:
         if finished is None:
             return
+        self.in_flight.popleft()
         if not math.isfinite(finished.loss):
             raise FloatingPointError(f"the loss became {finished.loss} at step {self.step + 1}: lower lr and start again")
         self.step, self.loss = self.step + 1, finished.loss
@@ -228,16 +176,32 @@ class Trainer:
             self.snapshot = self._snapshot()
 
     def _recover(self, error: Exception) -> None:
-        """Replace the actors that died and go back to the last snapshot; re-raise what is not that."""
+        """Replace the actors that died; re-raise what is not that. With replica groups, when a step
+        failed before any update and a group kept all its towers, every group takes that group's
+        weights and momentum and only the failed steps are redone; otherwise the run goes back to
+        its last snapshot."""
         start = time.perf_counter()
         self.pipeline.abandon()
-        self._close_passes()  # the data goes back to the snapshot's place too: its pass starts while actors are replaced
-        self.upcoming = self._start_pass(self.snapshot.epoch, self.snapshot.position)
+        self._close_passes()  # the data goes back too: its pass starts while actors are replaced
+        keep = self.engine.replicas > 1 and failed_before_update(error)
+        redo_from = self.in_flight[0] if self.in_flight else self.position
+        self.upcoming = self._start_pass(*((self.epoch, redo_from) if keep else (self.snapshot.epoch, self.snapshot.position)))
         replaced = recover(self.engine, error, self.restarts, self.plan.max_restarts)
         self.restarts += 1
-        lost = self.step - self.snapshot.step
-        self._go_back_to(self.snapshot)
-        message = f"replaced {', '.join(replaced)}; went back to the snapshot at step {self.step} (epoch {self.epoch + 1}, batch {self.position} of {self.per_epoch}): {lost} steps to redo"  # fmt: skip
+        source = self.engine.intact_group() if keep else None
+        if source is not None:
+            self.engine.steps -= len(self.in_flight)  # the failed steps draw their dropout masks again
+            self._go_back_to(take_snapshot(self.engine, self.step, self.epoch, redo_from, self.schedule, self.top1,
+                                           self.top5, group=source))  # fmt: skip
+            message = f"replaced {', '.join(replaced)}; every group took group {source}'s weights and momentum: no step lost, {len(self.in_flight)} failed step(s) to redo from step {self.step}"  # fmt: skip
+        else:
+            if keep:  # no group kept all its towers: the snapshot's place after all
+                self._close_passes()
+                self.upcoming = self._start_pass(self.snapshot.epoch, self.snapshot.position)
+            lost = self.step - self.snapshot.step
+            self._go_back_to(self.snapshot)
+            message = f"replaced {', '.join(replaced)}; went back to the snapshot at step {self.step} (epoch {self.epoch + 1}, batch {self.position} of {self.per_epoch}): {lost} steps to redo"  # fmt: skip
+        self.in_flight.clear()
         log.warning("recovery %d: %s (%s)", self.restarts, message, error_summary(error))
         self._report("recovered", self.epoch, step_seconds=time.perf_counter() - start, replaced=len(replaced), message=message)
 

@@ -10,6 +10,9 @@ A snapshot is taken every `snapshot_every` steps, between two steps (none in fli
 the driver, outside the actors that may die. When a step fails because a tower or the
 coordinator died or hung, the engine replaces them (ModelParallelAlexNet.repair) and the run
 goes back to the snapshot, replaying the batches since it (at most `snapshot_every` steps).
+With replica groups, a step that failed before any update, while a group kept all its towers,
+needs no snapshot: a snapshot of that group, taken then, puts every group back where the run was,
+and only the failed steps are redone (Trainer._recover).
 """
 
 from __future__ import annotations
@@ -37,10 +40,18 @@ class Snapshot:
     top5: float = math.nan
 
 
-def take_snapshot(engine, step: int, epoch: int, position: int, schedule, top1: float, top5: float) -> Snapshot:
-    """The engine's state now (no step may be in flight) with the run's counters."""
-    return Snapshot(step, epoch, position, engine.steps, engine.state_dict(), engine.optimizer_state(), engine.lr,
-                    copy.deepcopy(vars(schedule)), top1, top5)  # fmt: skip
+def take_snapshot(engine, step: int, epoch: int, position: int, schedule, top1: float, top5: float,
+                  group: int = 0) -> Snapshot:  # fmt: skip
+    """The engine's state now (no step may be in flight) with the run's counters: a replica
+    group's weights and momentum (every group holds the same, but for one that lost towers)."""
+    return Snapshot(step, epoch, position, engine.steps, engine.state_dict(group), engine.optimizer_state(group),
+                    engine.lr, copy.deepcopy(vars(schedule)), top1, top5)  # fmt: skip
+
+
+def failed_before_update(error: BaseException) -> bool:
+    """Whether a failed step ended before any tower applied its update (TowerFailure.before_update)."""
+    cause = getattr(error, "cause", error)  # through Ray's RayTaskError
+    return isinstance(cause, TowerFailure) and cause.before_update
 
 
 def restore(engine, snapshot: Snapshot) -> None:
