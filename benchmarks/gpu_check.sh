@@ -10,6 +10,11 @@
 # transport runs Gloo there, staging through host memory. NCCL itself needs two GPUs or more.
 #
 #   benchmarks/gpu_check.sh            # uses python3; needs torch (CUDA), ray, numpy, pytest
+#
+# Where Ray is missing and its wheel is too big to carry (79 MB), carry it stripped: unpack the
+# cp312 wheel, drop ray/jars, ray/rllib and ray/llm, tar.xz the rest (30 MB), untar it on the
+# machine into a folder on PYTHONPATH, with jsonschema, referencing, jsonschema-specifications
+# and rpds-py beside it (how the 2026-11-29 figures were taken).
 #   PYTHON=.venv/bin/python benchmarks/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
