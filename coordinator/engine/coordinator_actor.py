@@ -16,7 +16,7 @@ import ray
 import torch
 import torch.nn.functional as F
 
-from coordinator.engine.replicas import link_replicas
+from coordinator.engine.replicas import in_groups, link_replicas
 from coordinator.engine.transport import Transport, error_summary
 from towers import NetConfig
 
@@ -100,8 +100,7 @@ class Coordinator:
 
     @property
     def groups(self) -> list[list]:
-        size = len(self.towers) // self.replicas
-        return [self.towers[g * size : (g + 1) * size] for g in range(self.replicas)]
+        return in_groups(self.towers, self.config.towers)
 
     def ping(self) -> int:
         """Liveness, touching no tower: the generation of the links."""

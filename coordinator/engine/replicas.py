@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import datetime
 import time
-from typing import Optional, Sequence
+from typing import Sequence
 
 import ray
 import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-# How long forming the group waits for every replica to join.
-JOIN_TIMEOUT = 60.0
+from coordinator.engine.transport.collective import JOIN_TIMEOUT, host_store, meeting_store
 
 
 class ReplicaGroup:
@@ -33,7 +32,6 @@ class ReplicaGroup:
         if backend not in ("gloo", "nccl"):
             raise ValueError(f"backend must be gloo or nccl, got {backend!r}")
         self.backend, self.timeout = backend, timeout
-        self.rank: Optional[int] = None
         self.size = 1
         self._group = None
         self._store = None
@@ -41,19 +39,15 @@ class ReplicaGroup:
 
     def host(self) -> tuple[str, int]:
         """Rank 0: a fresh store for the next generation to meet at (its address)."""
-        host = ray.util.get_node_ip_address()
-        timeout = datetime.timedelta(seconds=JOIN_TIMEOUT)
-        self._store = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False, timeout=timeout)
-        return host, self._store.port
+        self._store, address = host_store()
+        return address
 
     def join(self, address: tuple[str, int], rank: int, size: int, generation: int) -> None:
         """Leave the old group, if any, and join generation `generation` of `size` replicas."""
-        timeout = datetime.timedelta(seconds=JOIN_TIMEOUT)
-        store = self._store if rank == 0 else dist.TCPStore(*address, is_master=False, timeout=timeout)
-        store = dist.PrefixStore(f"replicas-{generation}", store)  # a straggler of another generation meets nobody
+        store = meeting_store(self._store, address, rank, f"replicas-{generation}")
         make = dist.ProcessGroupNCCL if self.backend == "nccl" else dist.ProcessGroupGloo
         self._group = make(store, rank, size, datetime.timedelta(seconds=self.timeout))
-        self.rank, self.size = rank, size
+        self.size = size
 
     def average(self, tensors: Sequence[torch.Tensor]) -> None:
         """Replace each tensor by its mean over the replicas, in place: one all-reduce of all of them."""
@@ -75,6 +69,11 @@ class ReplicaGroup:
         stats = {"allreduce_seconds": self.seconds, "allreduce_bytes": self.bytes}
         self.seconds, self.bytes = 0.0, 0
         return stats
+
+
+def in_groups(per_tower: list, towers: int) -> list[list]:
+    """A list in tower order, group-major (tower i is tower i % T of group i // T), cut into each group's part."""
+    return [per_tower[i : i + towers] for i in range(0, len(per_tower), towers)]
 
 
 def link_replicas(groups: Sequence[Sequence], generation: int) -> None:

@@ -216,12 +216,10 @@ class Classifier:
                 if remaining <= 0:
                     break
                 self._cv.wait(remaining)
+            self._drop_unwanted()  # a client that gave up, or whose deadline passed: not computed
             batch, size = [], 0
             while self._queue and size + len(self._queue[0].items) <= self.max_batch:
                 request = self._queue.popleft()
-                if not request.wanted():  # its client gave up or its deadline passed: not computed
-                    request.done.set_exception(DeadlineExceeded("the request expired in the queue"))
-                    continue
                 size += len(request.items)
                 batch.append(request)
             self.metrics.pending.set(len(self._queue))

@@ -73,16 +73,14 @@ class CollectiveTransport(ObjectStoreTransport):
 
     def host_rendezvous(self) -> tuple[str, int]:
         """Tower 0: a fresh store for the next generation to meet at (its address)."""
-        host = ray.util.get_node_ip_address()
-        self._store = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False, timeout=_seconds(JOIN_TIMEOUT))
-        return host, self._store.port
+        self._store, address = host_store()
+        return address
 
     def join(self, address: tuple[str, int], rank: int, world: int, generation: int) -> None:
         """Tower: leave the old group, if any, and join generation `generation` of `world` towers."""
         if dist.is_initialized():
             dist.destroy_process_group()
-        store = self._store if rank == 0 else dist.TCPStore(*address, is_master=False, timeout=_seconds(JOIN_TIMEOUT))
-        store = dist.PrefixStore(f"generation-{generation}", store)  # a straggler of another generation meets nobody
+        store = meeting_store(self._store, address, rank, f"generation-{generation}")
         dist.init_process_group(self.backend, store=store, rank=rank, world_size=world, timeout=_seconds(JOIN_TIMEOUT))
         self.rank, self.broken, self.outbox = rank, None, []
 
@@ -129,6 +127,21 @@ class CollectiveTransport(ObjectStoreTransport):
             raise ExchangeError(f"{what} failed: {error_summary(error)}") from error
         wait = time.perf_counter() - start
         return Received([from_wire(p).to(device) for p in pieces], wait, foreign, reduced=delivered.op == "reduce_scatter")
+
+
+def host_store() -> tuple[dist.TCPStore, tuple[str, int]]:
+    """A fresh rendezvous store on this node, for a process group's next generation to meet at,
+    and its address, which the other ranks are given."""
+    host = ray.util.get_node_ip_address()
+    store = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False, timeout=_seconds(JOIN_TIMEOUT))
+    return store, (host, store.port)
+
+
+def meeting_store(own: Optional[dist.TCPStore], address: tuple[str, int], rank: int, generation: str) -> dist.Store:
+    """The store a rank joins a generation through: rank 0 its own (host_store), the others the
+    one at `address`. Prefixed by the generation, so a straggler of another generation meets nobody."""
+    store = own if rank == 0 else dist.TCPStore(*address, is_master=False, timeout=_seconds(JOIN_TIMEOUT))
+    return dist.PrefixStore(generation, store)
 
 
 def _seconds(seconds: float) -> datetime.timedelta:
