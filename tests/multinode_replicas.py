@@ -37,6 +37,11 @@ def main(workdir: Path) -> None:
     engine = ModelParallelAlexNet(num_classes=10, dropout=plan.dropout, lr=plan.lr, seed=plan.seed, init=plan.init,
                                   width=plan.width, image_size=227, replicas=2)  # fmt: skip
     before = [dict(tower) for tower in engine.towers]
+
+    def coordinator_node() -> str:
+        return ray.get(engine._coordinator.__ray_call__.remote(lambda _: ray.get_runtime_context().get_node_id()))
+
+    coordinator_before = coordinator_node()
     events, removed = [], []
     group1_node = next(w for w in workers if w.node_id == before[2]["node"])
 
@@ -52,6 +57,8 @@ def main(workdir: Path) -> None:
         "before": [{"node": t["node"], "tower": t["tower"]} for t in before],
         "after": [{"node": t["node"], "tower": t["tower"]} for t in engine.towers],
         "removed": removed,
+        "driver_node": ray.get_runtime_context().get_node_id(),
+        "coordinator_nodes": [coordinator_before, coordinator_node()],
         "events": events,
         "checksums": engine.replica_checksums(),
         "state": result.state, "steps": result.steps, "restarts": result.restarts,

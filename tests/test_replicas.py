@@ -100,7 +100,8 @@ def test_groups_keep_their_towers_on_one_node_spread_over_nodes_and_a_lost_node_
     assert after[2] == after[3] and after[2] not in (before[0], before[2])  # group 1 again on one node: the spare
     recovered = [e for e in report["events"] if e["kind"] == "recovered"]
     assert len(recovered) == 1 and "group 1 tower 0 (died" in recovered[0]["message"]
-    assert "coordinator" not in recovered[0]["message"]  # it stays beside the driver, not on a group's node
+    # The coordinator stays beside the driver, not on a group's node, before and after the loss.
+    assert report["coordinator_nodes"] == [report["driver_node"]] * 2
     assert (report["state"], report["steps"], report["restarts"]) == ("finished", 18, 1)
     group0, group1 = report["checksums"]
     assert group0 == group1

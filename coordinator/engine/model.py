@@ -13,7 +13,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from coordinator.engine.coordinator_actor import PROBE_SECONDS, Coordinator, TowerFailure, unanswered
 from coordinator.engine.placement import Placement, ensure_ray, free_devices
-from coordinator.engine.replicas import ReplicaGroup
+from coordinator.engine.replicas import ReplicaGroup, in_groups
 from coordinator.engine.tower_actor import TowerActor
 from coordinator.engine.transport import EXCHANGE_TIMEOUT, InferenceGraph, check_transport, make_transport
 from towers import NetConfig, merge_state_dicts, split_state_dict
@@ -113,8 +113,9 @@ class ModelParallelAlexNet:
 
     def _start_coordinator(self) -> None:
         # The coordinator only routes and computes the loss: it needs no core of its own. It stays
-        # beside the driver (where it can), so that losing a node of towers does not take it too.
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        # beside the driver, so that losing a node of towers does not take it too. Not soft: Ray
+        # 2.60 places a soft-pinned actor of no CPUs elsewhere, and the driver's node always fits it.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         self._coordinator = ray.remote(Coordinator).options(num_cpus=0, scheduling_strategy=here).remote(
             self._towers, self.config, self.transport, self.replicas
         )
@@ -288,9 +289,7 @@ class ModelParallelAlexNet:
         return self._by_group(self._towers)[g]
 
     def _by_group(self, per_tower: list) -> list[list]:
-        """A list in tower order (group-major) cut into each group's part."""
-        size = self.config.towers
-        return [per_tower[i : i + size] for i in range(0, len(per_tower), size)]
+        return in_groups(per_tower, self.config.towers)
 
     def _gather(self, method: str, towers: Optional[list] = None) -> list:
         return ray.get([getattr(t, method).remote() for t in (self._towers if towers is None else towers)])
