@@ -103,6 +103,8 @@ def main() -> None:
     parser.add_argument("--width", type=float, default=0.25, help="of the served and the trained network")
     parser.add_argument("--max-queue", type=int, default=64)
     parser.add_argument("--overflow-images", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run the load phase this many times back to back (the server's memory after each)")
     parser.add_argument("--serving-nice", type=int, default=0, help="the server's --serving-nice")
     parser.add_argument("--client-nice", type=int, default=0,
                         help="run these load clients at this CPU niceness: on a small machine they take the cores "
@@ -132,7 +134,8 @@ def main() -> None:
             print(f"server pid {server.pid}; training alone: {quiet:.1f} images/s (width {args.width}, batch {BATCH})")
             image = photo()
             os.nice(args.client_nice)  # after the server started: it keeps priority 0
-            for phase, images in (("load", 1), ("overflow", args.overflow_images)):
+            phases = [(f"load {i + 1}/{args.rounds}" if args.rounds > 1 else "load", 1) for i in range(args.rounds)]
+            for phase, images in (*phases, ("overflow", args.overflow_images)):
                 before, anon_before = rss_mib(server.pid), rss_mib(server.pid, "RssAnon")
                 start_step = client.get(job.job_id).progress
                 started = time.perf_counter()

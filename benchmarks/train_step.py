@@ -126,7 +126,7 @@ def main() -> None:
     # The same float32 arithmetic on both sides (PyTorch's own default has TF32 convolutions, not matmuls).
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = args.tf32
     if args.reference_keeps_freed_memory:
-        from coordinator.engine.tower_actor import keep_freed_memory_in_heap
+        from coordinator.engine.allocator import keep_freed_memory_in_heap
 
         if not keep_freed_memory_in_heap():
             parser.error("--reference-keeps-freed-memory needs Linux with glibc")

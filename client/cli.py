@@ -139,8 +139,10 @@ def serve_options(args):
 
 
 def cmd_serve(args) -> int:
+    from coordinator.engine.allocator import return_freed_memory
     from coordinator.service import SecurityError, Server
 
+    return_freed_memory()  # before any thread starts: a long-running server's heap stays its size under load
     try:
         server = Server(serve_options(args)).start()
     except SecurityError as error:

@@ -4,9 +4,13 @@ Certificates are made at test time with the `cryptography` package: a CA, a serv
 for 127.0.0.1, a client certificate it signed, and a self-signed impostor.
 """
 
+import base64
 import datetime
 import ipaddress
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import grpc
@@ -123,6 +127,35 @@ def test_tokens_and_roles(token_server):
         assert client.health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == health_pb2.HealthCheckResponse.SERVING
 
 
+GRPCURL = str(Path(sys.executable).parent / "grpcurl")  # the unmodified grpcurl binary, from the test extra
+
+
+def grpcurl(server, *args, token=None, plaintext=True, data=None):
+    """Run grpcurl against the server, args being its flags then the method (or `list`): (exit status, output)."""
+    *flags, method = args
+    command = [GRPCURL, *(["-plaintext"] if plaintext else []), *(["-H", f"authorization: Bearer {token}"] if token else []),
+               *(["-d", json.dumps(data)] if data is not None else []), *flags, f"127.0.0.1:{server.port}", method]  # fmt: skip
+    ran = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    return ran.returncode, ran.stdout + ran.stderr
+
+
+def test_grpcurl_lists_checks_health_and_classifies_with_a_token(token_server):
+    """What a user's first look with grpcurl meets: reflection and health open, the rest behind tokens."""
+    status, listed = grpcurl(token_server, "list")
+    assert status == 0 and {"alexnet.v1.InferenceService", "alexnet.v1.TrainingService", "grpc.health.v1.Health"} <= set(listed.split())
+    status, health = grpcurl(token_server, "grpc.health.v1.Health/Check")
+    assert status == 0 and json.loads(health) == {"status": "SERVING"}
+    classify = {"images": [{"encoded": base64.b64encode(jpeg_bytes()).decode()}], "top_k": 2}
+    status, answer = grpcurl(token_server, "alexnet.v1.InferenceService/Classify", token=READ, data=classify)
+    assert status == 0, answer
+    predictions = json.loads(answer)["results"][0]["top"]
+    assert len(predictions) == 2 and predictions[0]["probability"] >= predictions[1]["probability"]
+    status, refused = grpcurl(token_server, "alexnet.v1.InferenceService/Classify", data=classify)
+    assert status != 0 and "Code: Unauthenticated" in refused and "Bearer" in refused
+    status, refused = grpcurl(token_server, "alexnet.v1.InferenceService/Classify", token=TRAIN, data=classify)
+    assert status != 0 and "Code: PermissionDenied" in refused
+
+
 def test_mutual_tls(ray_session, pki):
     cert, key = pki["server"]
     srv = Server(ServeOptions(port=0, metrics_port=-1, width=WIDTH, tls_cert=cert, tls_key=key, tls_client_ca=pki["ca"])).start()
@@ -141,6 +174,10 @@ def test_mutual_tls(ray_session, pki):
     try:
         assert code_of(tls_only, "", "Classify", CLASSIFY, tls_ca=pki["ca"]) == grpc.StatusCode.OK
         assert code_of(tls_only, "", "Classify", CLASSIFY) == grpc.StatusCode.UNAVAILABLE  # plaintext
+        status, health = grpcurl(tls_only, "-cacert", pki["ca"], "grpc.health.v1.Health/Check", plaintext=False)
+        assert status == 0 and json.loads(health) == {"status": "SERVING"}
+        status, refused = grpcurl(tls_only, "grpc.health.v1.Health/Check")  # plaintext against TLS
+        assert status != 0 and "Failed to dial" in refused
     finally:
         tls_only.stop()
 
@@ -205,15 +242,19 @@ def test_every_path_a_request_names_must_lie_in_the_roots(tmp_path):
     assert len(str(refused.value)) < 600  # what is echoed is cut short
 
 
-def test_the_local_ray_a_server_starts_keeps_its_token_private(tmp_path):
-    """With Ray's token authentication on (as outside the tests), the token file ends up 0600."""
+def test_the_local_ray_a_server_starts_keeps_its_token_private_and_its_workers_at_full_priority(tmp_path):
+    """With Ray's token authentication on (as outside the tests), the token file ends up 0600. Its
+    workers run at niceness 0, not Ray's 15, so that --serving-nice has all 19 steps below them."""
     import stat
     import subprocess
     import sys
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | {"HOME": str(tmp_path)}
-    script = "from coordinator.engine import ensure_ray; ensure_ray(num_cpus=1); import ray; ray.shutdown()"
-    subprocess.run([sys.executable, "-c", script], env=env, cwd=Path(__file__).parents[1], check=True, timeout=120,
-                   capture_output=True)  # fmt: skip
+    script = ("import os, ray; from coordinator.engine import ensure_ray; from coordinator.engine.placement import "
+              "worker_niceness; ensure_ray(num_cpus=1); nice = ray.remote(lambda: os.getpriority(os.PRIO_PROCESS, 0)); "
+              "print('workers at', ray.get(nice.remote()), 'believed', worker_niceness()); ray.shutdown()")  # fmt: skip
+    ran = subprocess.run([sys.executable, "-c", script], env=env, cwd=Path(__file__).parents[1], check=True, timeout=120,
+                         capture_output=True, text=True)  # fmt: skip
+    assert "workers at 0 believed 0" in ran.stdout
     token = tmp_path / ".ray" / "auth_token"
     assert token.is_file() and stat.S_IMODE(token.stat().st_mode) == 0o600

@@ -26,8 +26,28 @@ def ensure_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) ->
     if address:
         ray.init(address=address)
     else:
-        ray.init(num_cpus=num_cpus or max(os.cpu_count() or 1, 8), include_dashboard=False)
+        # Ray starts its workers at niceness 15 by default, below the server's own threads. A local
+        # Ray here starts them at 0 instead: serving can then be put anywhere below training (serve
+        # --serving-nice), the full 19 steps, rather than the 4 left above 15.
+        system_config = {} if RAY_NICENESS_ENV in os.environ else {"worker_niceness": LOCAL_WORKER_NICENESS}
+        ray.init(num_cpus=num_cpus or max(os.cpu_count() or 1, 8), include_dashboard=False, _system_config=system_config)
+        global _started_here
+        _started_here = True
         private_ray_token()
+
+
+RAY_NICENESS_ENV = "RAY_worker_niceness"
+RAY_DEFAULT_WORKER_NICENESS = 15  # Ray's own, for a cluster this process joins
+LOCAL_WORKER_NICENESS = 0
+_started_here = False
+
+
+def worker_niceness() -> int:
+    """The CPU niceness Ray gives its worker processes, the towers: the environment's, else 0 for
+    a Ray that ensure_ray started, else Ray's default."""
+    if RAY_NICENESS_ENV in os.environ:
+        return int(os.environ[RAY_NICENESS_ENV])
+    return LOCAL_WORKER_NICENESS if _started_here else RAY_DEFAULT_WORKER_NICENESS
 
 
 def private_ray_token() -> None:

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import functools
 import os
-import platform
 import socket
 import threading
 import time
@@ -17,28 +15,10 @@ import numpy as np
 import ray
 import torch
 
+from coordinator.engine.allocator import keep_freed_memory_in_heap
 from coordinator.engine.replicas import ReplicaGroup
 from coordinator.engine.transport import Received, Transport, to_wire
 from towers import NetConfig, Tower, paper_sgd
-
-
-# glibc's mallopt parameters (malloc.h).
-M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-
-
-def keep_freed_memory_in_heap() -> bool:
-    """Make this process's allocator keep freed memory for reuse; True where it could (glibc).
-
-    A CPU tower allocates and frees the same large tensors every step (conv1's output is tens of
-    MB). By default glibc serves each block over 32 MiB with fresh pages from the kernel, which
-    are faulted in and zeroed again on first touch, step after step. Served from the heap and
-    kept there, they are reused from the third step on. The cost: the step's peak memory stays
-    resident. Both are measured in docs/performance.md.
-    """
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    libc = ctypes.CDLL(None)
-    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 def lower_priority(nice: int) -> None:

@@ -25,6 +25,7 @@ from alexnet_api.v1 import alexnet_pb2 as pb
 from alexnet_api.v1 import alexnet_pb2_grpc as rpc
 from coordinator.data import ColourStats, patterns
 from coordinator.engine import ensure_ray
+from coordinator.engine.placement import worker_niceness
 from coordinator.service.jobs import JobManager
 from coordinator.service.metrics import GrpcMetricsInterceptor, Metrics
 from coordinator.service.requests import Roots
@@ -43,9 +44,6 @@ from coordinator.service.state import StateStore
 from towers import NetConfig
 
 log = logging.getLogger(__name__)
-
-# The CPU priority (niceness) Ray gives its worker processes unless RAY_worker_niceness says otherwise.
-RAY_WORKER_NICENESS = 15
 
 SERVICE_NAMES = tuple(
     pb.DESCRIPTOR.services_by_name[name].full_name for name in ("TrainingService", "InferenceService", "ModelService")
@@ -89,11 +87,10 @@ class ServeOptions:
 class Server:
     def _handler_priority(self) -> None:
         """With --serving-nice, each handler thread (it decodes the images) runs at the serving
-        towers' priority: Ray runs its workers, the towers, at RAY_worker_niceness (15), and this
-        process at 0, which would put every decode ahead of training."""
+        towers' priority, N steps below the Ray workers (the training towers), since this process
+        runs at 0, which would put every decode ahead of training."""
         if self.options.serving_nice:
-            ray_workers = int(os.environ.get("RAY_worker_niceness", RAY_WORKER_NICENESS))
-            target = min(19, ray_workers + self.options.serving_nice)
+            target = min(19, worker_niceness() + self.options.serving_nice)
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), target)
 
     def __init__(self, options: ServeOptions = ServeOptions()):
