@@ -27,9 +27,12 @@ bench: $(STAMP)
 	$(PY) benchmarks/train_step.py
 	$(PY) benchmarks/data_pipeline.py
 
-# Regenerate the committed gRPC code after editing proto/ (tests check it is current).
+# Regenerate the committed gRPC code after editing proto/ (tests check it is current). grpcio-tools is
+# the test extra's pin (1.80.1): its protobuf 6.31 gencode runs on protobuf 6 and 7 alike.
+PROTOS := alexnet_api/v1/alexnet.proto alexnet_api/inference_v2/open_inference_grpc.proto
 proto: $(STAMP)
-	cd proto && ../$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. alexnet_api/v1/alexnet.proto
+	cd proto && for file in $(PROTOS); do \
+		../$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. $$file || exit 1; done
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -156,6 +156,29 @@ def test_grpcurl_lists_checks_health_and_classifies_with_a_token(token_server):
     assert status != 0 and "Code: PermissionDenied" in refused
 
 
+def test_the_inference_protocol_needs_a_read_token_but_for_its_probes(token_server):
+    from test_kserve import encoded, v2, v2_rpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{token_server.port}") as channel:
+        stub = v2_rpc.GRPCInferenceServiceStub(channel)
+
+        def code(method, request, token):
+            try:
+                getattr(stub, method)(request, metadata=[("authorization", f"Bearer {token}")], timeout=30)
+                return grpc.StatusCode.OK
+            except grpc.RpcError as exc:
+                return exc.code()
+
+        infer, model = encoded(jpeg_bytes()), v2.ModelMetadataRequest(name="alexnet")
+        assert [code("ModelInfer", infer, token) for token in ("", READ, TRAIN)] == [
+            grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.OK, grpc.StatusCode.PERMISSION_DENIED]  # fmt: skip
+        assert code("ModelMetadata", model, "") == grpc.StatusCode.UNAUTHENTICATED
+        assert code("ServerReady", v2.ServerReadyRequest(), "") == grpc.StatusCode.OK  # probes stay open, like health
+        assert stub.ServerLive(v2.ServerLiveRequest(), timeout=30).live
+    status, ready = grpcurl(token_server, "inference.GRPCInferenceService/ServerReady")  # the README's command
+    assert status == 0 and json.loads(ready) == {"ready": True}
+
+
 def test_mutual_tls(ray_session, pki):
     cert, key = pki["server"]
     srv = Server(ServeOptions(port=0, metrics_port=-1, width=WIDTH, tls_cert=cert, tls_key=key, tls_client_ca=pki["ca"])).start()

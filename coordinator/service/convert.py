@@ -120,10 +120,7 @@ def classify_items(images, image_size: int) -> list:
         if kind == "encoded" and not image.encoded:
             raise InvalidRequest(f"image {i}: encoded holds no bytes; send the file's bytes (JPEG, PNG, BMP or WebP)")
         if kind == "encoded":
-            try:
-                items.append(("crop", centre_crop(load_image(io.BytesIO(image.encoded)))))
-            except BadImage as exc:
-                raise InvalidRequest(f"image {i} cannot be decoded ({exc}); send JPEG, PNG, BMP or WebP bytes") from None
+            items.append(decoded_item(i, image.encoded))
         elif kind == "tensor":
             shape, expected = list(image.tensor.shape), [3, image_size, image_size]
             if shape != expected:
@@ -134,15 +131,28 @@ def classify_items(images, image_size: int) -> list:
                     f"image {i}: tensor data holds {len(image.tensor.data)} bytes, {shape} float32 needs {4 * count}"
                 )
             values = torch.from_numpy(np.frombuffer(image.tensor.data, dtype="<f4").astype(np.float32)).reshape(expected)
-            if not torch.isfinite(values).all():
-                raise InvalidRequest(f"image {i}: tensor holds NaN or infinite values")
-            if values.abs().max() > MAX_PIXEL_VALUE:  # finite, but far enough out to overflow the network to NaN
-                raise InvalidRequest(f"image {i}: tensor values reach {values.abs().max().item():.3g}; send preprocessed "
-                                     f"pixels (0..255 minus the mean, or normalised), within +-{MAX_PIXEL_VALUE:g}")  # fmt: skip
-            items.append(("tensor", values))
+            items.append(tensor_item(i, values))
         else:
             raise InvalidRequest(f"image {i} is empty: set `encoded` or `tensor`")
     return items
+
+
+def decoded_item(i: int, encoded: bytes) -> tuple:
+    """An encoded image -> the batcher's item (its centre crop); the error names image i."""
+    try:
+        return "crop", centre_crop(load_image(io.BytesIO(encoded)))
+    except BadImage as exc:
+        raise InvalidRequest(f"image {i} cannot be decoded ({exc}); send JPEG, PNG, BMP or WebP bytes") from None
+
+
+def tensor_item(i: int, values: torch.Tensor) -> tuple:
+    """A preprocessed [3, S, S] float32 image -> the batcher's item, once its values are safe to compute on."""
+    if not torch.isfinite(values).all():
+        raise InvalidRequest(f"image {i}: tensor holds NaN or infinite values")
+    if values.abs().max() > MAX_PIXEL_VALUE:  # finite, but far enough out to overflow the network to NaN
+        raise InvalidRequest(f"image {i}: tensor values reach {values.abs().max().item():.3g}; send preprocessed "
+                             f"pixels (0..255 minus the mean, or normalised), within +-{MAX_PIXEL_VALUE:g}")  # fmt: skip
+    return "tensor", values
 
 
 def classify_response(top: list[list[Prediction]], version: ModelVersion) -> pb.ClassifyResponse:

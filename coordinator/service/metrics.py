@@ -15,6 +15,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 STEP_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+# The classification metrics' protocol label: Classify, and the Open Inference Protocol's ModelInfer.
+ALEXNET_V1, KSERVE_V2 = "alexnet.v1", "kserve.v2"
 
 
 class Metrics:
@@ -60,11 +62,13 @@ class Metrics:
         )
         # Serving
         self.classify_requests = Counter(
-            "alexnet_classify_requests_total", "Classify requests by gRPC code", ["code"], registry=r
-        )
+            "alexnet_classify_requests_total", "Classification requests by protocol and gRPC code", ["protocol", "code"],
+            registry=r,
+        )  # fmt: skip
         self.classify_latency = Histogram(
-            "alexnet_classify_latency_seconds", "Classify request latency", buckets=LATENCY_BUCKETS, registry=r
-        )
+            "alexnet_classify_latency_seconds", "Classification request latency, by protocol", ["protocol"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
         self.queue_seconds = Histogram(
             "alexnet_classify_queue_seconds", "Time a request waited to join a batch", buckets=LATENCY_BUCKETS, registry=r
         )
@@ -90,6 +94,8 @@ class Metrics:
 
     def prepare(self, config) -> None:
         """Create every tower/stage and exchange series at zero, so dashboards see them before training."""
+        for protocol in (ALEXNET_V1, KSERVE_V2):
+            self.classify_latency.labels(protocol)
         for role in ("serving", "training"):
             self.tower_restarts.labels(role)
             self.recovery_seconds.labels(role)
@@ -101,6 +107,10 @@ class Metrics:
             for direction in ("forward", "backward"):
                 self.exchange_seconds.labels(segment[0].name, direction)
                 self.exchange_bytes.labels(segment[0].name, direction)
+
+    def observe_classify(self, protocol: str, code: grpc.StatusCode, seconds: float) -> None:
+        self.classify_requests.labels(protocol, code.name).inc()
+        self.classify_latency.labels(protocol).observe(seconds)
 
     def observe_step(self, event, batch: int, seconds: float) -> None:
         self.steps.inc()

@@ -8,8 +8,9 @@ A token file holds one token per line, optionally prefixed by its role:
 
 Clients send `authorization: Bearer <token>`. A missing or unknown token is UNAUTHENTICATED, a
 known one without the method's role PERMISSION_DENIED. Health and reflection stay open, so load
-balancers and grpcurl can find the server. Tokens are compared in constant time, and never taken
-from the command line, where `ps` would show them.
+balancers and grpcurl can find the server, and so do the inference protocol's ServerLive and
+ServerReady (its probes); its other methods, ModelInfer among them, need "read". Tokens are
+compared in constant time, and never taken from the command line, where `ps` would show them.
 """
 
 from __future__ import annotations
@@ -101,11 +102,13 @@ def check_exposure(host: str, has_tokens: bool, insecure_no_auth: bool) -> None:
 
 
 class AuthInterceptor(grpc.ServerInterceptor):
-    """Checks the bearer token and its role on every method of the `protected` services."""
+    """Checks the bearer token and its role on every method of the `protected` services, but the
+    `open_methods` (full names: /package.Service/Method)."""
 
-    def __init__(self, tokens: dict[str, frozenset[str]], protected: tuple[str, ...]):
+    def __init__(self, tokens: dict[str, frozenset[str]], protected: tuple[str, ...],
+                 open_methods: frozenset[str] = frozenset()):  # fmt: skip
         self.tokens = [(token.encode(), roles) for token, roles in tokens.items()]
-        self.protected = tuple(f"/{name}/" for name in protected)
+        self.protected, self.open_methods = tuple(f"/{name}/" for name in protected), open_methods
 
     def roles_of(self, presented: str) -> Optional[frozenset[str]]:
         """The token's roles, None if unknown; every known token is compared, each in constant time."""
@@ -119,7 +122,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
     def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method
         handler = continuation(handler_call_details)
-        if handler is None or not method.startswith(self.protected):
+        if handler is None or not method.startswith(self.protected) or method in self.open_methods:
             return handler
         needed = "train" if method.rsplit("/", 1)[1] in TRAIN_METHODS else "read"
         header = dict(handler_call_details.invocation_metadata or ()).get("authorization", "")

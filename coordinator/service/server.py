@@ -26,6 +26,7 @@ from alexnet_api.v1 import alexnet_pb2_grpc as rpc
 from coordinator.data import ColourStats, patterns
 from coordinator.engine import ensure_ray
 from coordinator.engine.placement import worker_niceness
+from coordinator.service import kserve
 from coordinator.service.jobs import JobManager
 from coordinator.service.metrics import GrpcMetricsInterceptor, Metrics
 from coordinator.service.requests import Roots
@@ -45,8 +46,10 @@ from towers import NetConfig
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAMES = tuple(
-    pb.DESCRIPTOR.services_by_name[name].full_name for name in ("TrainingService", "InferenceService", "ModelService")
+# Ours, and the Open Inference Protocol's (kserve.py), on the same port.
+SERVICE_NAMES = (
+    *(pb.DESCRIPTOR.services_by_name[name].full_name for name in ("TrainingService", "InferenceService", "ModelService")),
+    kserve.SERVICE_NAME,
 )
 MAX_MESSAGE_BYTES = 64 << 20  # a full batch of raw tensors is 32 x 618 KB; gRPC's default cap is 4 MiB
 
@@ -135,6 +138,8 @@ class Server:
         rpc.add_TrainingServiceServicer_to_server(TrainingServicer(self.jobs, opts.max_watchers), self._grpc)
         rpc.add_InferenceServiceServicer_to_server(InferenceServicer(self.classifier, self.metrics), self._grpc)
         rpc.add_ModelServiceServicer_to_server(ModelServicer(self.classifier, self.jobs), self._grpc)
+        kserve.v2_rpc.add_GRPCInferenceServiceServicer_to_server(kserve.KServeServicer(self.classifier, self.metrics),
+                                                                 self._grpc)  # fmt: skip
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc)
         address = f"{opts.host}:{opts.port}"
@@ -171,7 +176,7 @@ class Server:
             log.warning("tokens will cross the network in clear text: add --tls-cert and --tls-key")
         interceptors = [GrpcMetricsInterceptor(self.metrics)]
         if tokens:
-            interceptors.append(AuthInterceptor(tokens, SERVICE_NAMES))
+            interceptors.append(AuthInterceptor(tokens, SERVICE_NAMES, open_methods=kserve.OPEN_METHODS))
         return [*interceptors, ParseRequests()], credentials
 
     def _publish(self, version: ModelVersion) -> int:

@@ -29,7 +29,7 @@ from coordinator.service.errors import (
 )
 from coordinator.service.jobs import JobManager
 from coordinator.training.checkpoints import shown
-from coordinator.service.metrics import Metrics
+from coordinator.service.metrics import ALEXNET_V1, Metrics
 from coordinator.service.serving import Classifier
 
 log = logging.getLogger(__name__)
@@ -129,10 +129,7 @@ class InferenceServicer(rpc.InferenceServiceServicer):
             answer = self.classifier.classify(items, request.top_k, deadline_of(context), context.is_active)
             return convert.classify_response(*answer)
 
-        def observe(code: grpc.StatusCode) -> None:
-            self.metrics.classify_requests.labels(code.name).inc()
-            self.metrics.classify_latency.observe(time.perf_counter() - start)
-
+        observe = lambda code: self.metrics.observe_classify(ALEXNET_V1, code, time.perf_counter() - start)  # noqa: E731
         return answer(context, "classification", classify, on_code=observe)
 
 

@@ -69,6 +69,20 @@ class _Request:
         return self.is_active() and time.perf_counter() < self.deadline
 
 
+def check_top_k(top_k: int, classes: int) -> None:
+    if not 1 <= top_k <= classes:
+        raise InvalidRequest(f"top_k must be between 1 and {classes} (the classes), got {top_k}")
+
+
+def top_classes(probs: torch.Tensor, version: ModelVersion, top_k: int) -> list[list[Prediction]]:
+    """The top_k classes of each row of probabilities, most probable first."""
+    values, indices = probs.topk(min(top_k, len(version.labels)), dim=1)
+    return [
+        [Prediction(int(i), version.labels[int(i)], float(p)) for p, i in zip(row_p, row_i)]
+        for row_p, row_i in zip(values, indices)
+    ]
+
+
 class Classifier:
     """The serving pair of towers behind a dynamic batcher thread, and the versions it serves."""
 
@@ -127,21 +141,26 @@ class Classifier:
                  is_active: Callable[[], bool] = lambda: True) -> tuple[list[list[Prediction]], ModelVersion]:  # fmt: skip
         """The top_k classes of each item, most probable first, and the version that answered.
         Waits at most `timeout` seconds; a request whose client left (is_active) is not computed."""
-        classes = len(self.serving()[1].labels)
-        if not 1 <= top_k <= classes:
-            raise InvalidRequest(f"top_k must be between 1 and {classes} (the classes), got {top_k}")
+        check_top_k(top_k, len(self.serving()[1].labels))
+        probs, version = self.probabilities(items, timeout, is_active)
+        return top_classes(probs, version, top_k), version
+
+    def probabilities(self, items: list, timeout: Optional[float] = None,
+                      is_active: Callable[[], bool] = lambda: True) -> tuple[torch.Tensor, ModelVersion]:  # fmt: skip
+        """Each item's probability for every class ([items, classes]), and the version that answered;
+        the batching, limits and deadline of classify()."""
+        self.serving()  # refuses while the towers start
         deadline = math.inf if timeout is None else time.perf_counter() + timeout
         request = self._submit(_Request(items, deadline, is_active))
         try:
-            probs, version = self._answer_to(request)
+            return self._answer_to(request)
         except futures.TimeoutError:
             raise DeadlineExceeded(f"no answer within the deadline of {timeout:.3g} s; the request was dropped "
                                    "(a longer deadline, or fewer images per request, may help)") from None  # fmt: skip
-        values, indices = probs.topk(min(top_k, len(version.labels)), dim=1)
-        return [
-            [Prediction(int(i), version.labels[int(i)], float(p)) for p, i in zip(row_p, row_i)]
-            for row_p, row_i in zip(values, indices)
-        ], version
+
+    def ready(self) -> bool:
+        """Serving now: the towers are up, not being replaced, and the server is not closing."""
+        return self._thread is not None and not self._rebuilding and not self._closing
 
     def _answer_to(self, request: _Request):
         """Waits for the request's answer while its client is there; one that leaves (cancels, or

@@ -5,7 +5,7 @@ import warnings
 
 from alexnet_api.v1 import alexnet_pb2 as alexnet__api_dot_v1_dot_alexnet__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.80.1'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -25,7 +25,7 @@ if _version_not_supported:
     )
 
 
-class TrainingServiceStub:
+class TrainingServiceStub(object):
     """---------------------------------------------------------------------------------------------
     Training
     ---------------------------------------------------------------------------------------------
@@ -65,7 +65,7 @@ class TrainingServiceStub:
                 _registered_method=True)
 
 
-class TrainingServiceServicer:
+class TrainingServiceServicer(object):
     """---------------------------------------------------------------------------------------------
     Training
     ---------------------------------------------------------------------------------------------
@@ -151,7 +151,7 @@ def add_TrainingServiceServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class TrainingService:
+class TrainingService(object):
     """---------------------------------------------------------------------------------------------
     Training
     ---------------------------------------------------------------------------------------------
@@ -294,7 +294,7 @@ class TrainingService:
             _registered_method=True)
 
 
-class InferenceServiceStub:
+class InferenceServiceStub(object):
     """---------------------------------------------------------------------------------------------
     Classification
     ---------------------------------------------------------------------------------------------
@@ -314,7 +314,7 @@ class InferenceServiceStub:
                 _registered_method=True)
 
 
-class InferenceServiceServicer:
+class InferenceServiceServicer(object):
     """---------------------------------------------------------------------------------------------
     Classification
     ---------------------------------------------------------------------------------------------
@@ -350,7 +350,7 @@ def add_InferenceServiceServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class InferenceService:
+class InferenceService(object):
     """---------------------------------------------------------------------------------------------
     Classification
     ---------------------------------------------------------------------------------------------
@@ -385,7 +385,7 @@ class InferenceService:
             _registered_method=True)
 
 
-class ModelServiceStub:
+class ModelServiceStub(object):
     """---------------------------------------------------------------------------------------------
     The model
     ---------------------------------------------------------------------------------------------
@@ -405,7 +405,7 @@ class ModelServiceStub:
                 _registered_method=True)
 
 
-class ModelServiceServicer:
+class ModelServiceServicer(object):
     """---------------------------------------------------------------------------------------------
     The model
     ---------------------------------------------------------------------------------------------
@@ -436,7 +436,7 @@ def add_ModelServiceServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class ModelService:
+class ModelService(object):
     """---------------------------------------------------------------------------------------------
     The model
     ---------------------------------------------------------------------------------------------
