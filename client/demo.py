@@ -8,8 +8,10 @@ classifies every held-out image through gRPC and prints the accuracy and a few t
 from __future__ import annotations
 
 import dataclasses
+import os
 import socket
 import time
+from pathlib import Path
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
@@ -28,6 +30,21 @@ def free_or_any(host: str, port: int) -> int:
         except OSError:
             return 0
     return port
+
+
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+
+
+def observability_commands(metrics_port: int) -> list[str]:
+    """How to watch this server: Prometheus on the shipped config (which scrapes :9464), and the dashboard."""
+    shown = lambda path: os.path.relpath(path) if path.is_relative_to(Path.cwd()) else str(path)  # noqa: E731
+    config = DEPLOY / "prometheus" / "prometheus.yml"
+    edit = "" if metrics_port == 9464 else f" (edit its target, localhost:9464, to localhost:{metrics_port})"
+    return [
+        f"watch it in Prometheus, alerts included{edit}:",
+        f"  prometheus --config.file={shown(config)} --storage.tsdb.path=/tmp/alexnet-mp-prometheus",
+        f"then in Grafana, add that Prometheus (http://localhost:9090) and import {shown(DEPLOY / 'grafana' / 'alexnet-mp.json')}",
+    ]
 
 
 def run_demo(options, preset: str = "demo", overrides: dict | None = None) -> int:
@@ -53,6 +70,8 @@ def run_demo(options, preset: str = "demo", overrides: dict | None = None) -> in
     target = f"{host}:{server.port}"
     metrics = f"http://{host}:{server.metrics_port}/metrics" if server.metrics_port else None
     console.print(f"gRPC on {target}" + (f"; Prometheus metrics at {metrics} (scrape them while it trains)" if metrics else ""))
+    if metrics:
+        console.print("\n".join(observability_commands(server.metrics_port)), highlight=False)
     try:
         with AlexNetClient(target) as client:
             client.wait_ready()

@@ -278,6 +278,7 @@ class JobManager:
                 return
             resumed = f", resumed from step {plan.resume['step']} of {plan.resume['path']}" if plan.resume else ""
             job.set_state(JobState.RUNNING, f"training on {len(dataset.train)} images of {dataset.num_classes} classes{resumed}")
+            self.metrics.running.set(1)
             net = dict(num_classes=dataset.num_classes, width=plan.recipe.width)
 
             def on_event(event: Progress) -> None:
@@ -310,9 +311,12 @@ class JobManager:
             job.set_state(final, f"{result.state} after {result.steps} steps, top-1 {result.top1:.1%}")
         except Exception as exc:  # the job fails; the server and its other jobs carry on
             log.exception("training job %s failed", job.id)  # the whole traceback goes to the log
+            if isinstance(exc, FloatingPointError):  # the loop fails a diverged job before it reports that step:
+                self.metrics.loss.set(math.nan)  # show the loss as NaN, for the loss-NaN alert
             job.set_state(JobState.FAILED, "failed", error=error_summary(exc))  # one line, without Ray's wrapping
         finally:
             job.engine = None
+            self.metrics.running.set(0)  # one job at a time: none trains now
 
     def stop_all(self, timeout: float = 60) -> None:
         jobs = self.list()

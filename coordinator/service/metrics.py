@@ -32,6 +32,8 @@ class Metrics:
         self.epoch = Gauge("alexnet_training_epoch", "Epochs completed in the current job", registry=r)
         self.images_per_second = Gauge("alexnet_training_images_per_second", "Training throughput", registry=r)
         self.skipped = Gauge("alexnet_training_skipped_images", "Unreadable images skipped in the current job", registry=r)
+        # 1 from the moment a job trains until its thread ends: the stalled-training alert needs it
+        self.running = Gauge("alexnet_training_running", "1 while a job is RUNNING (or stopping), else 0", registry=r)
         self.step_seconds = Histogram(
             "alexnet_training_step_duration_seconds", "Wall time of one training step", buckets=STEP_BUCKETS, registry=r
         )
@@ -76,6 +78,11 @@ class Metrics:
             "alexnet_classify_batch_size", "Images per served batch", buckets=BATCH_BUCKETS, registry=r
         )
         self.pending = Gauge("alexnet_classify_pending_requests", "Requests waiting for a batch", registry=r)
+        # The queue is bounded in images, not requests: the queue-near-full alert divides these two
+        self.pending_images = Gauge("alexnet_classify_pending_images", "Images waiting for a batch", registry=r)
+        self.queue_capacity = Gauge(
+            "alexnet_classify_queue_capacity_images", "Images the queue holds at most (--max-queue)", registry=r
+        )
         self.version = Gauge("alexnet_model_version", "The model version being served", registry=r)
         # Recovery
         self.tower_restarts = Counter(
@@ -111,6 +118,11 @@ class Metrics:
     def observe_classify(self, protocol: str, code: grpc.StatusCode, seconds: float) -> None:
         self.classify_requests.labels(protocol, code.name).inc()
         self.classify_latency.labels(protocol).observe(seconds)
+
+    def observe_queue(self, queue) -> None:
+        """The classify queue's length, in requests and in images (each request holds its `items`)."""
+        self.pending.set(len(queue))
+        self.pending_images.set(sum(len(request.items) for request in queue))
 
     def observe_step(self, event, batch: int, seconds: float) -> None:
         self.steps.inc()

@@ -98,6 +98,7 @@ class Classifier:
     ):
         self.max_batch, self.max_delay, self.metrics, self.transport = max_batch, max_delay, metrics, transport
         self.max_queue = max_queue  # images waiting, at most; beyond, requests are refused (ResourceExhausted)
+        metrics.queue_capacity.set(max_queue)
         self.nice = nice  # the serving towers' CPU priority, lowered by this: training beside them keeps its pace
         self.on_serving = on_serving  # told False while the serving pair is rebuilt, True when it serves again
         self._rebuilding: Optional[str] = None  # why requests are refused meanwhile
@@ -183,7 +184,7 @@ class Classifier:
         for request in [r for r in self._queue if not r.wanted()]:
             self._queue.remove(request)
             request.done.set_exception(DeadlineExceeded("the request expired in the queue"))
-        self.metrics.pending.set(len(self._queue))
+        self.metrics.observe_queue(self._queue)
 
     def _submit(self, request: _Request) -> _Request:
         if len(request.items) > self.max_batch:
@@ -201,7 +202,7 @@ class Classifier:
                 raise ResourceExhausted(f"the classify queue is full ({waiting} images waiting, at most "
                                         f"{self.max_queue}): retry later, with backoff")  # fmt: skip
             self._queue.append(request)
-            self.metrics.pending.set(len(self._queue))
+            self.metrics.observe_queue(self._queue)
             self._cv.notify()
         return request
 
@@ -241,7 +242,7 @@ class Classifier:
                 request = self._queue.popleft()
                 size += len(request.items)
                 batch.append(request)
-            self.metrics.pending.set(len(self._queue))
+            self.metrics.observe_queue(self._queue)
             return batch
 
     def _loop(self) -> None:
@@ -319,7 +320,7 @@ class Classifier:
         with self._cv:
             self._rebuilding = reason
             refused, self._queue = [*batch, *self._queue], collections.deque()
-            self.metrics.pending.set(0)
+            self.metrics.observe_queue(self._queue)
         self.on_serving(False)
         for request in refused:
             request.done.set_exception(Unavailable(reason))
