@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench proto clean
+.PHONY: install test demo bench proto clean deploy-smoke
 
 install: $(STAMP)
 
@@ -33,6 +33,10 @@ PROTOS := alexnet_api/v1/alexnet.proto alexnet_api/inference_v2/open_inference_g
 proto: $(STAMP)
 	cd proto && for file in $(PROTOS); do \
 		../$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. $$file || exit 1; done
+
+# `ray up deploy/onprem.yaml` for real against this machine over SSH, then `ray down` (root; not in CI).
+deploy-smoke: $(STAMP)
+	bash deploy/smoke.sh
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
