@@ -1,7 +1,6 @@
 """The Open Inference Protocol (KServe v2) on the server's port: the unmodified Triton client, in a
 process of its own (tests/triton_probe.py), and our own generated stubs for the bad requests."""
 
-import io
 import json
 import re
 import struct
@@ -12,7 +11,6 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from PIL import Image
 
 from alexnet_api.inference_v2 import open_inference_grpc_pb2 as v2
 from alexnet_api.inference_v2 import open_inference_grpc_pb2_grpc as v2_rpc
@@ -37,16 +35,10 @@ def stub(server):
         yield v2_rpc.GRPCInferenceServiceStub(channel)
 
 
-def png_bytes(seed=0):
-    buffer = io.BytesIO()
-    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (180, 240, 3), dtype=np.uint8)).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
 def test_the_triton_client_agrees_with_classify(server, tmp_path):
     tensors = np.random.default_rng(1).normal(size=(2, 3, SIZE, SIZE)).astype(np.float32)
     np.save(tmp_path / "tensors.npy", tensors)
-    images = {"a.jpg": jpeg_bytes(3), "b.png": png_bytes(4)}
+    images = {"a.jpg": jpeg_bytes(3), "b.png": jpeg_bytes(4, "PNG")}
     for name, data in images.items():
         (tmp_path / name).write_bytes(data)
     run = subprocess.run([sys.executable, str(PROBE), f"127.0.0.1:{server.port}", str(tmp_path / "tensors.npy"),

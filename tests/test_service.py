@@ -45,10 +45,11 @@ def client(server):
         yield c
 
 
-def jpeg_bytes(seed=0):
+def jpeg_bytes(seed=0, file_format="JPEG"):
+    """A 300x260 image of noise, encoded (JPEG unless told otherwise)."""
     rng = np.random.default_rng(seed)
     buffer = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (300, 260, 3), dtype=np.uint8)).save(buffer, "JPEG")
+    Image.fromarray(rng.integers(0, 256, (300, 260, 3), dtype=np.uint8)).save(buffer, file_format)
     return buffer.getvalue()
 
 
