@@ -3,16 +3,18 @@ the server's memory, and what the load costs the training.
 
     python benchmarks/load.py                          # 32 clients x 60 s, then 60 s beyond the queue
     python benchmarks/load.py --clients 32 --seconds 60 --width 0.25
-    python benchmarks/load.py --serving-nice 19       # the serving towers yield the CPUs to training
+    python benchmarks/load.py --serving-nice 0        # serving and training share the CPUs equally
 
 Starts `alexnet-mp serve` in its own process (loopback, a small --max-queue), starts a training
-job on a generated dataset, and measures its images/s for --seconds with no load. Then:
+job on a generated dataset, and measures its images/s for --seconds / 2 with no load. Then:
   load      --clients concurrent grpc.aio clients, each sending 1-image Classify requests
             back to back for --seconds;
   overflow  the same clients sending --overflow-images images per request, more than the queue
             holds: the overflow must get RESOURCE_EXHAUSTED, and nothing else may fail.
-For each phase it prints requests/s, p50/p99 latency, the count of every status code, the
-server's RSS at the start and end, and the training's images/s beside the no-load figure.
+Between the two, a second quiet window: the machine's own pace drifts from minute to minute, so
+the load is set against the mean of the windows before and after it. For each phase it prints
+requests/s, p50/p99 latency, the count of every status code, the server's RSS at the start and
+end (its heap and the object store's pages apart), and the training's images/s beside alone.
 Not a test: a run. grpc.aio (part of grpcio) drives the clients.
 """
 
@@ -45,6 +47,15 @@ def rss_mib(pid: int, kind: str = "VmRSS") -> float:
     (shared memory it has touched: Ray's object store, mapped into every Ray process)."""
     with open(f"/proc/{pid}/status") as status:
         return int(re.search(rf"{kind}:\s+(\d+)", status.read()).group(1)) / 1024
+
+
+def server_memory(pid: int) -> dict:
+    return {kind: rss_mib(pid, kind) for kind in ("VmRSS", "RssAnon", "RssShmem")}
+
+
+def memory_change(before: dict, after: dict) -> str:
+    change = lambda kind: f"{before[kind]:.0f} -> {after[kind]:.0f} MiB ({(after[kind] - before[kind]) / before[kind]:+.1%})"  # noqa: E731
+    return f"{change('VmRSS')}; of it anonymous {change('RssAnon')}, object store pages {change('RssShmem')}"
 
 
 def percentile(values, q):
@@ -105,7 +116,7 @@ def main() -> None:
     parser.add_argument("--overflow-images", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=1,
                         help="run the load phase this many times back to back (the server's memory after each)")
-    parser.add_argument("--serving-nice", type=int, default=0, help="the server's --serving-nice")
+    parser.add_argument("--serving-nice", type=int, default=19, help="the server's --serving-nice (and its default)")
     parser.add_argument("--client-nice", type=int, default=0,
                         help="run these load clients at this CPU niceness: on a small machine they take the cores "
                              "that remote clients would not")  # fmt: skip
@@ -128,35 +139,50 @@ def main() -> None:
             job = client.train(data / "train", overrides=overrides)
             while client.get(job.job_id).progress.step < 3:
                 time.sleep(0.5)
-            first = client.get(job.job_id).progress
-            time.sleep(args.seconds / 2)
-            quiet = training_rate(first, client.get(job.job_id).progress)
-            print(f"server pid {server.pid}; training alone: {quiet:.1f} images/s (width {args.width}, batch {BATCH})")
+
+            def alone(when: str) -> float:
+                """Training's images/s over a quiet window of --seconds / 2, and the server's memory meanwhile."""
+                first, memory = client.get(job.job_id).progress, server_memory(server.pid)
+                time.sleep(args.seconds / 2)
+                rate = training_rate(first, client.get(job.job_id).progress)
+                print(f"training alone, {when}: {rate:.1f} images/s (width {args.width}, batch {BATCH}); server RSS "
+                      f"meanwhile {memory_change(memory, server_memory(server.pid))}")  # fmt: skip
+                return rate
+
+            print(f"server pid {server.pid}")
+            quiet = [alone("before the load")]
             image = photo()
             os.nice(args.client_nice)  # after the server started: it keeps priority 0
             phases = [(f"load {i + 1}/{args.rounds}" if args.rounds > 1 else "load", 1) for i in range(args.rounds)]
+            under_load = []
             for phase, images in (*phases, ("overflow", args.overflow_images)):
-                before, anon_before = rss_mib(server.pid), rss_mib(server.pid, "RssAnon")
+                if phase == "overflow":  # the machine's pace drifts: the load is set against windows either side
+                    quiet.append(alone("after the load"))
+                    print(f"training under load, by round: {', '.join(f'{r / statistics.mean(quiet):.0%}' for r in under_load)} "
+                          f"of its pace alone ({statistics.mean(quiet):.1f} images/s, the mean of the windows before and after)")  # fmt: skip
+                memory = server_memory(server.pid)
                 start_step = client.get(job.job_id).progress
                 started = time.perf_counter()
                 latencies, codes = asyncio.run(hammer(target, args.clients, args.seconds, images, image))
                 elapsed = time.perf_counter() - started
                 end_step = client.get(job.job_id).progress
                 rate = training_rate(start_step, end_step)
-                after, anon_after, shared = rss_mib(server.pid), rss_mib(server.pid, "RssAnon"), rss_mib(server.pid, "RssShmem")
+                under_load.append(rate)
                 print(f"{phase}: {args.clients} clients x {images} image(s), {elapsed:.0f} s: "
                       f"{codes['OK'] / elapsed:.1f} OK requests/s, p50 {percentile(latencies, 0.5) * 1000:.0f} ms, "
                       f"p99 {percentile(latencies, 0.99) * 1000:.0f} ms; codes {dict(codes)}; server RSS "
-                      f"{before:.0f} -> {after:.0f} MiB ({(after - before) / before:+.1%}; of it anonymous {anon_before:.0f} "
-                      f"-> {anon_after:.0f} MiB ({(anon_after - anon_before) / anon_before:+.1%}), object store pages "
-                      f"{shared:.0f} MiB); training {rate:.1f} "
-                      f"images/s ({rate / quiet:.0%} of alone); job {pb.JobState.Name(client.get(job.job_id).state)}")  # fmt: skip
+                      f"{memory_change(memory, server_memory(server.pid))}; training {rate:.1f} "
+                      f"images/s ({rate / statistics.mean(quiet):.0%} of alone); job {pb.JobState.Name(client.get(job.job_id).state)}")  # fmt: skip
             client.stop(job.job_id)
             print(f"median of the OK latencies above: {statistics.median(latencies) * 1000:.0f} ms (last phase)")
     finally:
         server.send_signal(signal.SIGTERM)
+        stopping = time.perf_counter()
         try:
-            server.wait(timeout=60)
+            server.wait(timeout=120)
+            print(f"the server stopped {time.perf_counter() - stopping:.1f} s after SIGTERM")
+        except subprocess.TimeoutExpired:
+            print("the server did not stop within 120 s of SIGTERM: killed")
         finally:
             os.killpg(server.pid, signal.SIGKILL) if server.poll() is None else None
 

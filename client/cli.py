@@ -169,9 +169,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser, port: int, metrics_port
     parser.add_argument("--max-batch", type=int, default=32, help="images per served batch")
     parser.add_argument("--max-delay-ms", type=float, default=1.0, help="how long a lone request waits for a batch to fill")
     parser.add_argument("--max-queue", type=int, default=256, help="images waiting to be classified, at most (beyond: RESOURCE_EXHAUSTED)")
-    parser.add_argument("--serving-nice", type=int, default=0, choices=range(20), metavar="0-19",
-                        help="lower the serving towers' CPU priority by this much, so that training on the same CPUs "
-                             "keeps its pace under classify load (classify then slows instead)")  # fmt: skip
+    parser.add_argument("--serving-nice", type=int, default=19, choices=range(20), metavar="0-19",
+                        help="run serving (its towers and the threads that decode images) this many CPU priority "
+                             "steps below training, so that training on the same CPUs keeps its pace under classify "
+                             "load and classification waits instead (default 19: training first; 0: equal shares)")  # fmt: skip
     parser.add_argument("--width", type=float, default=1.0, help="network width (1.0 is the paper's)")
     parser.add_argument("--transport", default="auto",
                         help="how the serving towers exchange tensors: auto (NCCL with a GPU each, else the object store), object_store or collective")  # fmt: skip

@@ -19,6 +19,7 @@ from client import AlexNetClient
 from coordinator.engine.placement import worker_niceness
 from coordinator.data.patterns import generate
 from coordinator.service import Server, ServeOptions
+from coordinator.service.requests import TrainingRequest
 
 WIDTH = 0.25  # the served network and the jobs' networks share it, so publishing never rebuilds towers
 TINY = {"width": str(WIDTH), "epochs": "2", "batch_size": "8", "publish_every": "2"}
@@ -32,8 +33,9 @@ def dataset(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(ray_session, tmp_path_factory):
     roots = [str(tmp_path_factory.getbasetemp())]  # every test's files are under it
+    # Serving at training's priority: a test below times classification against a training step.
     srv = Server(ServeOptions(port=0, metrics_port=0, width=WIDTH, max_batch=16, max_delay_ms=2, data_roots=roots,
-                              checkpoint_roots=roots)).start()  # fmt: skip
+                              checkpoint_roots=roots, serving_nice=0)).start()  # fmt: skip
     yield srv
     srv.stop()
 
@@ -397,20 +399,26 @@ def test_cli_says_when_no_server_listens(capsys):
     assert "no alexnet-mp server at 127.0.0.1:1" in capsys.readouterr().out
 
 
-def test_with_serving_nice_the_handler_threads_decode_below_the_training_towers():
+def test_with_serving_nice_the_handlers_decode_below_the_training_towers_and_jobs_train_at_full_priority(
+        ray_session, dataset, tmp_path):  # fmt: skip
     """Handler threads decode images in the server's process, which runs at priority 0, while Ray
     runs the towers at its worker niceness (here the tests' Ray, at 15): --serving-nice puts the
-    handlers below them too."""
-    server = Server(ServeOptions(port=0, metrics_port=-1, serving_nice=3))  # not started: no Ray needed
-    mine, seen = os.getpriority(os.PRIO_PROCESS, threading.get_native_id()), []
+    handlers below them too. A job started from a handler must not inherit that: its thread drives
+    the training towers, and at the handlers' priority every step would wait behind the load."""
+    server = Server(ServeOptions(port=0, metrics_port=-1, serving_nice=3, data_roots=[str(dataset)]))  # not started
+    mine, seen = os.getpriority(os.PRIO_PROCESS, threading.get_native_id()), {}
 
     def handler():
         server._handler_priority()
-        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        seen["handler"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        request = TrainingRequest(data_dir=str(dataset / "train"), overrides={"width": "0.125", "epochs": "1"})
+        job = server.jobs.start(request)
+        seen["job"] = os.getpriority(os.PRIO_PROCESS, job.thread.native_id)
 
     worker = threading.Thread(target=handler)
     worker.start()
     worker.join()
+    server.jobs.stop_all()
     assert worker_niceness() == int(os.environ.get("RAY_worker_niceness", 15))  # conftest's Ray, not ensure_ray's
-    assert seen == [min(19, worker_niceness() + 3)]
+    assert seen == {"handler": min(19, worker_niceness() + 3), "job": mine}
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine  # this thread is left as it was

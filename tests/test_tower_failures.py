@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from conftest import SMALL, relative_error
 
 from coordinator import ModelParallelAlexNet
-from coordinator.engine import TRANSPORTS, TowerFailure
+from coordinator.engine import TRANSPORTS, ExchangeError, TowerFailure
 from towers import AlexNet
 
 TIMEOUT = 2.0  # the engine's exchange timeout in these tests
@@ -80,3 +80,22 @@ def test_a_hung_tower_fails_the_step_after_the_timeout_naming_it_and_the_engine_
     loss = engine.forward_backward(images, labels)  # the same tower, answering again, linked again
     assert loss == pytest.approx(reference_loss(saved, images, labels), rel=1e-5)
     engine.zero_grad()
+
+
+def test_a_hung_tower_fails_an_inference_pass_after_the_engines_timeout_not_rays_own(engine):
+    """Inference runs as a Ray compiled graph, whose result Ray waits 10 s for unless told: the
+    engine's exchange timeout governs it too. A busy machine then never fails a pass that Ray's
+    10 s would cut short (a validation pass beside a classification load did), and a hung tower
+    fails it in the time the engine was given."""
+    images, _ = batch(3)
+    expected = engine.predict(images)
+    pid = engine.towers[0]["pid"]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        start = time.monotonic()
+        with pytest.raises(ExchangeError, match=r"the inference pass got no answer from the towers within 2 s"):
+            engine.predict(images)
+        assert time.monotonic() - start < 9  # the engine's 2 s, not Ray's 10
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert torch.allclose(engine.predict(images), expected)  # the graph is built again over the same towers

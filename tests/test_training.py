@@ -78,7 +78,7 @@ def test_learning_on_the_builtin_dataset(ray_session, patterns):
     events = []
     result = train(
         patterns,
-        recipe("demo", {"width": 0.25, "epochs": 12, "batch_size": 32, "lr": 0.005, "dropout": 0.0, "lr_epochs": "11"}),
+        recipe("demo", {"width": 0.125, "epochs": 12, "batch_size": 32, "lr": 0.005, "dropout": 0.0, "lr_epochs": "11"}),
         on_event=events.append,
     )
     chance_loss, chance_top1 = math.log(10), 0.1

@@ -15,7 +15,7 @@ from coordinator.engine.coordinator_actor import PROBE_SECONDS, Coordinator, Tow
 from coordinator.engine.placement import Placement, ensure_ray, free_devices
 from coordinator.engine.replicas import ReplicaGroup, in_groups
 from coordinator.engine.tower_actor import TowerActor
-from coordinator.engine.transport import EXCHANGE_TIMEOUT, InferenceGraph, check_transport, make_transport
+from coordinator.engine.transport import EXCHANGE_TIMEOUT, ExchangeError, InferenceGraph, check_transport, make_transport
 from towers import NetConfig, merge_state_dicts, split_state_dict
 from towers.config import derive_seed
 
@@ -100,6 +100,7 @@ class ModelParallelAlexNet:
         self.repaired: list[int] = []  # the towers the last repair() replaced
         self._graph: Optional[InferenceGraph] = None
         self._graph_lock = threading.Lock()
+        self._teardown: Optional[threading.Thread] = None  # of the last graph, while it runs
         try:
             self.towers = ray.get([t.describe.remote() for t in self._towers], timeout=start_timeout)
         except ray.exceptions.GetTimeoutError:
@@ -234,6 +235,7 @@ class ModelParallelAlexNet:
         images = self._check_images(images)
         with self._graph_lock:
             if self._graph is None:
+                self._await_teardown()
                 self._graph = self.transport.compile_inference(self._group(0), len(self.config.segments))
             try:
                 return self._graph.run(images)
@@ -242,9 +244,21 @@ class ModelParallelAlexNet:
                 raise
 
     def _drop_graph(self) -> None:
+        # Ray's teardown waits for every tower to leave the graph, which a hung one never does: it
+        # runs aside, so that the caller can go on to replace that tower (which ends the wait).
         if self._graph is not None:
             graph, self._graph = self._graph, None
-            graph.close()
+            self._teardown = threading.Thread(target=graph.close, name="inference-graph-teardown", daemon=True)
+            self._teardown.start()
+
+    def _await_teardown(self) -> None:
+        """A new graph over the towers waits until the last one has let go of them."""
+        if self._teardown is not None:
+            self._teardown.join(self.transport.timeout)
+            if self._teardown.is_alive():
+                raise ExchangeError(f"the last inference graph still holds the towers after {self.transport.timeout:g} s: "
+                                    "a tower is hung; replace it (repair)")  # fmt: skip
+            self._teardown = None
 
     def take_stats(self) -> dict:
         """Per-tower compute and exchange timings and bytes since the last call, and the coordinator's time."""

@@ -22,6 +22,7 @@ from coordinator.data import open_dataset, patterns
 from coordinator.engine import error_summary
 from coordinator.service.errors import InvalidRequest, NotFound, PreconditionFailed
 from coordinator.service.metrics import Metrics
+from coordinator.service.priority import ThreadStarter
 from coordinator.service.requests import OPEN, JobPlan, Roots, TrainingRequest, check_request, make_checkpoint_dir
 from coordinator.service.serving import ModelVersion
 from coordinator.service.state import StateStore
@@ -201,6 +202,7 @@ class JobManager:
         self.metrics, self.publish, self.data_root, self.store, self.roots = metrics, publish, data_root, store, roots
         self._jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
+        self._threads = ThreadStarter()  # a job trains at the server's priority, not its caller's
         if store is not None:
             for record in store.load_jobs():
                 try:
@@ -246,8 +248,7 @@ class JobManager:
             make_checkpoint_dir(plan)  # only now that the request is accepted
             job = Job(plan.request, plan, self.store.save_job if self.store else None)
             self._jobs[job.id] = job
-            job.thread = threading.Thread(target=self._run, args=(job,), name=f"train-{job.id}", daemon=True)
-            job.thread.start()
+            job.thread = self._threads.start(self._run, (job,), name=f"train-{job.id}")
         return job
 
     def _resume_source(self, resume_from: str) -> Optional[Path]:

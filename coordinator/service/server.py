@@ -9,7 +9,6 @@ Two pairs of tower actors run side by side: the training pair belongs to the run
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import threading
 from concurrent import futures
@@ -28,6 +27,7 @@ from coordinator.engine import ensure_ray
 from coordinator.engine.placement import worker_niceness
 from coordinator.service import kserve
 from coordinator.service.jobs import JobManager
+from coordinator.service.priority import lower_this_thread
 from coordinator.service.metrics import GrpcMetricsInterceptor, Metrics
 from coordinator.service.requests import Roots
 from coordinator.service.security import (
@@ -63,7 +63,7 @@ class ServeOptions:
     max_batch: int = 32  # images per served batch
     max_delay_ms: float = 1.0  # how long a lone request waits for company (batches also form while the towers work)
     max_queue: int = 256  # images waiting to be classified, at most; beyond, RESOURCE_EXHAUSTED
-    serving_nice: int = 0  # the serving towers' CPU priority, lowered by this (0-19), for training's sake
+    serving_nice: int = 19  # serving's CPU priority (towers, handler threads) this far below training's: 0-19
     max_watchers: int = 16  # WatchTraining streams open at once, at most (each holds a handler thread)
     width: float = 1.0  # the network served before any training
     data_root: Optional[str] = None  # where the built-in dataset is generated
@@ -93,8 +93,7 @@ class Server:
         towers' priority, N steps below the Ray workers (the training towers), since this process
         runs at 0, which would put every decode ahead of training."""
         if self.options.serving_nice:
-            target = min(19, worker_niceness() + self.options.serving_nice)
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), target)
+            lower_this_thread(min(19, worker_niceness() + self.options.serving_nice))
 
     def __init__(self, options: ServeOptions = ServeOptions()):
         self.options = options

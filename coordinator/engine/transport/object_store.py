@@ -21,8 +21,9 @@ import numpy as np
 import ray
 import torch
 from ray.dag import InputNode, MultiOutputNode
+from ray.exceptions import RayChannelTimeoutError
 
-from coordinator.engine.transport.base import Exchange, InferenceGraph, Received, Transport, from_wire, to_wire
+from coordinator.engine.transport.base import Exchange, ExchangeError, InferenceGraph, Received, Transport, from_wire, to_wire
 
 logging.getLogger("ray.dag").setLevel(logging.WARNING)  # a line per graph built or torn down is noise
 
@@ -95,7 +96,12 @@ class CompiledInference(InferenceGraph):
             self.graph = MultiOutputNode(outputs).experimental_compile()
 
     def run(self, images: torch.Tensor) -> torch.Tensor:
-        outputs = ray.get(self.graph.execute(self.transport.encode(images)))
+        # Ray waits 10 s for a compiled graph's result unless told, which a busy machine can exceed
+        # (a validation pass beside a classification load did); the towers get the exchange timeout.
+        try:
+            outputs = ray.get(self.graph.execute(self.transport.encode(images)), timeout=self.transport.timeout)
+        except RayChannelTimeoutError:
+            raise ExchangeError(f"the inference pass got no answer from the towers within {self.transport.timeout:g} s") from None
         return torch.cat([self.transport.decode(o, torch.device("cpu")) for o in outputs], dim=1)  # cat copies out of the channels
 
     def close(self) -> None:
