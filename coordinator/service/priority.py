@@ -28,15 +28,18 @@ class ThreadStarter:
 
     def start(self, target: Callable, args: tuple = (), name: str = "") -> threading.Thread:
         thread = threading.Thread(target=target, args=args, name=name or None, daemon=True)
-        started = threading.Event()
-        self._requests.put((thread, started))
-        started.wait()
+        outcome: queue.SimpleQueue = queue.SimpleQueue()
+        self._requests.put((thread, outcome))
+        error = outcome.get()
+        if error is not None:
+            raise error
         return thread
 
     def _start_each(self) -> None:
         while True:
-            thread, started = self._requests.get()
+            thread, outcome = self._requests.get()
             try:
                 thread.start()
-            finally:
-                started.set()
+                outcome.put(None)
+            except Exception as exc:  # "can't start new thread": the caller's to raise; this one goes on
+                outcome.put(exc)
