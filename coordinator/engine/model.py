@@ -158,7 +158,7 @@ class ModelParallelAlexNet:
         if not 0 <= t < len(self._towers):
             raise ValueError(f"tower must be in [0, {len(self._towers)}), got {t}")
         with self._graph_lock:
-            self._drop_graph()
+            self._drop_graph(wait=PROBE_SECONDS)
         ray.kill(self._towers[t])
         self._towers[t] = self._start_tower(t)
         self.towers[t] = ray.get(self._towers[t].describe.remote())
@@ -243,13 +243,16 @@ class ModelParallelAlexNet:
                 self._drop_graph()  # a failed run can leave the graph unusable: rebuild it next time
                 raise
 
-    def _drop_graph(self) -> None:
+    def _drop_graph(self, wait: float = 0.0) -> None:
         # Ray's teardown waits for every tower to leave the graph, which a hung one never does: it
         # runs aside, so that the caller can go on to replace that tower (which ends the wait).
+        # Before killing towers, wait for it a while: healthy ones leave at once, and a tower killed
+        # inside the teardown makes Ray log an error with a traceback.
         if self._graph is not None:
             graph, self._graph = self._graph, None
             self._teardown = threading.Thread(target=graph.close, name="inference-graph-teardown", daemon=True)
             self._teardown.start()
+            self._teardown.join(wait)
 
     def _await_teardown(self) -> None:
         """A new graph over the towers waits until the last one has let go of them."""
@@ -309,7 +312,7 @@ class ModelParallelAlexNet:
         return ray.get([getattr(t, method).remote() for t in (self._towers if towers is None else towers)])
 
     def shutdown(self) -> None:
-        self._drop_graph()
+        self._drop_graph(wait=PROBE_SECONDS)
         for actor in [self._coordinator, *self._towers]:
             if actor is not None:
                 ray.kill(actor)
