@@ -93,11 +93,11 @@ def main() -> None:
         fixed = next(loader)
 
     def train(batch):
-        pipeline.submit(batch.images, batch.labels)
+        pipeline.submit(batch.crops, batch.labels)
 
     def training_alone() -> float:
         """Images/s of the median pipelined step on the fixed batch (after one warm-up step)."""
-        return len(fixed.labels) / statistics.median(pipelined_steps(engine, fixed.images, fixed.labels, args.steps + 1)[1:])
+        return len(fixed.labels) / statistics.median(pipelined_steps(engine, fixed.crops, fixed.labels, args.steps + 1)[1:])
 
     runs = {"loader": [], "validation": [], "together": [], "early": []}
     training, beside_early = [], []

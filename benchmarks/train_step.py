@@ -1,23 +1,27 @@
 """Training-step throughput: the two-tower engine beside plain single-process PyTorch, in one run.
 
-    python benchmarks/train_step.py                     # batch 128 at 227 px, 2 threads in total
-    python benchmarks/train_step.py --steps 3 --batch 32  # quicker look
-    python benchmarks/train_step.py --transport collective  # the towers linked by torch.distributed
+    python benchmarks/train_step.py                          # batch 128 at 227 px, 2 threads in total
+    python benchmarks/train_step.py --width 0.125 --batch 8 --runs 5
+    python benchmarks/train_step.py --input float            # the engine fed float pixels, not crops
 
 Both sides get the same total CPU threads: the reference runs with --threads threads, the engine
 with --threads / towers per tower. The reference is plain PyTorch as a user would write it:
-towers.AlexNet (nn.functional's LocalResponseNorm) and torch.optim.SGD with its defaults.
-Prints medians, their ratio, the FLOP/s achieved against the sgemm rate measured in the same
-run, each tower's time per stage, and the bytes exchanged per step beside the all-gather +
-reduce-scatter volume they should be.
+towers.AlexNet (nn.functional's LocalResponseNorm) and torch.optim.SGD with its defaults, fed
+float pixels. The engine runs as the training loop drives it: its batches as the data pipeline
+makes them (--input crops: uint8 crops and colour offsets, made float on the towers), the next
+one submitted while a step runs; steps are timed completion to completion. Blocks of engine and
+reference steps alternate (--phases) so that drift in the machine hits both alike.
 
-The towers' allocator keeps freed memory for the next step (ModelParallelAlexNet's
-keep_freed_memory); plain PyTorch's does not. --reference-keeps-freed-memory gives the reference
-the same setting, to show how much of the gap that one setting is.
+Each run also times each tower's step alone (its solo compute: a copy of it, at the same
+shapes, its exchanges replaced by local copies, while the other towers idle) and prints
 
-The engine runs as the training loop drives it: channels-last batches (the loader's layout), the
-next one submitted while a step runs; steps are timed completion to completion. Blocks of engine
-and reference steps alternate (--phases) so that drift in the machine hits both alike.
+    floor = the engine's step - the slowest tower's solo step
+
+what the engine adds beyond its towers' compute: calls, exchanges, staging, waits on a peer,
+and the driver and Ray competing with the towers for the CPUs. With --runs N every figure is
+then given as the median of the N runs' medians. Also printed: the Ray calls per step, the
+FLOP/s against the sgemm rate of the same run, each tower's time per stage, and the bytes
+exchanged per step beside the all-gather + reduce-scatter volume they should be.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import statistics
 import time
 from collections import defaultdict
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -57,60 +62,70 @@ def synchronize(device: str) -> None:
 def pipelined_steps(engine, images, labels, n: int) -> list[float]:
     """n engine steps as the training loop runs them, each batch submitted before the previous step
     ends; their durations, completion to completion."""
-    import ray
-
     durations, pending = [], engine.submit_step(images, labels)
     last = time.perf_counter()
     for i in range(n):
         following = engine.submit_step(images, labels) if i + 1 < n else None
-        ray.get(pending)
+        pending.result()
         now = time.perf_counter()
         durations.append(now - last)
         last, pending = now, following
     return durations
 
 
-def theoretical_exchange_bytes(cfg, batch: int) -> dict:
+def theoretical_exchange_bytes(cfg, batch: int, element: int = 4) -> dict:
     """Bytes other towers must deliver per step: all-gather forward, reduce-scatter backward, and the logits."""
     volume = {"forward": 0, "backward": 0}
     for segment in cfg.segments[:-1]:
         last = segment[-1]
-        total = batch * last.out_total * last.out_size * last.out_size * 4
+        total = batch * last.out_total * last.out_size * last.out_size * element
         # all-gather: each tower receives the others' pieces; reduce-scatter: each receives T-1 partials of its own.
         volume["forward"] += (cfg.towers - 1) * total
         volume["backward"] += (cfg.towers - 1) * total
-    volume["logits"] = 2 * batch * cfg.num_classes * 4  # to the coordinator's loss and back
+    volume["logits"] = (cfg.towers - 1) * batch * max(cfg.shapes[-1].out_split) * cfg.towers * element
     return volume
+
+
+def batch_for(args, num_classes: int):
+    """The same batch in the two forms: crops as the data pipeline makes them, and their float pixels."""
+    from towers.inputs import crops_of
+
+    rng = np.random.default_rng(0)
+    size = args.image_size
+    crops = crops_of(rng.integers(0, 256, (args.batch, size, size, 3), dtype=np.uint8),
+                     rng.normal(0, 5, (args.batch, 3)), (123.68, 116.779, 103.939), (58.393, 57.12, 57.375))  # fmt: skip
+    labels = torch.as_tensor(rng.integers(0, num_classes, args.batch))
+    return crops, crops.to_tensor(), labels
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=5, help="timed steps of each kind")
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--phases", type=int, default=2, help="alternate engine and reference blocks this many times")
+    parser.add_argument("--steps", type=int, default=6, help="timed steps of each kind per run")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=1, help="runs, each interleaved; figures are medians over them")
+    parser.add_argument(
+        "--phases", type=int, default=2, help="alternate engine and reference blocks this many times a run"
+    )
+    parser.add_argument("--solo-steps", type=int, default=3, help="each tower's steps alone, per run")
     parser.add_argument("--threads", type=int, default=2, help="total CPU threads for each side")
     parser.add_argument("--image-size", type=int, default=227)
     parser.add_argument("--width", type=float, default=1.0)
     parser.add_argument("--num-classes", type=int, default=1000)
+    parser.add_argument("--input", choices=("crops", "float"), default="crops", help="what the engine is fed")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="the reference's device")
-    parser.add_argument("--transport", default="auto", help="the engine's: auto, object_store or collective")
+    parser.add_argument("--transport", default="auto", help="the engine's: auto, gloo or nccl")
     parser.add_argument("--replicas", type=int, default=1,
                         help="the engine's data-parallel groups of two towers (each gets --batch / replicas images)")  # fmt: skip
     parser.add_argument(
         "--tf32", action="store_true", help="CUDA only: TensorFloat-32 matmuls and convolutions on both sides"
-    )
-    parser.add_argument(
-        "--reference-keeps-freed-memory",
-        action="store_true",
-        help="give the reference's process the allocator setting the towers use (not plain PyTorch any more)",
     )
     args = parser.parse_args()
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
 
     import ray
 
-    from coordinator import ModelParallelAlexNet
+    from coordinator import ModelParallelAlexNet, ensure_ray
     from towers import AlexNet
 
     towers = 2 * args.replicas
@@ -119,137 +134,114 @@ def main() -> None:
     if args.batch % args.replicas:
         parser.error(f"--batch must be a multiple of --replicas {args.replicas}")
     net = dict(num_classes=args.num_classes, width=args.width, image_size=args.image_size)
-    # More towers than threads: each tower still gets a thread, and the towers share the cores.
-    ray.init(num_cpus=max(args.threads, towers), include_dashboard=False, log_to_driver=False)
+    # More towers than threads: each tower still gets a thread, and the towers share the cores. The
+    # local Ray a user or the server gets: its workers, the towers, at the driver's CPU priority.
+    ensure_ray(num_cpus=max(args.threads, towers))
     engine = ModelParallelAlexNet(**net, cpus_per_tower=max(1, args.threads // towers), tf32=args.tf32,
                                   transport=args.transport, replicas=args.replicas)  # fmt: skip
     # The same float32 arithmetic on both sides (PyTorch's own default has TF32 convolutions, not matmuls).
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = args.tf32
-    if args.reference_keeps_freed_memory:
-        from coordinator.engine.allocator import keep_freed_memory_in_heap
-
-        if not keep_freed_memory_in_heap():
-            parser.error("--reference-keeps-freed-memory needs Linux with glibc")
     reference = AlexNet(**net)
     reference.load_state_dict(engine.state_dict())
     reference.to(device)
     # Plain PyTorch as a user writes it: the default SGD implementation, not the engine's fused one.
     optimizer = torch.optim.SGD(reference.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     cfg = reference.config
-
-    gen = torch.Generator().manual_seed(0)
-    images = torch.randn(args.batch, 3, args.image_size, args.image_size, generator=gen)
-    labels = torch.randint(0, args.num_classes, (args.batch,), generator=gen)
-
-    images_on, labels_on = images.to(device), labels.to(device)
-    # The engine gets its batches as the training loop's loader delivers them: channels-last.
-    engine_images = images.contiguous(memory_format=torch.channels_last)
-
-    def reference_step():
-        torch.set_num_threads(args.threads)
-        optimizer.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(reference(images_on), labels_on)
-        loss.backward()
-        optimizer.step()
-        synchronize(device)
-
-    def engine_steps(n):
-        return pipelined_steps(engine, engine_images, labels, n)
+    crops, pixels, labels = batch_for(args, args.num_classes)
+    engine_input = crops if args.input == "crops" else pixels.contiguous(memory_format=torch.channels_last)
+    pixels_on, labels_on = pixels.to(device), labels.to(device)
 
     def reference_steps(n):
         durations = []
         for _ in range(n):
+            torch.set_num_threads(args.threads)
             start = time.perf_counter()
-            reference_step()
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(reference(pixels_on), labels_on).backward()
+            optimizer.step()
+            synchronize(device)
             durations.append(time.perf_counter() - start)
         return durations
 
-    for _ in range(args.warmup):
-        engine_steps(1)
-        reference_steps(1)
+    pipelined_steps(engine, engine_input, labels, args.warmup)
+    reference_steps(args.warmup)
     engine.take_stats()  # timings below cover the timed steps only
-    times = defaultdict(list)
+    runs = []
     per_phase = [args.steps // args.phases + (i < args.steps % args.phases) for i in range(args.phases)]
-    for phase, n in enumerate(per_phase):
-        times["engine"] += engine_steps(n)
-        times["reference"] += reference_steps(n)
-        print(f"phase {phase + 1}/{args.phases}: {n} steps of each", flush=True)
+    for run in range(args.runs):
+        times = defaultdict(list)
+        for n in per_phase:
+            times["engine"] += pipelined_steps(engine, engine_input, labels, n)
+            times["reference"] += reference_steps(n)
+        solo = [statistics.median(s) for s in engine.solo_step_seconds(engine_input, labels, args.solo_steps)]
+        engine_s, reference_s = statistics.median(times["engine"]), statistics.median(times["reference"])
+        runs.append({"engine": engine_s, "reference": reference_s, "solo": max(solo), "solo_sum": sum(solo),
+                     "floor": engine_s - max(solo), "ratio": reference_s / engine_s})  # fmt: skip
+        print(f"run {run + 1}/{args.runs}: engine {engine_s:.4f} s/step, plain PyTorch {reference_s:.4f}, "
+              f"{reference_s / engine_s:.3f}x; solo towers {', '.join(f'{s:.4f}' for s in solo)}; "
+              f"floor {engine_s - max(solo):.4f} s", flush=True)  # fmt: skip
     stats = engine.take_stats()
+    steps = args.runs * args.steps
+    median = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
 
     one_thread = sgemm_rate(1)
     all_threads = sgemm_rate(args.threads)
     gpu = sgemm_rate(1, "cuda") if device == "cuda" else None  # under the same TF32 setting
-    engine_s, reference_s = statistics.median(times["engine"]), statistics.median(times["reference"])
     flops = cfg.training_flops_per_image() * args.batch
+    engine_s, reference_s = median["engine"], median["reference"]
 
     print()
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; torch {torch.__version__}")
-    print(
-        f"towers: {engine.placement.kind}, on {', '.join(t['device'] for t in engine.towers)}, exchanging over "
-        f"{engine.transport.describe()}; reference on {device}"
-    )
-    towers_keep = all(t["keeps_freed_memory"] for t in engine.towers)
-    print(
-        f"allocator keeps freed memory: towers {'yes' if towers_keep else 'no'}, "
-        f"reference {'yes' if args.reference_keeps_freed_memory else 'no (plain PyTorch)'}"
-    )
+    print(f"towers: {engine.placement.kind}, on {', '.join(t['device'] for t in engine.towers)}, exchanging over "
+          f"{engine.transport}; reference on {device}; the engine fed {args.input}")  # fmt: skip
     if device == "cuda":
         print(f"TF32 {'on' if args.tf32 else 'off'} on both sides")
-    print(f"batch {args.batch} at {args.image_size} px, width {args.width}, {args.steps} timed steps, {args.threads} threads per side"
-          + (f"; {args.replicas} replica groups of {args.batch // args.replicas} images" if args.replicas > 1 else ""))  # fmt: skip
-    print(f"engine    median {engine_s:7.3f} s/step  {args.batch / engine_s:7.1f} images/s  (all: {', '.join(f'{t:.2f}' for t in times['engine'])})")
-    print(f"reference median {reference_s:7.3f} s/step  {args.batch / reference_s:7.1f} images/s  (all: {', '.join(f'{t:.2f}' for t in times['reference'])})")
-    print(f"speed-up (reference / engine): {reference_s / engine_s:.3f}x")
+    print(f"batch {args.batch} at {args.image_size} px, width {args.width}, {args.runs} run(s) of {args.steps} timed steps, "
+          f"{args.threads} threads per side" + (f"; {args.replicas} replica groups of {args.batch // args.replicas} images"
+                                                if args.replicas > 1 else ""))  # fmt: skip
+    label = f"median of {args.runs} runs' medians" if args.runs > 1 else "median"
+    print(f"engine    {engine_s:7.4f} s/step  {args.batch / engine_s:8.1f} images/s  ({label})")
+    print(f"reference {reference_s:7.4f} s/step  {args.batch / reference_s:8.1f} images/s")
+    print(f"speed-up (reference / engine): {median['ratio']:.3f}x")
+    print(f"solo: slowest tower {median['solo']:.4f} s/step, the towers' sum {median['solo_sum']:.4f} s")
+    print(f"floor (engine - slowest solo tower): {median['floor'] * 1000:.1f} ms/step"
+          f"; engine / sum of solo towers: {engine_s / median['solo_sum']:.2f}")  # fmt: skip
+    print(f"Ray calls per step: {stats['tower_calls'] / steps:g} (one per tower; the coordinator is not on the path)")
     print()
     print(f"sgemm: {one_thread / 1e9:.0f} GFLOP/s on 1 thread, {all_threads / 1e9:.0f} GFLOP/s on {args.threads}")
     if gpu:
-        print(
-            f"GPU float32 matmul{' (TF32)' if args.tf32 else ''}: {gpu / 1e12:.1f} TFLOP/s; "
-            f"engine reaches {flops / engine_s / gpu:.1%} of it, "
-            f"the reference {flops / reference_s / gpu:.1%}"
-        )
+        print(f"GPU float32 matmul{' (TF32)' if args.tf32 else ''}: {gpu / 1e12:.1f} TFLOP/s; engine reaches "
+              f"{flops / engine_s / gpu:.1%} of it, the reference {flops / reference_s / gpu:.1%}")  # fmt: skip
     against_cpu = ""
     if engine.placement.kind == "cpu":  # GPU towers are measured against the GPU's rate above
         limit = one_thread * args.threads
-        against_cpu = (
-            f" = {flops / engine_s / limit:.0%} of {args.threads} x single-thread sgemm, "
-            f"{flops / engine_s / all_threads:.0%} of {args.threads}-thread sgemm"
-        )
-    print(
-        f"training: {flops / 1e9:.0f} GFLOP per step; engine {flops / engine_s / 1e9:.0f} GFLOP/s{against_cpu}; "
-        f"reference {flops / reference_s / 1e9:.0f} GFLOP/s"
-    )
+        against_cpu = (f" = {flops / engine_s / limit:.0%} of {args.threads} x single-thread sgemm, "
+                       f"{flops / engine_s / all_threads:.0%} of {args.threads}-thread sgemm")  # fmt: skip
+    print(f"training: {flops / 1e9:.1f} GFLOP per step; engine {flops / engine_s / 1e9:.0f} GFLOP/s{against_cpu}; "
+          f"reference {flops / reference_s / 1e9:.0f} GFLOP/s")  # fmt: skip
 
-    steps = args.steps
     print()
-    print("per step, seconds (compute forward/backward per stage, then waits for exchanges):")
+    print("per step, seconds (compute forward/backward per stage, the update, then the waits in exchanges):")
     for t, tower in enumerate(stats["towers"]):
         compute = tower["compute_seconds"]
         stages = dict.fromkeys(stage for stage, _ in compute)
-        row = "  ".join(
-            f"{stage} {compute.get((stage, 'forward'), 0) / steps:.3f}/{compute.get((stage, 'backward'), 0) / steps:.3f}"
-            for stage in stages
-        )
+        row = "  ".join(f"{stage} {compute.get((stage, 'forward'), 0) / steps:.4f}/{compute.get((stage, 'backward'), 0) / steps:.4f}"
+                        for stage in stages)  # fmt: skip
         wait = sum(tower["exchange_seconds"].values()) / steps
-        allreduce = (f"  all-reduce {tower['allreduce_seconds'] / steps:.3f} s, {tower['allreduce_bytes'] / steps / 1e6:.1f} MB"
+        allreduce = (f"  all-reduce {tower['allreduce_seconds'] / steps:.4f} s, {tower['allreduce_bytes'] / steps / 1e6:.1f} MB"
                      if args.replicas > 1 else "")  # fmt: skip
-        print(f"  tower {t}: {row}  | compute {sum(compute.values()) / steps:.3f}  exchange wait {wait:.3f}{allreduce}")
-    own = stats["coordinator_seconds"]
-    print(f"  coordinator: loss {own['loss'] / steps:.4f}, dispatch {own['dispatch'] / steps:.4f}")
+        print(f"  tower {t}: {row}  update {tower['update_seconds'] / steps:.4f} | compute "
+              f"{(sum(compute.values()) + tower['update_seconds']) / steps:.4f}  exchange wait {wait:.4f}{allreduce}")  # fmt: skip
 
     measured = defaultdict(int)
     for tower in stats["towers"]:
         for (point, direction), n in tower["exchange_bytes"].items():
-            measured[direction] += n
+            measured["logits" if point == "logits" else direction] += n
     expected = theoretical_exchange_bytes(cfg, args.batch)
     print()
     print("bytes exchanged between towers per step (measured vs all-gather + reduce-scatter theory):")
-    for direction in ("forward", "backward"):
-        print(f"  {direction:8s} {measured[direction] / steps / 1e6:9.2f} MB  vs {expected[direction] / 1e6:9.2f} MB")
-    print(f"  logits to the coordinator's loss and their gradient back: {expected['logits'] / 1e6:.2f} MB")
-    moved = sum(measured.values()) / steps
-    waited = max(sum(tower["exchange_seconds"].values()) for tower in stats["towers"]) / steps
-    print(f"  the longest exchange wait, {waited:.4f} s/step, is {moved / max(waited, 1e-9) / 1e9:.2f} GB/s for the bytes moved")
+    for direction in ("forward", "backward", "logits"):
+        print(f"  {direction:8s} {measured[direction] / steps / 1e6:9.3f} MB  vs {expected[direction] / 1e6:9.3f} MB")
     engine.shutdown()
     ray.shutdown()
 

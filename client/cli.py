@@ -110,7 +110,7 @@ def state_dir(args):
 
 
 def serve_options(args):
-    from coordinator.engine.transport import check_transport
+    from coordinator.engine.links import check_transport
     from coordinator.service import ServeOptions
 
     try:
@@ -175,7 +175,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser, port: int, metrics_port
                              "load and classification waits instead (default 19: training first; 0: equal shares)")  # fmt: skip
     parser.add_argument("--width", type=float, default=1.0, help="network width (1.0 is the paper's)")
     parser.add_argument("--transport", default="auto",
-                        help="how the serving towers exchange tensors: auto (NCCL with a GPU each, else the object store), object_store or collective")  # fmt: skip
+                        help="the backend of the serving towers' exchanges: auto (NCCL with a GPU each, else Gloo, "
+                             "and shared memory between towers on one host), gloo or nccl")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:

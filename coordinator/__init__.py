@@ -1,6 +1,6 @@
 """Orchestration and the service, one package per subsystem:
 
-    engine/    the driver's handle (ModelParallelAlexNet), placement, the coordinator and tower actors, transports
+    engine/    the driver's handle (ModelParallelAlexNet), placement, the coordinator and tower actors, exchanges
     data/      images one at a time (torch-free), datasets, Ray Data batches, the built-in dataset
     training/  the recipe (presets, overrides, schedules), the loop, checkpoints
     service/   the gRPC server: jobs, serving, servicers, errors, metrics

@@ -54,7 +54,9 @@ def clear_pool_winners(reference: AlexNet, batch: int, first_seed: int = 0, marg
 def towers_in_process(config: NetConfig, images: torch.Tensor, seed: int = 0) -> torch.Tensor:
     """Eval-mode logits of the towers run side by side in this process, the exchange done by hand."""
     towers = [Tower(config, t, seed).eval() for t in range(config.towers)]
-    outputs = [t.forward_segment(0, images) for t in towers]
-    for k in range(1, len(config.segments)):
-        outputs = [t.forward_segment(k, outputs) for t in towers]
+    with torch.no_grad():
+        outputs = [t.run_segment(0, images) for t in towers]
+        for k in range(1, len(config.segments)):
+            joined = torch.cat(outputs, dim=1)  # the all-gather
+            outputs = [t.run_segment(k, joined) for t in towers]
     return torch.cat(outputs, dim=1)

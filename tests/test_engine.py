@@ -1,15 +1,17 @@
 """ModelParallelAlexNet on a real local Ray, proven equal to the single-process towers.AlexNet.
 
-The equivalence tests run once per transport in coordinator.engine.TRANSPORTS: a new transport
-is proven by registering it there.
+The equivalence tests run on each way a CPU pair exchanges: shared memory (transport "auto", the
+towers on one host) and Gloo (transport "gloo", as between hosts).
 """
 
+import dataclasses
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,8 +19,8 @@ from conftest import SMALL, relative_error
 from equivalence import clear_pool_winners
 
 from coordinator import ModelParallelAlexNet, Placement
-from coordinator.engine import TRANSPORTS
 from towers import AlexNet, paper_sgd
+from towers.inputs import crops_of
 
 BOUND = 1e-5
 
@@ -47,7 +49,10 @@ def assert_equivalent(engine, ref, images, labels, names=None, bound=BOUND, drop
     return errors
 
 
-@pytest.fixture(scope="module", params=sorted(TRANSPORTS))
+EXCHANGES = {"auto": "shared memory", "gloo": "gloo"}  # transport -> what carries a CPU pair's exchanges
+
+
+@pytest.fixture(scope="module", params=sorted(EXCHANGES))
 def transport(request):
     return request.param
 
@@ -268,22 +273,13 @@ def test_load_state_dict_refuses_a_wrong_shape(small_engine):
         small_engine.load_state_dict(sd)
 
 
-def test_the_transport_in_use_is_reported(small_engine, transport):
-    expected = {"object_store": "object_store", "collective": "collective (gloo)"}[transport]
-    assert small_engine.transport.describe() == expected
-    assert small_engine.take_stats()["transport"] == expected
-
-
-def test_auto_takes_the_object_store_on_cpu_towers(ray_session):
-    engine = ModelParallelAlexNet(**SMALL)
-    try:
-        assert engine.transport.describe() == "object_store"  # faster than Gloo on CPUs: docs/performance.md
-    finally:
-        engine.shutdown()
+def test_what_carries_the_exchanges_is_reported(small_engine, transport):
+    assert small_engine.transport == EXCHANGES[transport]
+    assert small_engine.take_stats()["transport"] == EXCHANGES[transport]
 
 
 def test_hyperparameters_are_checked(ray_session):
-    with pytest.raises(ValueError, match="unknown transport .carrier-pigeon.: choose one of auto, object_store, collective"):
+    with pytest.raises(ValueError, match="unknown transport .carrier-pigeon.: choose one of auto, gloo, nccl"):
         ModelParallelAlexNet(**SMALL, transport="carrier-pigeon")
     with pytest.raises(ValueError, match="exchange_timeout must be positive"):
         ModelParallelAlexNet(**SMALL, exchange_timeout=0)
@@ -308,25 +304,39 @@ def test_towers_can_yield_the_cpu(ray_session):
         assert {os.getpriority(os.PRIO_PROCESS, tid) for tid in threads} == {base + 2}
 
 
-def test_inference_graph_can_hand_tensors_on_as_they_are(ray_session, monkeypatch):
-    """The path GPU towers take (activations over the graph's NCCL channels, not by value), run on
-    the CPU over Ray's shared-memory tensor channels: the logits still match the reference."""
-    import coordinator.engine.model as model
-    from coordinator.engine.transport import CollectiveTransport
+def test_a_step_is_one_call_to_each_tower(small_engine):
+    small_engine.take_stats()
+    for _ in range(3):
+        small_engine.train_step(torch.randn(2, 3, 99, 99), torch.tensor([0, 1]))
+    assert small_engine.take_stats()["tower_calls"] == 3 * 2  # three steps, two towers: nothing else
+    small_engine.predict(torch.randn(2, 3, 99, 99))
+    assert small_engine.take_stats()["tower_calls"] == 2  # an inference pass too
 
-    def tensors_as_they_are(name, devices, timeout):
-        transport = CollectiveTransport("gloo", timeout)
-        transport.graph_channel = "shm"  # what "accelerator" is on GPUs
-        return transport
 
-    monkeypatch.setattr(model, "make_transport", tensors_as_they_are)
-    engine = ModelParallelAlexNet(**SMALL, dropout=0.0, init="pytorch", transport="collective")
-    try:
-        ref = AlexNet(**SMALL, dropout=0.0, init="pytorch", seed=3)
-        engine.load_state_dict(ref.state_dict())
-        images = torch.randn(3, 3, 99, 99, generator=torch.Generator().manual_seed(3))
-        ref.eval()
-        with torch.no_grad():
-            assert relative_error(engine.predict(images), ref(images)) <= BOUND
-    finally:
-        engine.shutdown()
+def test_crops_reach_the_towers_as_the_very_pixels_they_stand_for(small_engine, small_reference):
+    """The batch travels as uint8 crops and colour offsets, made float on each tower: the step is
+    bit for bit the step on the float pixels the data pipeline would have made."""
+    gen = np.random.default_rng(4)
+    crops = crops_of(gen.integers(0, 256, (4, 99, 99, 3), dtype=np.uint8), gen.normal(0, 5, (4, 3)),
+                     (123.68, 116.779, 103.939), (58.4, 57.1, 57.4))  # fmt: skip
+    pixels = crops.to_tensor()
+    labels = torch.tensor([1, 2, 3, 4])
+    assert pixels.dtype == torch.float32 and pixels.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(small_engine.predict(crops), small_engine.predict(pixels))
+    from_crops = small_engine.forward_backward(crops, labels, dropout_seed=1)
+    grads = small_engine.gradients()
+    small_engine.zero_grad()
+    assert small_engine.forward_backward(pixels, labels, dropout_seed=1) == from_crops
+    assert all(torch.equal(grads[k], v) for k, v in small_engine.gradients().items())
+    small_engine.zero_grad()
+    with pytest.raises(ValueError, match=r"crops must be uint8 of shape \[N, H, W, 3\], got float32"):
+        small_engine.predict(dataclasses.replace(crops, pixels=crops.pixels.astype(np.float32)))
+    with pytest.raises(ValueError, match=r"images must have shape \[N, 3, 99, 99\], got \[4, 3, 64, 64\]"):
+        small_engine.predict(crops_of(np.zeros((4, 64, 64, 3), np.uint8), np.zeros((4, 3)), (0, 0, 0)))
+
+
+def test_a_towers_solo_step_is_timed_on_a_copy(small_engine):
+    before = small_engine.state_dict()
+    seconds = small_engine.solo_step_seconds(torch.randn(4, 3, 99, 99), torch.tensor([0, 1, 2, 3]), steps=2)
+    assert [len(s) for s in seconds] == [2, 2] and all(0 < t < 60 for s in seconds for t in s)
+    assert all(torch.equal(before[k], v) for k, v in small_engine.state_dict().items())  # the towers' own weights stay

@@ -1,5 +1,5 @@
 """The layout's rules, checked: one way for imports between coordinator's packages, modules of a
-readable size, one owner for the exchanged tensors, and Ray Data workers that stay light."""
+readable size, one owner for what goes into the object store, and Ray Data workers that stay light."""
 
 import ast
 import pickle
@@ -62,10 +62,10 @@ def test_no_module_is_longer_than_a_reader_holds():
     assert long == {}
 
 
-def test_only_the_transport_puts_tensors_into_the_object_store():
-    transport = COORDINATOR / "engine" / "transport"
-    callers = [str(p.relative_to(ROOT)) for p in modules() if "ray.put(" in p.read_text() and transport not in p.parents]
-    assert callers == []
+def test_only_the_engines_batches_go_into_the_object_store():
+    """Tensors go tower to tower through the exchanges; the object store takes only the batch, once, from one place."""
+    callers = [str(p.relative_to(ROOT)) for p in modules() if "ray.put(" in p.read_text()]
+    assert callers == ["coordinator/engine/batches.py"]
 
 
 _WORKER = """

@@ -124,7 +124,7 @@ def test_model_info_shows_the_table_the_towers_and_the_classes(client):
     assert all(t.device == "cpu" for t in info.towers)
     assert sum(t.parameters for t in info.towers) == info.parameters
     assert len(info.classes) == 10 and info.image_size == 227
-    assert info.transport == "object_store"  # "auto" on CPU towers
+    assert info.transport == "shared memory"  # "auto" for towers on one host
 
 
 def test_tensor_input_matches_the_same_image_encoded(client):
@@ -180,7 +180,7 @@ def test_unknown_and_empty_jobs(client, call):
         (dict(data_dir="DATA", overrides={"batch_size": "0"}), "batch_size must be at least 1"),
         (dict(data_dir="DATA", overrides={"epochs": "many"}), "epochs='many' is not a valid int"),
         (dict(data_dir="DATA", overrides={"learning_rate": "0.1"}), "unknown override learning_rate"),
-        (dict(data_dir="DATA", overrides={"transport": "pigeon"}), "transport must be one of auto, object_store, collective"),
+        (dict(data_dir="DATA", overrides={"transport": "pigeon"}), "transport must be one of auto, gloo, nccl"),
         (dict(data_dir="DATA", overrides={"batch_size": "8", "replicas": "3"}), "batch_size (8) must be a multiple of replicas (3)"),
     ],
 )
@@ -333,7 +333,8 @@ def test_one_scrape_shows_every_metric(client, server, dataset):
     replicas = {dict(l)["replica"] for n, l in samples if n == "alexnet_tower_compute_seconds_total"}
     assert "0" in replicas
     points = {(dict(l)["point"], dict(l)["direction"]) for n, l in samples if n == "alexnet_exchange_bytes_total"}
-    assert {p for p, _ in points} == {"conv3", "fc6", "fc7", "fc8"} and {d for _, d in points} == {"forward", "backward"}
+    # The four exchange points, and the logits' all-gather (forward only: its backward needs no exchange).
+    assert points == {(p, d) for p in ("conv3", "fc6", "fc7", "fc8") for d in ("forward", "backward")} | {("logits", "forward")}
     codes = {dict(l)["code"] for n, l in samples if n == "alexnet_classify_requests_total"}
     assert {"OK", "INVALID_ARGUMENT"} <= codes
     handled = {(dict(l)["method"], dict(l)["code"]) for n, l in samples if n == "alexnet_grpc_server_handled_total"}
@@ -360,7 +361,7 @@ def run_cli(server, capsys, *argv):
 def test_cli_info_and_classify_print_readable_tables(server, client, capsys, tmp_path):
     code, out = run_cli(server, capsys, "info")
     assert code == 0 and "conv1" in out and "fc8" in out and "tower" in out and "model version" in out
-    assert "exchanges over object_store" in out
+    assert "exchanges over shared memory" in out
     image = tmp_path / "photo.jpg"
     image.write_bytes(jpeg_bytes(3))
     code, out = run_cli(server, capsys, "classify", str(image), "--top-k", "3")
@@ -368,7 +369,7 @@ def test_cli_info_and_classify_print_readable_tables(server, client, capsys, tmp
     assert out.count("%") == 3  # three ranked classes for one image
     code, out = run_cli(server, capsys, "classify", str(tmp_path / "missing.jpg"))
     assert code == 2 and "no such file" in out
-    with pytest.raises(SystemExit, match="--transport: unknown transport 'pigeon': choose one of auto, object_store"):
+    with pytest.raises(SystemExit, match="--transport: unknown transport 'pigeon': choose one of auto, gloo, nccl"):
         run_cli(server, capsys, "serve", "--port", "0", "--transport", "pigeon")  # refused before anything starts
 
 

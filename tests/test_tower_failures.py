@@ -1,7 +1,8 @@
 """A tower that dies or hangs mid-training: the step fails in bounded time, naming it, and the
 engine carries on once the tower is back (a replaced one rejoins the transport's links).
 
-Real signals to real tower processes: SIGKILL for a death, SIGSTOP for a hang. Run on every transport.
+Real signals to real tower processes: SIGKILL for a death, SIGSTOP for a hang. Run on each way a
+CPU pair exchanges: shared memory (one host) and Gloo (between hosts).
 """
 
 import logging
@@ -10,19 +11,18 @@ import signal
 import time
 
 import pytest
-import ray
 import torch
 import torch.nn.functional as F
 from conftest import SMALL, relative_error
 
 from coordinator import ModelParallelAlexNet
-from coordinator.engine import TRANSPORTS, ExchangeError, TowerFailure
+from coordinator.engine import TowerFailure
 from towers import AlexNet
 
 TIMEOUT = 2.0  # the engine's exchange timeout in these tests
 
 
-@pytest.fixture(params=sorted(TRANSPORTS))
+@pytest.fixture(params=["auto", "gloo"])
 def engine(request, ray_session):
     engine = ModelParallelAlexNet(**SMALL, dropout=0.0, init="pytorch", transport=request.param, exchange_timeout=TIMEOUT)
     yield engine
@@ -48,9 +48,12 @@ def test_a_killed_tower_fails_the_steps_in_flight_naming_it_and_a_replacement_ca
     os.kill(engine.towers[1]["pid"], signal.SIGKILL)
     start = time.monotonic()
     with pytest.raises(TowerFailure, match=r"tower 1 died during the step, which was abandoned") as failure:
-        ray.get(steps)
+        steps[0].result()
     assert failure.value.towers == [1]
     assert time.monotonic() - start < 60  # bounded: no hang on the dead peer
+    for later in steps[1:]:  # the towers would have run them after it: they fail with it
+        with pytest.raises(TowerFailure, match="tower 1 died"):
+            later.result()
 
     engine.restart_tower(1)
     assert engine.towers[1]["pid"] != engine.towers[0]["pid"]
@@ -83,38 +86,36 @@ def test_a_hung_tower_fails_the_step_after_the_timeout_naming_it_and_the_engine_
     engine.zero_grad()
 
 
-def test_a_hung_tower_fails_an_inference_pass_after_the_engines_timeout_not_rays_own(engine):
-    """Inference runs as a Ray compiled graph, whose result Ray waits 10 s for unless told: the
-    engine's exchange timeout governs it too. A busy machine then never fails a pass that Ray's
-    10 s would cut short (a validation pass beside a classification load did), and a hung tower
-    fails it in the time the engine was given."""
+def test_a_hung_tower_fails_an_inference_pass_after_the_exchange_timeout_naming_it(engine):
     images, _ = batch(3)
     expected = engine.predict(images)
     pid = engine.towers[0]["pid"]
     os.kill(pid, signal.SIGSTOP)
     try:
         start = time.monotonic()
-        with pytest.raises(ExchangeError, match=r"the inference pass got no answer from the towers within 2 s"):
+        with pytest.raises(TowerFailure, match=r"tower 0 did not answer within 10 s .*tower 1: the all-gather at conv3 timed out after 2 s"):
             engine.predict(images)
-        assert time.monotonic() - start < 9  # the engine's 2 s, not Ray's 10
+        assert time.monotonic() - start < 30  # the exchange timeout, then the probe
     finally:
         os.kill(pid, signal.SIGCONT)
-    assert torch.allclose(engine.predict(images), expected)  # the graph is built again over the same towers
+    assert torch.allclose(engine.predict(images), expected)  # the same towers, linked again
 
 
-def test_an_engine_shut_down_after_inference_leaves_its_graph_first_with_no_error_logged(ray_session, caplog):
-    """The inference graph's teardown runs aside (a hung tower never leaves it), but shutdown waits
-    for it before killing the towers: a tower killed inside the teardown makes Ray log an error
-    with a traceback, which every clean stop of a server printed."""
+def test_a_step_killed_at_any_point_leaves_no_error_for_ray_to_log(ray_session, caplog):
+    """Steps in flight when a tower dies fail with the first, and their errors are read: Ray logs
+    an error it was never asked for ("Unhandled error"), which a recovering job printed."""
     engine = ModelParallelAlexNet(**SMALL, dropout=0.0, init="pytorch", exchange_timeout=TIMEOUT)
-    ray_dag = logging.getLogger("ray.dag")  # Ray's loggers need not reach the root's
-    ray_dag.addHandler(caplog.handler)
+    ray_logger = logging.getLogger("ray")  # Ray's loggers need not reach the root's
+    ray_logger.addHandler(caplog.handler)
     try:
-        engine.predict(batch(4)[0])
-        with caplog.at_level(logging.WARNING, logger="ray.dag"):
-            engine.shutdown()
-            time.sleep(1)  # a teardown still running would log within this
+        images, labels = batch(5)
+        steps = [engine.submit_step(images, labels) for _ in range(3)]
+        os.kill(engine.towers[0]["pid"], signal.SIGKILL)
+        with caplog.at_level(logging.WARNING, logger="ray"), pytest.raises(TowerFailure):
+            steps[0].result()
+        del steps
+        time.sleep(2)  # an unread error would be logged within this
     finally:
-        ray_dag.removeHandler(caplog.handler)
-    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
-
+        ray_logger.removeHandler(caplog.handler)
+        engine.shutdown()
+    assert [r.getMessage() for r in caplog.records if "Unhandled error" in r.getMessage()] == []

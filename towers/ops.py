@@ -22,19 +22,26 @@ def local_response_norm(x: torch.Tensor, op: LRN, groups: int = 1) -> torch.Tens
     return y.reshape(n, c, h, w)
 
 
-def dropout_mask(seed: int, layer: str, tower: int, batch: int, features: int, p: float, first: int = 0) -> torch.Tensor:
+def dropout_mask(
+    seed: int, layer: str, tower: int, batch: int, features: int, p: float, first: int = 0, device=None
+) -> torch.Tensor:
     """The (batch, features) mask one tower applies after `layer`: 0 or 1/(1-p), reproducible from the seed.
 
     Each sample's row is drawn from its own seed, by its place in the step's whole batch (`first`
     is the place of this batch's first sample): a batch split among data-parallel replicas gets
-    the rows it would have had whole. The single-process reference concatenates the towers'
-    masks, so both can be run with identical masks.
+    the rows it would have had whole. The rows are drawn on `device` (the CPU by default), with
+    that device's generator: the same masks for the same seed and device, whichever process draws
+    them. The single-process reference concatenates the towers' masks, so both can be run with
+    identical masks.
     """
-    rows = [
-        torch.rand(features, generator=torch.Generator().manual_seed(derive_seed(seed, "dropout", layer, tower, i)))
-        for i in range(first, first + batch)
-    ]
-    keep = torch.stack(rows) >= p if rows else torch.zeros((0, features), dtype=torch.bool)
+    device = torch.device(device or "cpu")
+
+    def row(i: int) -> torch.Tensor:
+        generator = torch.Generator(device).manual_seed(derive_seed(seed, "dropout", layer, tower, i))
+        return torch.rand(features, generator=generator, device=device)
+
+    rows = [row(i) for i in range(first, first + batch)]
+    keep = torch.stack(rows) >= p if rows else torch.zeros((0, features), dtype=torch.bool, device=device)
     return keep.to(torch.float32) / (1.0 - p)
 
 

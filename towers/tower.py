@@ -1,14 +1,16 @@
-"""One tower: its share of every layer, run segment by segment between the cross-tower exchanges.
+"""One tower: its share of every layer, run from the image to its share of the logits.
 
 A segment is a run of layers that needs nothing from the other towers (NetConfig.segments).
-The tower keeps each segment's autograd graph from forward until its backward, so the
-coordinator can drive the step one exchange at a time.
+Between two segments the tower hands its output to `exchange`, which returns every tower's
+output joined on the feature dimension in tower order (the all-gather at conv3, fc6, fc7 and
+fc8). The exchange is an autograd operation, so one backward from the loss runs every
+exchange's backward too: the tower never sees where its peers are.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -16,6 +18,9 @@ from torch import nn
 from towers.config import NetConfig
 from towers.init import tower_slice_init
 from towers.ops import apply_then, dropout_mask, fuse_norm_blocks
+
+# exchange(point, x): every tower's x, joined on dim 1 in tower order; point names the layer that receives it.
+Exchange = Callable[[str, torch.Tensor], torch.Tensor]
 
 
 class Tower(nn.Module):
@@ -35,7 +40,6 @@ class Tower(nn.Module):
         # Convolutions run channels-last (oneDNN's fast layout on CPU), and each ReLU -> LRN -> pool is one kernel.
         self.to(memory_format=torch.channels_last)
         self._plans = {s.name: fuse_norm_blocks(s.layer.then) for s in config.shapes}
-        self._pending: dict[int, tuple[list[torch.Tensor], torch.Tensor]] = {}
 
     @torch.no_grad()
     def reset_parameters(self, seed: int = 0) -> None:
@@ -45,31 +49,34 @@ class Tower(nn.Module):
             module.weight.copy_(weight)
             module.bias.copy_(bias)
 
-    def forward_segment(
-        self, k: int, inputs: torch.Tensor | Sequence[torch.Tensor], dropout_seed: Optional[int] = None,
-        first_sample: int = 0,
-    ) -> torch.Tensor:  # fmt: skip
-        """Segment k's output on this tower.
+    def forward(
+        self, images: torch.Tensor, exchange: Exchange, dropout_seed: Optional[int] = None, first_sample: int = 0
+    ) -> torch.Tensor:
+        """This tower's share of the logits. `first_sample` is the batch's place in the step's
+        whole batch (a data-parallel shard's), from which each sample's dropout mask is drawn."""
+        x = images
+        for k, segment in enumerate(self.config.segments):
+            if k:
+                x = exchange(segment[0].name, x)
+            x = self.run_segment(k, x, dropout_seed, first_sample)
+        return x
 
-        `inputs` is the image for segment 0, and for a later segment every tower's output of
-        segment k-1 in tower order: the result of the all-gather. In training mode the graph is
-        kept until backward_segment(k).
-        """
-        segment = self.config.segments[k]
-        keep_graph = self.training and torch.is_grad_enabled()
+    def run_segment(
+        self, k: int, x: torch.Tensor, dropout_seed: Optional[int] = None, first_sample: int = 0
+    ) -> torch.Tensor:
+        """Segment k on its input: the image for k = 0, else every tower's output of segment k-1, joined."""
         if k == 0:
-            leaves, x = [], inputs.contiguous(memory_format=torch.channels_last)
-        else:
-            # Each gathered piece becomes a leaf, so its gradient is the piece to send back to its tower.
-            leaves = [piece.detach().requires_grad_(keep_graph) for piece in inputs]
-            flat = segment[0].layer.kind == "fc"
-            x = torch.cat([leaf.flatten(1) if flat else leaf for leaf in leaves], dim=1)
-        for s in segment:
+            x = x.contiguous(memory_format=torch.channels_last)
+        for s in self.config.segments[k]:
+            if s.layer.kind == "fc" and x.dim() > 2:
+                x = x.flatten(1)  # (channel, row, column) order, tower-major: the reference's flatten
             x = getattr(self, s.name)(x)
 
-            def mask(s=s, batch=x.shape[0]):
+            def mask(s=s, batch=x.shape[0], device=x.device):
                 rows = s.out_split[self.index]
-                return dropout_mask(dropout_seed, s.name, self.index, batch, rows, self.config.dropout, first_sample)
+                return dropout_mask(
+                    dropout_seed, s.name, self.index, batch, rows, self.config.dropout, first_sample, device
+                )
 
             x = apply_then(
                 self._plans[s.name],
@@ -79,25 +86,17 @@ class Tower(nn.Module):
                 training=self.training,
                 mask=mask if dropout_seed is not None else None,
             )
-        if keep_graph:
-            self._pending[k] = (leaves, x)
-        return x.detach()
+        return x
 
-    def backward_segment(self, k: int, grad_output: torch.Tensor) -> Optional[list[torch.Tensor]]:
-        """Backpropagate segment k; parameter gradients accumulate in .grad.
 
-        Returns the gradient with respect to each tower's piece of this segment's input, in tower
-        order (this tower's partial sums, for the reduce-scatter), or None for the first segment.
-        """
-        if k not in self._pending:
-            raise RuntimeError(f"tower {self.index}: backward of segment {k} without a training forward")
-        leaves, output = self._pending.pop(k)
-        output.backward(grad_output)
-        return [leaf.grad for leaf in leaves] if leaves else None
+def local_copies(towers: int) -> Exchange:
+    """An exchange without peers: every tower's piece is a copy of this tower's own. A tower's step
+    run alone at the shapes of the real one (its solo compute), and the same work backward."""
 
-    def drop_pending(self) -> None:
-        """Forget any graph kept for backward (after a failed or abandoned step)."""
-        self._pending.clear()
+    def exchange(point: str, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x] * towers, dim=1)
+
+    return exchange
 
 
 def split_state_dict(state: dict, config: NetConfig) -> list[OrderedDict]:

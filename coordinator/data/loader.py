@@ -2,8 +2,8 @@
 
 Ray Data runs the decoding and augmenting tasks (images.Augment) wherever the cluster has room
 and streams the batches to the training loop. A worker sends cropped bytes and a per-image colour
-shift; the consumer turns them into float32 in one vectorised pass, which keeps the object store
-traffic at a quarter of what float pixels would cost.
+shift, and so does the consumer: the towers make the float pixels themselves (towers.inputs.Crops),
+which keeps the object store traffic at a quarter of what float pixels would cost.
 """
 
 from __future__ import annotations
@@ -22,31 +22,39 @@ import torch
 
 from coordinator.data import images
 from coordinator.data.images import CROP, Augment, ColourStats
+from towers.inputs import Crops, crops_of
 
 # Ray Data's workers get the per-image code by value, so they never import this package (and with
 # it torch and the engine: seconds and hundreds of MB per worker, for code they do not run).
 ray.cloudpickle.register_pickle_by_value(images)
 
 
-def to_tensor(crops: np.ndarray, shifts: np.ndarray, stats: ColourStats, normalise: bool = False) -> torch.Tensor:
-    """(N, 227, 227, 3) uint8 and (N, 3) colour shifts -> (N, 3, 227, 227) float32, mean subtracted.
+def to_crops(crops: np.ndarray, shifts: np.ndarray, stats: ColourStats, normalise: bool = False) -> Crops:
+    """(N, 227, 227, 3) uint8 and (N, 3) colour shifts -> the Crops the towers take (towers.inputs).
 
-    The paper keeps the 0..255 scale; with `normalise`, each channel is also divided by its spread.
-    The result is channels-last in memory, the layout the towers compute in and the wire carries.
+    The paper keeps the 0..255 scale, mean subtracted; with `normalise`, each channel is also
+    divided by its spread. Crops.to_tensor() makes the float pixels, wherever it runs.
     """
-    offset = torch.as_tensor(shifts, dtype=torch.float32) - torch.tensor(stats.mean, dtype=torch.float32)
-    pixels = torch.from_numpy(np.ascontiguousarray(crops)).permute(0, 3, 1, 2).float()
-    pixels = pixels.add_(offset[:, :, None, None])
-    if normalise:
-        pixels = pixels.div_(torch.tensor(stats.std, dtype=torch.float32)[None, :, None, None])
-    return pixels
+    return crops_of(crops, shifts, stats.mean, stats.std if normalise else None)
+
+
+def to_tensor(crops: np.ndarray, shifts: np.ndarray, stats: ColourStats, normalise: bool = False) -> torch.Tensor:
+    """(N, 227, 227, 3) uint8 and (N, 3) colour shifts -> (N, 3, 227, 227) float32, channels-last in memory."""
+    return to_crops(crops, shifts, stats, normalise).to_tensor()
 
 
 @dataclass
 class Batch:
-    images: torch.Tensor  # (N, 3, 227, 227), or (N, 10, 3, 227, 227) for ten-crop
+    crops: Crops  # (N images, or N x 10 views for ten-crop), as they travel to the towers
     labels: torch.Tensor
     bad_paths: list[str]
+    views: int = 1  # 10 for ten-crop: each image's ten views are consecutive
+
+    @property
+    def images(self) -> torch.Tensor:
+        """The float pixels: (N, 3, 227, 227), or (N, 10, 3, 227, 227) for ten-crop."""
+        pixels = self.crops.to_tensor()
+        return pixels if self.views == 1 else pixels.reshape(-1, self.views, *pixels.shape[1:])
 
 
 def batches(
@@ -91,13 +99,11 @@ def batches(
         ok = block["ok"]
         bad = [str(p) for p in block["path"][~ok]]
         crops, shift = block["crops"][ok], block["shift"][ok]
-        if mode == "ten-crop":
-            n = crops.shape[0]
-            pixels = to_tensor(crops.reshape(n * 10, CROP, CROP, 3), np.repeat(shift, 10, axis=0), stats, normalise)
-            pixels = pixels.reshape(n, 10, 3, CROP, CROP)
-        else:
-            pixels = to_tensor(crops, shift, stats, normalise)
-        yield Batch(pixels, torch.as_tensor(block["label"][ok], dtype=torch.long), bad)
+        views = 10 if mode == "ten-crop" else 1
+        if views > 1:
+            crops, shift = crops.reshape(-1, CROP, CROP, 3), np.repeat(shift, views, axis=0)
+        labels = torch.as_tensor(block["label"][ok], dtype=torch.long)
+        yield Batch(to_crops(crops, shift, stats, normalise), labels, bad, views)
 
 
 def check_room_for_loading(wait: float = 10.0) -> None:

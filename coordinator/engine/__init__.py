@@ -1,9 +1,20 @@
-"""The distributed engine: the driver's handle, placement, the coordinator and tower actors, transports."""
+"""The distributed engine: the driver's handle, placement, the coordinator and tower actors, and
+the exchanges between the towers (autograd collectives over their process groups)."""
 
 from coordinator.engine.coordinator_actor import TowerFailure, named
+from coordinator.engine.links import RETIRED_TRANSPORTS, TRANSPORT_CHOICES, ExchangeError, PeerFailed, error_summary
 from coordinator.engine.model import ModelParallelAlexNet
 from coordinator.engine.placement import Placement, ensure_ray
-from coordinator.engine.transport import CHOICES as TRANSPORT_CHOICES
-from coordinator.engine.transport import TRANSPORTS, ExchangeError, error_summary
 
-__all__ = ["TRANSPORTS", "TRANSPORT_CHOICES", "ExchangeError", "ModelParallelAlexNet", "Placement", "TowerFailure", "ensure_ray", "error_summary", "named"]
+__all__ = [
+    "ExchangeError",
+    "ModelParallelAlexNet",
+    "PeerFailed",
+    "Placement",
+    "RETIRED_TRANSPORTS",
+    "TRANSPORT_CHOICES",
+    "TowerFailure",
+    "ensure_ray",
+    "error_summary",
+    "named",
+]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from collections import OrderedDict
 from typing import Optional
 
@@ -11,23 +10,27 @@ import ray
 import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from coordinator.engine.coordinator_actor import PROBE_SECONDS, Coordinator, TowerFailure, unanswered
+from coordinator.engine.batches import check_images, check_labels, put_batch
+from coordinator.engine.calls import Pending, TowerCalls, agreed_loss
+from coordinator.engine.coordinator_actor import PROBE_SECONDS, Coordinator, TowerFailure, in_groups, unanswered
+from coordinator.engine.links import EXCHANGE_TIMEOUT, backend_for, check_transport
 from coordinator.engine.placement import Placement, ensure_ray, free_devices
-from coordinator.engine.replicas import ReplicaGroup, in_groups
 from coordinator.engine.tower_actor import TowerActor
-from coordinator.engine.transport import EXCHANGE_TIMEOUT, ExchangeError, InferenceGraph, check_transport, make_transport
 from towers import NetConfig, merge_state_dicts, split_state_dict
 from towers.config import derive_seed
+from towers.inputs import Crops
 
 
 class ModelParallelAlexNet:
-    """AlexNet with each tower in its own Ray actor and a coordinator actor for the exchanges.
+    """AlexNet with each tower in its own Ray actor and a coordinator actor that supervises them.
 
     Keywords beyond the optimiser's are NetConfig fields (width, image_size, towers, init, layers).
-    transport names how exchanged tensors travel: "object_store", "collective" (a torch.distributed
-    group: NCCL between GPUs, Gloo otherwise) or "auto" (coordinator.engine.transport.make_transport);
-    exchange_timeout is how long a tower waits for its peers in an exchange before the step fails
-    (a TowerFailure then names the towers that died or stopped answering); restart_tower replaces one.
+    Each step is one call to each tower, whose exchanges are collectives inside it, over a group
+    of the towers; transport picks what carries them: "auto" (NCCL where each tower has a GPU of
+    its own, else shared memory between towers on one host and Gloo between hosts), "gloo" or
+    "nccl" (links.backend_for). exchange_timeout is how long
+    a tower waits for its peers in an exchange before the step fails (a TowerFailure then names the
+    towers that died or stopped answering); restart_tower replaces one.
     cpus_per_tower sets each CPU tower's cores and threads; dtype is float32 or float64; tf32 lets
     CUDA towers use TensorFloat-32 (faster, no longer equal to the reference at 1e-5).
     start_timeout is how long to wait for the towers to be placed and started (an autoscaling
@@ -82,7 +85,8 @@ class ModelParallelAlexNet:
         ensure_ray()
         self.replicas = replicas
         self.placement = Placement.plan(self.config.towers * replicas, cpus_per_tower)
-        self.transport = make_transport(transport, self.placement.kind, exchange_timeout)
+        self.backend = backend_for(transport, self.placement.kind)  # the pairs' exchanges and the replicas' all-reduce
+        self.exchange_timeout = exchange_timeout
         self._groups = self.placement.reserve_groups(replicas, self.config.towers, start_timeout)
         self._tower_args = dict(
             seed=seed,
@@ -94,13 +98,13 @@ class ModelParallelAlexNet:
             tf32=tf32,
             keep_freed_memory=keep_freed_memory,
             nice=nice,  # CPU priority lowered by this much: a serving pair may yield to training
+            backend=self.backend[0],
+            timeout=exchange_timeout,
         )
         self._towers = [self._start_tower(i) for i in range(self.config.towers * replicas)]
         self._coordinator = None
         self.repaired: list[int] = []  # the towers the last repair() replaced
-        self._graph: Optional[InferenceGraph] = None
-        self._graph_lock = threading.Lock()
-        self._teardown: Optional[threading.Thread] = None  # of the last graph, while it runs
+        self.calls = TowerCalls(lambda: self._towers, lambda: self._coordinator, lambda: self._link(self._towers))
         try:
             self.towers = ray.get([t.describe.remote() for t in self._towers], timeout=start_timeout)
         except ray.exceptions.GetTimeoutError:
@@ -113,22 +117,27 @@ class ModelParallelAlexNet:
         self._start_coordinator()
 
     def _start_coordinator(self) -> None:
-        # The coordinator only routes and computes the loss: it needs no core of its own. It stays
+        # The coordinator carries no tensor and computes nothing: it needs no core of its own. It stays
         # beside the driver, so that losing a node of towers does not take it too. Not soft: Ray
         # 2.60 places a soft-pinned actor of no CPUs elsewhere, and the driver's node always fits it.
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         self._coordinator = ray.remote(Coordinator).options(num_cpus=0, scheduling_strategy=here).remote(
-            self._towers, self.config, self.transport, self.replicas
+            self._towers, self.config, self.backend, self.exchange_timeout, self.replicas
         )
-        ray.get(self._coordinator.take_stats.remote())  # surfaces a transport that could not link the towers
+        self._link()  # surfaces towers that could not be linked
+
+    def _link(self, towers: Optional[list] = None) -> None:
+        """Have the coordinator link the towers (again), and note what carries their exchanges."""
+        if towers is not None:
+            ray.get(self._coordinator.connect.remote(towers))
+        self.transport = result(self._coordinator.describe.remote())
+        self.calls.relink = False
 
     def _start_tower(self, i: int):
         """Tower i: tower i % T of replica group i // T."""
         group, t = divmod(i, self.config.towers)
-        backend = "nccl" if self.placement.kind == "gpu" else "gloo"  # NCCL takes one rank per GPU
-        replicas = ReplicaGroup(backend, self.transport.timeout)
         options = {**self.placement.actor_options, **self.placement.in_group(self._groups, group)}
-        return ray.remote(TowerActor).options(**options).remote(self.config, t, self.transport, **self._tower_args, replicas=replicas)
+        return ray.remote(TowerActor).options(**options).remote(self.config, t, **self._tower_args)
 
     def repair(self) -> list[str]:
         """Replace every actor of the model that is dead or hung: what was replaced, e.g. "tower 1
@@ -143,8 +152,8 @@ class ModelParallelAlexNet:
             self.restart_tower(t, relink=False)
         try:
             ray.get(self._coordinator.ping.remote(), timeout=PROBE_SECONDS)
-            if replaced:
-                ray.get(self._coordinator.connect.remote(self._towers))
+            if replaced or self.calls.relink:
+                self._link(self._towers)
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as error:
             replaced.append(f"the coordinator ({'died' if isinstance(error, ray.exceptions.RayActorError) else 'hung'})")
             ray.kill(self._coordinator)
@@ -157,13 +166,11 @@ class ModelParallelAlexNet:
         no momentum; load the model's weights (load_state_dict) before training on."""
         if not 0 <= t < len(self._towers):
             raise ValueError(f"tower must be in [0, {len(self._towers)}), got {t}")
-        with self._graph_lock:
-            self._drop_graph(wait=PROBE_SECONDS)
         ray.kill(self._towers[t])
         self._towers[t] = self._start_tower(t)
         self.towers[t] = ray.get(self._towers[t].describe.remote())
         if relink:
-            ray.get(self._coordinator.connect.remote(self._towers))
+            self._link(self._towers)
 
     def lost_towers(self) -> dict[int, str]:
         """The towers that are dead or do not answer within seconds, each with what happened to it
@@ -171,25 +178,14 @@ class ModelParallelAlexNet:
         return unanswered([t.describe.remote() for t in self._towers])
 
     # --- input checks -------------------------------------------------------------------------
-    def _check_images(self, images) -> torch.Tensor:
-        images = torch.as_tensor(images, dtype=self.dtype)
-        size = self.config.image_size
-        if images.dim() != 4 or tuple(images.shape[1:]) != (3, size, size):
-            raise ValueError(f"images must have shape [N, 3, {size}, {size}], got {list(images.shape)}")
-        if images.shape[0] == 0:
-            raise ValueError("images is an empty batch")
-        # A sum is one fast pass and is NaN or infinite if any pixel is; only then check pixel by pixel.
-        if not torch.isfinite(images.sum()) and not torch.isfinite(images).all():
-            raise ValueError("images contain NaN or infinite values")
-        return images
+    def _check_images(self, images) -> np.ndarray | Crops:
+        return check_images(images, self.dtype, self.config.image_size)
 
     def _check_labels(self, labels, batch: int) -> np.ndarray:
-        labels = torch.as_tensor(labels)
-        if labels.dtype.is_floating_point or labels.shape != (batch,):
-            raise ValueError(f"labels must be {batch} integer class indices, got {labels.dtype} {list(labels.shape)}")
-        if batch and (labels.min() < 0 or labels.max() >= self.config.num_classes):
-            raise ValueError(f"labels must be in [0, {self.config.num_classes}), got {labels.min().item()}..{labels.max().item()}")
-        return labels.to(torch.long).numpy()
+        return check_labels(labels, batch, self.config.num_classes)
+
+    def _put(self, images: np.ndarray | Crops) -> ray.ObjectRef:
+        return put_batch(images)
 
     # --- training -----------------------------------------------------------------------------
     def _batch(self, images, labels, dropout_seed: Optional[int]) -> tuple:
@@ -201,15 +197,16 @@ class ModelParallelAlexNet:
         if len(images) % self.replicas:
             raise ValueError(f"a batch of {len(images)} images does not split evenly among {self.replicas} replica "
                              f"groups: use a batch size that is a multiple of {self.replicas}")  # fmt: skip
-        shards = [self.transport.put_images(shard) for shard in images.chunk(self.replicas)]
+        per = len(images) // self.replicas
+        shards = [self._put(images[g * per : (g + 1) * per]) for g in range(self.replicas)]
         return shards, list(np.split(labels, self.replicas)), dropout_seed
 
     def forward_backward(self, images, labels, dropout_seed: Optional[int] = None) -> float:
         """Loss of one batch, leaving its gradients in the towers (see gradients(), apply_update())."""
-        return result(self._coordinator.forward_backward.remote(*self._batch(images, labels, dropout_seed)))
+        return self._step("forward_backward", images, labels, dropout_seed).result()
 
     def apply_update(self) -> None:
-        result(self._coordinator.apply_update.remote(self.lr))
+        self.calls.submit([(t, (self.lr,)) for t in self._towers], "apply_update", lambda results: None, stats=lambda r: r).result()
         self.steps += 1
 
     def zero_grad(self) -> None:
@@ -218,54 +215,53 @@ class ModelParallelAlexNet:
 
     def train_step(self, images, labels, dropout_seed: Optional[int] = None) -> float:
         """One SGD step on a batch; returns its loss (before the update)."""
-        return result(self.submit_step(images, labels, dropout_seed))
+        return self.submit_step(images, labels, dropout_seed).result()
 
-    def submit_step(self, images, labels, dropout_seed: Optional[int] = None, with_stats: bool = False):
-        """Start one SGD step and return at once: an ObjectRef to its loss (and its timings, with_stats).
+    def submit_step(self, images, labels, dropout_seed: Optional[int] = None, with_stats: bool = False) -> Pending:
+        """Start one SGD step and return at once: a Pending, whose result() is the step's loss
+        (and with_stats, the timings since the last take_stats).
 
         Steps run in the order submitted. Submitting the next batch before the current step ends
         keeps the towers busy while this process prepares and uploads images.
         """
-        images, labels, dropout_seed = self._batch(images, labels, dropout_seed)
+        step = self._step("train_step", images, labels, dropout_seed, self.lr, with_stats=with_stats)
         self.steps += 1
-        return self._coordinator.train_step.remote(images, labels, self.lr, dropout_seed, with_stats)
+        return step
+
+    def _step(self, method: str, images, labels, dropout_seed, *extra, with_stats: bool = False) -> Pending:
+        """One call per tower: each group's towers get its shard, and its first sample's place."""
+        shards, labels, dropout_seed = self._batch(images, labels, dropout_seed)
+        firsts = np.cumsum([0] + [len(shard) for shard in labels[:-1]])
+        calls = [(tower, (shard, group_labels, dropout_seed, int(first), *extra))
+                 for group, shard, group_labels, first in zip(self._by_group(self._towers), shards, labels, firsts)
+                 for tower in group]  # fmt: skip
+
+        def loss(results: list):
+            value = agreed_loss([loss for loss, _ in results], self.config.towers)
+            return (value, self.take_stats()) if with_stats else value
+
+        return self.calls.submit(calls, method, loss, before_update=method != "train_step")
 
     def predict(self, images) -> torch.Tensor:
-        """Logits in eval mode (no dropout), through the transport's inference graph (made on first use)."""
+        """Logits in eval mode (no dropout): one call to each tower of group 0."""
+        ref = self._put(self._check_images(images))
+        logits = self.calls.submit([(t, (ref,)) for t in self._group(0)], "infer", lambda results: results[0][0]).result()
+        return torch.from_numpy(np.array(logits))
+
+    def solo_step_seconds(self, images, labels, steps: int = 5) -> list[list[float]]:
+        """Each tower of group 0 alone, one after the other: the seconds of `steps` training steps
+        of a copy of it at this batch's shapes, its exchanges replaced by local copies. Its compute
+        with no wait on a peer (benchmarks/train_step.py sets the engine's step beside it)."""
         images = self._check_images(images)
-        with self._graph_lock:
-            if self._graph is None:
-                self._await_teardown()
-                self._graph = self.transport.compile_inference(self._group(0), len(self.config.segments))
-            try:
-                return self._graph.run(images)
-            except Exception:
-                self._drop_graph()  # a failed run can leave the graph unusable: rebuild it next time
-                raise
-
-    def _drop_graph(self, wait: float = 0.0) -> None:
-        # Ray's teardown waits for every tower to leave the graph, which a hung one never does: it
-        # runs aside, so that the caller can go on to replace that tower (which ends the wait).
-        # Before killing towers, wait for it a while: healthy ones leave at once, and a tower killed
-        # inside the teardown makes Ray log an error with a traceback.
-        if self._graph is not None:
-            graph, self._graph = self._graph, None
-            self._teardown = threading.Thread(target=graph.close, name="inference-graph-teardown", daemon=True)
-            self._teardown.start()
-            self._teardown.join(wait)
-
-    def _await_teardown(self) -> None:
-        """A new graph over the towers waits until the last one has let go of them."""
-        if self._teardown is not None:
-            self._teardown.join(self.transport.timeout)
-            if self._teardown.is_alive():
-                raise ExchangeError(f"the last inference graph still holds the towers after {self.transport.timeout:g} s: "
-                                    "a tower is hung; replace it (repair)")  # fmt: skip
-            self._teardown = None
+        labels = self._check_labels(labels, len(images))
+        ref = self._put(images)
+        return [ray.get(t.solo_steps.remote(ref, labels, steps)) for t in self._group(0)]
 
     def take_stats(self) -> dict:
-        """Per-tower compute and exchange timings and bytes since the last call, and the coordinator's time."""
-        return ray.get(self._coordinator.take_stats.remote())
+        """Per-tower compute and exchange timings and bytes since the last call, how many calls
+        of the towers were made, and what carries the exchanges."""
+        towers, calls = self.calls.take_stats()
+        return {"towers": towers, "replicas": self.replicas, "tower_calls": calls, "transport": self.transport}
 
     # --- weights ------------------------------------------------------------------------------
     # Weights travel as numpy arrays, which Ray's object store holds without pickling.
@@ -312,7 +308,7 @@ class ModelParallelAlexNet:
         return ray.get([getattr(t, method).remote() for t in (self._towers if towers is None else towers)])
 
     def shutdown(self) -> None:
-        self._drop_graph(wait=PROBE_SECONDS)
+        self.calls.close(wait=1.0)
         for actor in [self._coordinator, *self._towers]:
             if actor is not None:
                 ray.kill(actor)
@@ -328,7 +324,7 @@ class ModelParallelAlexNet:
 
 
 def result(ref):
-    """ray.get of a step, with a TowerFailure raised as itself: one readable line, not inside
+    """ray.get of a call, with a TowerFailure raised as itself: one readable line, not inside
     Ray's wrapper with the coordinator's traceback."""
     try:
         return ray.get(ref)

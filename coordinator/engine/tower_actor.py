@@ -1,24 +1,31 @@
-"""TowerActor: the Ray actor that hosts one tower (towers.Tower) on its device, with its optimizer and timings."""
+"""TowerActor: the Ray actor that hosts one tower (towers.Tower) on its device, with its optimiser.
+
+Each call is a whole piece of work, its exchanges inside it (exchange.py): a training step
+(forward, the loss, backward, the replicas' average and the update), or forward and backward
+alone, or the update alone, or an inference pass. One call per tower per step.
+"""
 
 from __future__ import annotations
 
+import copy
 import hashlib
-import functools
 import os
 import socket
-import threading
 import time
-from collections import defaultdict
-from typing import Optional, Sequence
+import warnings
+from typing import Optional
 
 import numpy as np
 import ray
 import torch
+import torch.nn.functional as F
 
 from coordinator.engine.allocator import keep_freed_memory_in_heap
-from coordinator.engine.replicas import ReplicaGroup
-from coordinator.engine.transport import Received, Transport, to_wire
+from coordinator.engine.exchange import exchanges
+from coordinator.engine.links import EXCHANGE_TIMEOUT, ExchangePlan, Link
 from towers import NetConfig, Tower, paper_sgd
+from towers.inputs import Crops
+from towers.tower import local_copies
 
 
 def lower_priority(nice: int) -> None:
@@ -32,26 +39,14 @@ def lower_priority(nice: int) -> None:
         os.setpriority(os.PRIO_PROCESS, int(tid), target)
 
 
-def _locked(method):
-    """Run under the actor's lock: the compiled inference graph calls in from another thread."""
-
-    @functools.wraps(method)
-    def wrapper(self, *args, **kwargs):
-        with self.lock:
-            return method(self, *args, **kwargs)
-
-    return wrapper
-
-
 class TowerActor:
-    """One tower of the model. The coordinator drives it one segment at a time; the transport
-    carries what it sends and receives."""
+    """One tower of the model: tower `index` of its pair, linked to the other towers of its pair
+    and to its replicas by the coordinator (join)."""
 
     def __init__(
         self,
         config: NetConfig,
         index: int,
-        transport: Transport,
         seed: int,
         lr: float,
         momentum: float,
@@ -61,7 +56,8 @@ class TowerActor:
         tf32: bool = False,
         keep_freed_memory: bool = True,
         nice: int = 0,
-        replicas: Optional[ReplicaGroup] = None,
+        backend: str = "gloo",  # the pair's and the replicas'
+        timeout: float = EXCHANGE_TIMEOUT,
     ):
         lower_priority(nice)
         torch.set_num_threads(threads)
@@ -69,24 +65,13 @@ class TowerActor:
         self.device = torch.device("cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu")
         # TF32 trades float32's last 13 mantissa bits for speed; off unless asked, so results match the reference.
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = tf32
-        self.index = index
-        self.transport = transport
-        self.replicas = replicas or ReplicaGroup()  # the same tower in the other data-parallel groups
+        self.index, self.config, self.dtype = index, config, dtype
+        self.hyper = dict(momentum=momentum, weight_decay=weight_decay)
         self.tower = Tower(config, index, seed).to(self.device, dtype)
-        self.optimizer = paper_sgd(self.tower, lr, momentum, weight_decay)
-        # Exchange points are named by the layer that receives: conv3, fc6, fc7, fc8.
-        self.points = [segment[0].name for segment in config.segments]
-        self.stages = config.stage_names
-        self._stats = self._empty_stats()
-        self.lock = threading.Lock()
-
-    @staticmethod
-    def _empty_stats() -> dict:
-        return {
-            "compute_seconds": defaultdict(float),  # (stage, direction) -> s
-            "exchange_seconds": defaultdict(float),  # (point, direction) -> s waiting for pieces
-            "exchange_bytes": defaultdict(int),  # (point, direction) -> bytes from other towers
-        }
+        self.optimizer = paper_sgd(self.tower, lr, **self.hyper)
+        self.pair = Link("pair", "tower", backend, timeout)
+        self.replicas = Link("replicas", "group", backend, timeout, size=1)
+        self.plan: Optional[ExchangePlan] = None
 
     def describe(self) -> dict:
         return {
@@ -101,93 +86,109 @@ class TowerActor:
             "parameters": sum(p.numel() for p in self.tower.parameters()),
         }
 
-    def _timed(self, key, fn, *args):
-        start = time.perf_counter()
-        out = fn(*args)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self._stats["compute_seconds"][key] += time.perf_counter() - start
-        return out
+    # --- the links (links.py): the coordinator forms them ---------------------------------------
+    def host_link(self, name: str) -> tuple[str, int]:
+        return self._link(name).host()
 
-    def _record_exchange(self, key: tuple[str, str], got: Received) -> None:
-        self._stats["exchange_seconds"][key] += got.wait_seconds
-        self._stats["exchange_bytes"][key] += got.foreign_bytes
+    def join_link(self, name: str, address, rank: int, size: int, generation: int, plan: ExchangePlan, one_host: bool):
+        self.plan = plan
+        self._link(name).join(address, rank, size, generation, plan.timeout, one_host)
+        return self._link(name).kind
 
-    @_locked
-    def forward(self, k: int, delivered: Sequence, dropout_seed: Optional[int], first_sample: int = 0):
-        """Segment k of a training step. `delivered` is the batch for k=0, else the all-gather of
-        segment k-1's outputs; `first_sample` is the batch's place in the step's (for dropout)."""
-        self.tower.train()
-        got = self.transport.receive(delivered, self.index, self.device, self.points[k])
-        if k == 0:
-            inputs = got.tensors[0]
-        else:
-            inputs = got.tensors
-            self._record_exchange((self.points[k], "forward"), got)
-        out = self._timed((self.stages[k], "forward"), self.tower.forward_segment, k, inputs, dropout_seed, first_sample)
-        return self.transport.send(out) if k + 1 < len(self.points) else self.transport.encode(out)  # logits go to the loss
+    def _link(self, name: str) -> Link:
+        return {"pair": self.pair, "replicas": self.replicas}[name]
 
-    def infer(self, k: int, *pieces):
-        """Segment k in eval mode, inside the inference graph: `pieces` are what the graph hands over.
+    # --- the calls of a step ----------------------------------------------------------------------
+    def train_step(self, batch, labels, dropout_seed: Optional[int], first_sample: int, lr: float):
+        """One SGD step on this group's shard: (its loss, this call's timings)."""
+        with self._exchanges(len(labels), backward=True, update=True) as step:
+            loss = self._forward_backward(step, batch, labels, dropout_seed, first_sample)
+            self._update(step, lr)
+        return loss, step.stats()
 
-        The graph runs this on a background thread of the actor; the lock keeps it apart from
-        training calls and weight loads on the main thread.
-        """
-        inputs = [self.transport.decode(p, self.device) for p in pieces]
-        with self.lock, torch.no_grad():
+    def forward_backward(self, batch, labels, dropout_seed: Optional[int], first_sample: int):
+        """The loss and its gradients, left accumulated for apply_update: (loss, timings)."""
+        with self._exchanges(len(labels), backward=True) as step:
+            loss = self._forward_backward(step, batch, labels, dropout_seed, first_sample)
+        return loss, step.stats()
+
+    def apply_update(self, lr: Optional[float] = None) -> dict:
+        """The SGD step, on the gradients averaged with this tower's replicas first: its timings."""
+        with self._exchanges(0, update=True) as step:
+            self._update(step, lr)
+        return step.stats()
+
+    def infer(self, batch):
+        """Eval-mode logits of the batch, every class (tower 0 returns them, the others None), and timings."""
+        with torch.no_grad(), self._exchanges(len(batch)) as step:
             self.tower.eval()
-            out = self._timed((self.stages[k], "forward"), self.tower.forward_segment, k, inputs[0] if k == 0 else inputs)
-            as_tensor = self.transport.graph_channel and k + 1 < len(self.points)  # the logits leave by value
-            return to_wire(out) if as_tensor else self.transport.encode(out)
+            logits = step.gather_logits(self.tower(self._images(batch), step.gather))
+            out = logits.to(_output_dtype(self.dtype)).cpu().numpy() if self.index == 0 else None
+        return out, step.stats()
 
-    @_locked
-    def backward(self, k: int, delivered: Sequence):
-        """Segment k's backward; `delivered` holds every tower's partial gradient for this tower's output.
+    def abandon_step(self) -> None:
+        """Drop a half-done step: accumulated gradients, and what its exchanges still expected."""
+        self.optimizer.zero_grad(set_to_none=True)
+        for link in (self.pair, self.replicas):
+            link.expect([], self.dtype)
 
-        Returns this tower's partial gradients for each tower's piece of the segment's input (k > 0).
-        """
-        point = self.points[k + 1] if k + 1 < len(self.points) else "the loss"
-        got = self.transport.receive(delivered, self.index, self.device, point)
-        if k + 1 < len(self.points):  # the last segment's gradient comes from the loss, not from a tower
-            self._record_exchange((self.points[k + 1], "backward"), got)
-        grad = self.transport.reduce(got)
-        pieces = self._timed((self.stages[k], "backward"), self.tower.backward_segment, k, grad)
-        if pieces is None:
-            return None
-        return tuple(self.transport.send(p) for p in pieces)
+    def _exchanges(self, batch: int, backward: bool = False, update: bool = False):
+        if self.plan is None:
+            raise RuntimeError(f"tower {self.index} has not been linked to its peers (the coordinator links them)")
+        parameters = sum(p.numel() for p in self.tower.parameters()) if update else 0
+        return exchanges(self.plan, self.pair, self.replicas, self.index, self.device, batch=batch, dtype=self.dtype,
+                         backward=backward, update=update, parameters=parameters)  # fmt: skip
 
-    @_locked
-    def apply_update(self, lr: Optional[float] = None) -> None:
-        """The SGD step, on the gradients averaged with this tower's replicas (if any) first."""
-        self.replicas.average([p.grad for p in self.tower.parameters() if p.grad is not None])
+    def _forward_backward(self, step, batch, labels, dropout_seed, first_sample) -> float:
+        self.tower.train()
+        images = self._images(batch)
+        logits = step.gather_logits(self.tower(images, step.gather, dropout_seed, first_sample))
+        loss = F.cross_entropy(logits.to(_output_dtype(self.dtype)), torch.as_tensor(labels, device=self.device))
+        loss.backward()
+        step.backward_done()
+        return loss.item()
+
+    def _update(self, step, lr: Optional[float]) -> None:
+        step.average([p.grad for p in self.tower.parameters() if p.grad is not None])
+        step.check_flags()  # no tower updates while another failed the step
         if lr is not None:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        step.updated()
 
-    @_locked
-    def abandon_step(self) -> None:
-        """Drop a half-done step: kept graphs and accumulated gradients."""
-        self.tower.drop_pending()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.transport.reset()
+    def _images(self, batch) -> torch.Tensor:
+        """The batch as it travelled (coordinator.engine.batches), on this tower's device."""
+        if isinstance(batch, Crops):
+            return batch.to_tensor(self.device).to(self.dtype)
+        with warnings.catch_warnings():
+            # Arrays from Ray are read-only views of shared memory; nothing writes to them.
+            warnings.simplefilter("ignore", UserWarning)
+            pixels = torch.from_numpy(batch)
+        return pixels.permute(0, 3, 1, 2).to(self.device, self.dtype)  # (N, H, W, C) as it travels
 
-    # --- the transport's links (collective transports: see transport/collective.py) ------------
-    def host_rendezvous(self):
-        return self.transport.host_rendezvous()
+    # --- the benchmark's floor: this tower's step alone -----------------------------------------
+    def solo_steps(self, batch, labels, steps: int, dropout_seed: Optional[int] = 0) -> list[float]:
+        """Seconds of each of `steps` training steps of a copy of this tower alone, at the shapes of
+        the real step, its exchanges replaced by local copies: its compute, with no wait on a peer."""
+        tower = copy.deepcopy(self.tower).train()
+        optimizer = paper_sgd(tower, self.optimizer.param_groups[0]["lr"], **self.hyper)
+        exchange, classes = local_copies(self.config.towers), self.config.num_classes
+        target = torch.as_tensor(labels, device=self.device)
+        seconds = []
+        for _ in range(steps + 1):  # the first makes the momentum buffers: not timed
+            start = time.perf_counter()
+            logits = torch.cat([tower(self._images(batch), exchange, dropout_seed)] * self.config.towers, dim=1)
+            F.cross_entropy(logits[:, :classes].to(_output_dtype(self.dtype)), target).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            seconds.append(time.perf_counter() - start)
+        return seconds[1:]
 
-    def join_exchange(self, address, generation: int, world: int) -> None:
-        self.transport.join(address, self.index, world, generation)
-
-    # --- the replicas' all-reduce (see replicas.py) -----------------------------------------------
-    def host_replicas(self):
-        return self.replicas.host()
-
-    def join_replicas(self, address, rank: int, size: int, generation: int) -> None:
-        self.replicas.join(address, rank, size, generation)
-
-    @_locked
+    # --- weights ----------------------------------------------------------------------------------
     def checksum(self) -> str:
         """A digest of the weights and momentum: equal in every replica group while they agree."""
         digest = hashlib.sha256()
@@ -196,29 +197,24 @@ class TowerActor:
             digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
         return digest.hexdigest()
 
-    @_locked
-    def take_stats(self) -> dict:
-        stats, self._stats = self._stats, self._empty_stats()
-        return {**{name: dict(values) for name, values in stats.items()}, **self.replicas.take_stats()}
-
-    @_locked
     def gradients(self) -> dict:
         return {n: p.grad.detach().cpu().numpy() for n, p in self.tower.named_parameters() if p.grad is not None}
 
-    @_locked
     def get_state(self) -> dict:
         return {k: v.detach().cpu().numpy() for k, v in self.tower.state_dict().items()}
 
-    @_locked
     def set_state(self, state: dict) -> None:
         self.tower.load_state_dict({k: torch.as_tensor(np.array(v)) for k, v in state.items()})
         self.optimizer.state.clear()
         self.optimizer.zero_grad(set_to_none=True)
 
-    @_locked
     def get_optimizer_state(self) -> dict:
         return self.optimizer.state_dict()
 
-    @_locked
     def set_optimizer_state(self, state: dict) -> None:
         self.optimizer.load_state_dict(state)
+
+
+def _output_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The loss and the logits that leave a tower: float32, or float64 on the exactness path."""
+    return torch.float64 if dtype == torch.float64 else torch.float32

@@ -204,7 +204,7 @@ def model_info(engine, version: ModelVersion, training: Optional[tuple[list[dict
         parameters=config.parameter_count(),
         model_note=version.note,
         image_size=config.image_size,
-        transport=engine.transport.describe(),
+        transport=engine.transport,
     )
 
 

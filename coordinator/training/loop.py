@@ -138,7 +138,7 @@ class Trainer:
                     self._completed(self.pipeline.finish())
                 self.in_flight.append(self.position)  # its place in the pass, should its step fail
                 self.position += 1
-                self._completed(self.pipeline.submit(batch.images, batch.labels))
+                self._completed(self.pipeline.submit(batch.crops, batch.labels))
             else:
                 self.validation = EarlyStart(validation_pass(self.dataset, self.plan))
         self._completed(self.pipeline.finish())

@@ -8,7 +8,7 @@ from contextlib import closing
 
 import torch
 
-from coordinator.data import Dataset, DatasetError, batches
+from coordinator.data import Batch, Dataset, DatasetError, batches
 from coordinator.training.recipe import Recipe
 
 log = logging.getLogger("coordinator.training.loop")  # the loop's log, where these lines always were
@@ -42,12 +42,10 @@ def training_pass(dataset: Dataset, plan: Recipe, epoch: int, steps: int, from_b
                    plan.normalise, start=from_batch * plan.batch_size)  # fmt: skip
 
 
-def class_probabilities(engine, images: torch.Tensor) -> torch.Tensor:
-    """Each image's softmax; for a ten-crop batch (N, 10, 3, H, W), the mean over its ten views."""
-    if images.dim() == 5:
-        n = images.shape[0]
-        return engine.predict(images.reshape(n * 10, *images.shape[2:])).softmax(1).reshape(n, 10, -1).mean(1)
-    return engine.predict(images).softmax(1)
+def class_probabilities(engine, batch: Batch) -> torch.Tensor:
+    """Each image's softmax; for a ten-crop batch, the mean over its ten views."""
+    probs = engine.predict(batch.crops).softmax(1)
+    return probs.reshape(-1, batch.views, probs.shape[1]).mean(1) if batch.views > 1 else probs
 
 
 def evaluate(engine, loader, skips: SkipLog) -> tuple[float, float]:
@@ -58,7 +56,7 @@ def evaluate(engine, loader, skips: SkipLog) -> tuple[float, float]:
             skips.add(batch.bad_paths)
             if len(batch.labels) == 0:
                 continue
-            probs = class_probabilities(engine, batch.images)
+            probs = class_probabilities(engine, batch)
             top = probs.topk(min(5, probs.shape[1]), dim=1).indices
             hits = top == batch.labels[:, None]
             correct1 += hits[:, 0].sum().item()

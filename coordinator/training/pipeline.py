@@ -6,8 +6,6 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-import ray
-
 
 @dataclass
 class FinishedStep:
@@ -27,9 +25,9 @@ class StepPipeline:
 
     def submit(self, images, labels) -> Optional[FinishedStep]:
         """Start a step on this batch; returns the step that was in flight, now finished (None if none was)."""
-        ref = self.engine.submit_step(images, labels, with_stats=True)
+        step = self.engine.submit_step(images, labels, with_stats=True)
         # The new step is pending before the old one is waited for: if that fails, abandon() finds this one.
-        previous, self.pending = self.pending, (ref, len(labels), time.perf_counter())
+        previous, self.pending = self.pending, (step, len(labels), time.perf_counter())
         return self._wait(previous)
 
     def finish(self) -> Optional[FinishedStep]:
@@ -40,8 +38,8 @@ class StepPipeline:
     def _wait(self, pending) -> Optional[FinishedStep]:
         if pending is None:
             return None
-        ref, images, submitted = pending
-        loss, stats = ray.get(ref)
+        step, images, submitted = pending
+        loss, stats = step.result()
         done = time.perf_counter()
         seconds, self.last_done = done - max(submitted, self.last_done), done
         return FinishedStep(loss, stats, images, seconds)
@@ -51,9 +49,5 @@ class StepPipeline:
         read here, so that Ray does not log it as unhandled with a second traceback."""
         if self.pending is None:
             return
-        ref, self.pending = self.pending[0], None
-        if ray.wait([ref], timeout=wait)[0]:
-            try:
-                ray.get(ref)
-            except Exception:
-                pass  # the failure being recovered from, seen again
+        step, self.pending = self.pending[0], None
+        step.discard(wait)

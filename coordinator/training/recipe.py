@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from coordinator.engine.transport import CHOICES as TRANSPORT_CHOICES
+from coordinator.engine import RETIRED_TRANSPORTS, TRANSPORT_CHOICES
 from towers.config import INITS
 
 
@@ -32,7 +32,7 @@ class Recipe:
     seed: int = 0
     width: float = 1.0  # 1.0 is the paper's network
     publish_every: int = 50  # steps between published model versions (see training.train's on_publish)
-    transport: str = "auto"  # how the towers exchange tensors: auto, object_store or collective (engine.transport)
+    transport: str = "auto"  # the backend of the towers' exchanges: auto, gloo or nccl (engine.links.backend_for)
     replicas: int = 1  # data-parallel groups of the towers, each on batch_size / replicas images (engine.replicas)
     snapshot_every: int = 100  # steps between in-memory snapshots that a run recovers from when actors die
     checkpoint_every: int = 0  # steps between checkpoints, besides every epoch and on stop (0: those only)
@@ -71,7 +71,7 @@ class Recipe:
         elif self.batch_size % self.replicas:
             problems.append(f"batch_size ({self.batch_size}) must be a multiple of replicas ({self.replicas}): "
                             "each group takes an equal share")  # fmt: skip
-        if self.transport not in TRANSPORT_CHOICES:
+        if self.transport not in TRANSPORT_CHOICES + RETIRED_TRANSPORTS:  # a retired one, from an old checkpoint, reads as auto
             problems.append(f"transport must be one of {', '.join(TRANSPORT_CHOICES)}, got {self.transport!r}")
         if problems:
             raise ValueError("; ".join(problems))
