@@ -1,5 +1,6 @@
 """The fused ReLU -> LRN -> max-pool: gradient checks in float64, and agreement with PyTorch's ops."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,6 +9,7 @@ from conftest import relative_error
 import towers.kernels as kernels
 from towers.kernels import NormBlock, fused_norm
 from towers.layers import LRN, MaxPool, ReLU
+from towers.inputs import crops_of
 from towers.ops import fuse_norm_blocks
 
 BLOCKS = [
@@ -130,3 +132,23 @@ def test_runs_of_ops_are_fused_where_they_can_be():
     assert fuse_norm_blocks((ReLU(), lrn, pool)) == [NormBlock(True, lrn, pool)]
     assert fuse_norm_blocks((ReLU(), pool, lrn)) == [ReLU(), pool, NormBlock(False, lrn, None)]
     assert fuse_norm_blocks((ReLU(), pool)) == [ReLU(), pool]
+
+
+@pytest.mark.parametrize("size, normalise", [(227, True), (99, False), (7, True), (1, False)])
+def test_crops_become_the_same_float_pixels_in_the_c_kernel_as_in_pytorchs_add_and_divide(size, normalise, monkeypatch):
+    """The towers make float pixels from the crops that travel (towers.inputs.Crops): bit for bit
+    what the data pipeline made before, in the C kernel (a block of 16 pixels at a time, and the
+    rest) and in the PyTorch fallback alike."""
+    rng = np.random.default_rng(size)
+    mean, std = (123.68, 116.779, 103.939), (58.393, 57.12, 57.375)
+    crops = crops_of(rng.integers(0, 256, (3, size, size, 3), dtype=np.uint8), rng.normal(0, 20, (3, 3)), mean,
+                     std if normalise else None)  # fmt: skip
+    # The data pipeline's arithmetic before the crops travelled: float32 add, then divide.
+    expected = torch.from_numpy(crops.pixels).permute(0, 3, 1, 2).float()
+    expected = expected.add_(torch.as_tensor(crops.offsets)[:, :, None, None])
+    if normalise:
+        expected = expected.div_(torch.tensor(std, dtype=torch.float32)[None, :, None, None])
+    fast = crops.to_tensor()
+    assert torch.equal(fast, expected) and fast.is_contiguous(memory_format=torch.channels_last)
+    monkeypatch.setattr(kernels, "_library", lambda: None)  # no compiler: PyTorch's ops
+    assert torch.equal(crops.to_tensor(), expected)

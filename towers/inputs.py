@@ -8,11 +8,14 @@ pipeline would have made (to_tensor is the one place that arithmetic is written)
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 import torch
+
+from towers.kernels import crops_to_float
 
 
 @dataclass(frozen=True)
@@ -51,16 +54,21 @@ class Crops:
     def to_tensor(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """(N, 3, H, W) float32 pixels, channels-last in memory, on `device`. To a GPU the crops go
         from pinned memory without blocking, and are made float there."""
-        pixels = torch.from_numpy(np.ascontiguousarray(self.pixels))
-        offsets = torch.from_numpy(np.ascontiguousarray(self.offsets))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # arrays from Ray's object store are read-only: only read here
+            pixels = torch.from_numpy(np.ascontiguousarray(self.pixels))
+            offsets = torch.from_numpy(np.ascontiguousarray(self.offsets))
+        divisors = None if self.divisors is None else torch.from_numpy(np.ascontiguousarray(self.divisors))
         device = torch.device(device)
+        if device.type == "cpu" and (floats := crops_to_float(pixels, offsets, divisors)) is not None:
+            return floats.permute(0, 3, 1, 2)  # one pass of the C kernel
         if device.type == "cuda":
             pixels = pixels.pin_memory().to(device, non_blocking=True)
             offsets = offsets.to(device)
-        floats = pixels.permute(0, 3, 1, 2).float().add_(offsets[:, :, None, None])
-        if self.divisors is not None:
-            floats = floats.div_(torch.from_numpy(np.ascontiguousarray(self.divisors)).to(device)[None, :, None, None])
-        return floats
+        floats = pixels.float().add_(offsets[:, None, None, :])
+        if divisors is not None:
+            floats = floats.div_(divisors.to(device))
+        return floats.permute(0, 3, 1, 2)
 
 
 def crops_of(pixels: np.ndarray, shifts: np.ndarray, mean, std=None) -> Crops:

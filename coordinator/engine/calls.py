@@ -138,16 +138,24 @@ def _succeeded(call) -> bool:
         return False
 
 
-def first_failure(calls: list) -> BaseException | None:
-    """Wait for every call, or for the first to fail: its error (None when all succeeded)."""
-    pending = list(calls)
-    while pending:
-        done, pending = ray.wait(pending, num_returns=1)
+def first_failure(calls: list, poll: float = 1.0) -> BaseException | None:
+    """Wait for every call, or for the first to fail: its error (None when all succeeded). A call
+    that hangs does not hold the wait: its peers fail within the exchange timeout, and every
+    `poll` seconds the calls that ended are looked at."""
+    while True:
         try:
-            ray.get(done)
+            ray.get(calls, timeout=poll)
+            return None
+        except ray.exceptions.GetTimeoutError:
+            pass
         except Exception as error:
             return error
-    return None
+        ready, _ = ray.wait(calls, num_returns=len(calls), timeout=0)
+        for call in ready:
+            try:
+                ray.get(call)
+            except Exception as error:
+                return error
 
 
 def own_error(calls: list, error: BaseException) -> BaseException:
