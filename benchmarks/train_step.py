@@ -3,6 +3,7 @@
     python benchmarks/train_step.py                          # batch 128 at 227 px, 2 threads in total
     python benchmarks/train_step.py --width 0.125 --batch 8 --runs 5
     python benchmarks/train_step.py --input float            # the engine fed float pixels, not crops
+    python benchmarks/train_step.py --precision bfloat16     # both sides in bf16: the engine's, and autocast
 
 Both sides get the same total CPU threads: the reference runs with --threads threads, the engine
 with --threads / towers per tower. The reference is plain PyTorch as a user would write it:
@@ -115,6 +116,8 @@ def main() -> None:
     parser.add_argument("--input", choices=("crops", "float"), default="crops", help="what the engine is fed")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="the reference's device")
     parser.add_argument("--transport", default="auto", help="the engine's: auto, gloo or nccl")
+    parser.add_argument("--precision", choices=("float32", "bfloat16"), default="float32",
+                        help="the engine's arithmetic; with bfloat16, plain PyTorch runs under torch.autocast(bfloat16)")
     parser.add_argument("--replicas", type=int, default=1,
                         help="the engine's data-parallel groups of two towers (each gets --batch / replicas images)")  # fmt: skip
     parser.add_argument(
@@ -138,7 +141,8 @@ def main() -> None:
     # local Ray a user or the server gets: its workers, the towers, at the driver's CPU priority.
     ensure_ray(num_cpus=max(args.threads, towers))
     engine = ModelParallelAlexNet(**net, cpus_per_tower=max(1, args.threads // towers), tf32=args.tf32,
-                                  transport=args.transport, replicas=args.replicas)  # fmt: skip
+                                  transport=args.transport, replicas=args.replicas, precision=args.precision)  # fmt: skip
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=args.precision == "bfloat16")
     # The same float32 arithmetic on both sides (PyTorch's own default has TF32 convolutions, not matmuls).
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = args.tf32
     reference = AlexNet(**net)
@@ -157,7 +161,9 @@ def main() -> None:
             torch.set_num_threads(args.threads)
             start = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
-            F.cross_entropy(reference(pixels_on), labels_on).backward()
+            with autocast:
+                logits = reference(pixels_on)
+            F.cross_entropy(logits.float(), labels_on).backward()
             optimizer.step()
             synchronize(device)
             durations.append(time.perf_counter() - start)
@@ -194,6 +200,8 @@ def main() -> None:
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; torch {torch.__version__}")
     print(f"towers: {engine.placement.kind}, on {', '.join(t['device'] for t in engine.towers)}, exchanging over "
           f"{engine.transport}; reference on {device}; the engine fed {args.input}")  # fmt: skip
+    print(f"precision: {args.precision}" + (f" (bf16 by {engine.towers[0]['bf16']}; plain PyTorch under torch.autocast)"
+                                            if args.precision == "bfloat16" else ""))  # fmt: skip
     if device == "cuda":
         print(f"TF32 {'on' if args.tf32 else 'off'} on both sides")
     print(f"batch {args.batch} at {args.image_size} px, width {args.width}, {args.runs} run(s) of {args.steps} timed steps, "

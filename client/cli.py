@@ -112,11 +112,13 @@ def state_dir(args):
 def serve_options(args):
     from coordinator.engine.links import check_transport
     from coordinator.service import ServeOptions
+    from towers.precision import check_precision
 
-    try:
-        check_transport(args.transport)
-    except ValueError as error:
-        raise SystemExit(f"alexnet-mp: --transport: {error}") from None
+    for option, check in (("--transport", check_transport), ("--precision", check_precision)):
+        try:
+            check(getattr(args, option[2:]))
+        except ValueError as error:
+            raise SystemExit(f"alexnet-mp: {option}: {error}") from None
     return ServeOptions(
         host=args.host,
         port=args.port,
@@ -128,6 +130,7 @@ def serve_options(args):
         serving_nice=args.serving_nice,
         width=args.width,
         transport=args.transport,
+        precision=args.precision,
         state_dir=state_dir(args),
         **{name: getattr(args, name, None) for name in ("auth_token_file", "tls_cert", "tls_key", "tls_client_ca")},
         insecure_no_auth=getattr(args, "insecure_no_auth", False),
@@ -177,6 +180,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser, port: int, metrics_port
     parser.add_argument("--transport", default="auto",
                         help="the backend of the serving towers' exchanges: auto (NCCL with a GPU each, else Gloo, "
                              "and shared memory between towers on one host), gloo or nccl")  # fmt: skip
+    parser.add_argument("--precision", default="float32",
+                        help="the serving towers' arithmetic: float32, or bfloat16 (bf16 layers over float32 weights; "
+                             "needs AMX or AVX512-BF16 on a CPU, or a GPU with bf16)")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -118,5 +118,6 @@ def show_model(info: pb.ModelInfo) -> None:
                       f"{len(info.training_towers) // info.training_replicas} towers")  # fmt: skip
     console.print(
         f"{info.parameters:,} parameters, {len(info.classes)} classes, input {info.image_size}px, "
-        f"exchanges over {info.transport}; model version {info.model_version} ({info.model_note})"
+        f"{info.precision or 'float32'} arithmetic, exchanges over {info.transport}; "
+        f"model version {info.model_version} ({info.model_note})"
     )

@@ -76,7 +76,7 @@ def apply_then(
     """
     for op in ops:
         if isinstance(op, NormBlock):
-            x = fused_norm(x, op)
+            x = fused_norm(x.float() if x.dtype == torch.bfloat16 else x, op)  # LRN sums in float32 (towers.precision)
         elif isinstance(op, ReLU):
             x = F.relu(x)
         elif isinstance(op, LRN):

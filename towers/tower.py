@@ -89,12 +89,13 @@ class Tower(nn.Module):
         return x
 
 
-def local_copies(towers: int) -> Exchange:
-    """An exchange without peers: every tower's piece is a copy of this tower's own. A tower's step
-    run alone at the shapes of the real one (its solo compute), and the same work backward."""
+def local_copies(towers: int, dtype: Optional[torch.dtype] = None) -> Exchange:
+    """An exchange without peers: every tower's piece is a copy of this tower's own (as `dtype`,
+    what exchanges carry). A tower's step run alone at the shapes of the real one (its solo
+    compute), and the same work backward."""
 
     def exchange(point: str, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([x] * towers, dim=1)
+        return torch.cat([x.to(dtype or x.dtype)] * towers, dim=1)
 
     return exchange
 

@@ -67,8 +67,10 @@ class StepExchange:
     """One call of a tower: its exchanges with its pair, its gradients' average with its
     replicas, and where its time went. Made by `exchanges`, which also ends it."""
 
-    def __init__(self, plan: ExchangePlan, pair: Link, replicas: Link, tower: int, device: torch.device):
+    def __init__(self, plan: ExchangePlan, pair: Link, replicas: Link, tower: int, device: torch.device,
+                 dtype: torch.dtype = torch.float32):  # fmt: skip
         self.plan, self.pair, self.replicas, self.tower = plan, pair, replicas, tower
+        self.dtype = dtype  # what the pair's exchanges carry (bf16 in bfloat16: towers.precision)
         self.clock = StepClock(device)
         self.compute = defaultdict(float)  # (stage, direction) -> s
         self.waited = defaultdict(float)  # (point, direction) -> s in the collective
@@ -83,10 +85,10 @@ class StepExchange:
     # --- what the tower calls -------------------------------------------------------------------
     def gather(self, point: str, x: torch.Tensor) -> torch.Tensor:
         """gather_from_towers at `point` (towers.tower.Exchange)."""
-        return _GatherFromTowers.apply(x, self, point)
+        return _GatherFromTowers.apply(x.to(self.dtype), self, point)
 
     def gather_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        return _GatherLogits.apply(logits, self)
+        return _GatherLogits.apply(logits.to(self.dtype), self)
 
     def backward_done(self) -> None:
         """The loss's backward has reached the image: the rest of it was the first stage's."""
@@ -191,14 +193,15 @@ class _GatherLogits(torch.autograd.Function):
 
 @contextmanager
 def exchanges(plan: ExchangePlan, pair: Link, replicas: Link, tower: int, device: torch.device, *, batch: int = 0,
-              dtype: torch.dtype = torch.float32, backward: bool = False, update: bool = False,
-              parameters: int = 0) -> Iterator[StepExchange]:  # fmt: skip
-    """One call's exchanges. `batch` samples through the pair (0: none), backward too if asked;
-    with `update`, an all-reduce of `parameters` gradient values among the replicas. A call that
-    fails plays out the rest of its collectives, flag raised, so its peers end at once (links.py)."""
+              dtype: torch.dtype = torch.float32, gradients: torch.dtype = torch.float32, backward: bool = False,
+              update: bool = False, parameters: int = 0) -> Iterator[StepExchange]:  # fmt: skip
+    """One call's exchanges. `batch` samples through the pair (0: none), as `dtype`, backward too if
+    asked; with `update`, an all-reduce of `parameters` gradient values (as `gradients`) among the
+    replicas. A call that fails plays out the rest of its collectives, flag raised, so its peers
+    end at once (links.py)."""
     pair.expect(plan.pair_schedule(batch, backward) if batch else [], dtype)
-    replicas.expect([("all_reduce", parameters)] if update else [], dtype)
-    step = StepExchange(plan, pair, replicas, tower, device)
+    replicas.expect([("all_reduce", parameters)] if update else [], gradients)
+    step = StepExchange(plan, pair, replicas, tower, device, dtype)
     try:
         yield step
         step.check_flags()

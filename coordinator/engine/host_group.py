@@ -103,18 +103,18 @@ class HostGroup:
         width = send.numel() // self.size
         rows = [send.view(self.size, -1)[self.rank] if r == self.rank else self._slot(r, slot, send).view(self.size, -1)[self.rank]
                 for r in range(self.size)]  # fmt: skip
-        out = rows[0].clone()
+        out = rows[0].to(_wider(send.dtype), copy=True)
         for row in rows[1:]:
-            out += row  # in rank order: the same sum on every run
-        return out.view(width)
+            out += row  # in rank order: the same sum on every run; bf16 pieces summed in float32, rounded once
+        return out.to(send.dtype).view(width)
 
     def all_reduce(self, send: torch.Tensor) -> torch.Tensor:
         """The sum of every member's `send`."""
         slot = self._exchange(send)
-        out = (send if self.rank == 0 else self._slot(0, slot, send)).clone()
+        out = (send if self.rank == 0 else self._slot(0, slot, send)).to(_wider(send.dtype), copy=True)
         for r in range(1, self.size):
             out += send if r == self.rank else self._slot(r, slot, send)
-        return out
+        return out.to(send.dtype)
 
     # --- the slots and the pipes ---------------------------------------------------------------------
     def _exchange(self, send: torch.Tensor) -> int:
@@ -210,6 +210,11 @@ class HostGroup:
             self.close()
         except Exception:
             pass
+
+
+def _wider(dtype: torch.dtype) -> torch.dtype:
+    """Where a sum is made: float32 for bfloat16 (8 bits of mantissa would round every addition)."""
+    return torch.float32 if dtype == torch.bfloat16 else dtype
 
 
 def _barrier(store, what: str, rank: int, size: int) -> None:

@@ -19,6 +19,7 @@ from coordinator.engine.tower_actor import TowerActor
 from towers import NetConfig, merge_state_dicts, split_state_dict
 from towers.config import derive_seed
 from towers.inputs import Crops
+from towers.precision import check_precision, require_bf16
 
 
 class ModelParallelAlexNet:
@@ -32,7 +33,9 @@ class ModelParallelAlexNet:
     a tower waits for its peers in an exchange before the step fails (a TowerFailure then names the
     towers that died or stopped answering); restart_tower replaces one.
     cpus_per_tower sets each CPU tower's cores and threads; dtype is float32 or float64; tf32 lets
-    CUDA towers use TensorFloat-32 (faster, no longer equal to the reference at 1e-5).
+    CUDA towers use TensorFloat-32 (faster, no longer equal to the reference at 1e-5); precision
+    "bfloat16" computes the layers in bf16 over float32 weights where the towers' devices have bf16
+    arithmetic, and is refused where they do not (towers.precision).
     start_timeout is how long to wait for the towers to be placed and started (an autoscaling
     cluster may be adding a node); past it a RuntimeError says what they need and what is free.
     keep_freed_memory has each tower's allocator keep what it frees for the next step (glibc;
@@ -66,6 +69,7 @@ class ModelParallelAlexNet:
         keep_freed_memory: bool = True,
         nice: int = 0,
         replicas: int = 1,
+        precision: str = "float32",
         **config,
     ):
         for name, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)):
@@ -74,6 +78,8 @@ class ModelParallelAlexNet:
         self.config = NetConfig(num_classes=num_classes, dropout=dropout, **config)
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+        if check_precision(precision) == "bfloat16" and dtype == torch.float64:
+            raise ValueError("precision bfloat16 computes in bf16 over float32 weights: it takes dtype float32, not float64")
         check_transport(transport)
         if not (isinstance(replicas, int) and replicas >= 1):
             raise ValueError(f"replicas must be a whole number of at least 1, got {replicas!r}")
@@ -81,7 +87,7 @@ class ModelParallelAlexNet:
             raise ValueError(f"nice must be between 0 and 19, got {nice}")
         if not exchange_timeout > 0:
             raise ValueError(f"exchange_timeout must be positive, got {exchange_timeout}")
-        self.lr, self.seed, self.steps, self.dtype = lr, seed, 0, dtype
+        self.lr, self.seed, self.steps, self.dtype, self.precision = lr, seed, 0, dtype, precision
         ensure_ray()
         self.replicas = replicas
         self.placement = Placement.plan(self.config.towers * replicas, cpus_per_tower)
@@ -100,6 +106,7 @@ class ModelParallelAlexNet:
             nice=nice,  # CPU priority lowered by this much: a serving pair may yield to training
             backend=self.backend[0],
             timeout=exchange_timeout,
+            precision=precision,
         )
         self._towers = [self._start_tower(i) for i in range(self.config.towers * replicas)]
         self._coordinator = None
@@ -114,6 +121,9 @@ class ModelParallelAlexNet:
                 f"{self.placement.actor_options}, and the cluster has {free_devices()} free; "
                 "shut down another model (engine.shutdown()) or add nodes"
             ) from None
+        if precision == "bfloat16" and (without := [t for t in self.towers if not t["bf16"]]):
+            self.shutdown()
+            require_bf16(without[0]["device"] if without[0]["device"] == "cpu" else "cuda")  # raises, saying what to do
         self._start_coordinator()
 
     def _start_coordinator(self) -> None:

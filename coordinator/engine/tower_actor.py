@@ -25,6 +25,7 @@ from coordinator.engine.exchange import exchanges
 from coordinator.engine.links import EXCHANGE_TIMEOUT, ExchangePlan, Link
 from towers import NetConfig, Tower, paper_sgd
 from towers.inputs import Crops
+from towers.precision import autocast, bf16_arithmetic, check_precision, exchange_dtype
 from towers.tower import local_copies
 
 
@@ -58,6 +59,7 @@ class TowerActor:
         nice: int = 0,
         backend: str = "gloo",  # the pair's and the replicas'
         timeout: float = EXCHANGE_TIMEOUT,
+        precision: str = "float32",
     ):
         lower_priority(nice)
         torch.set_num_threads(threads)
@@ -66,6 +68,9 @@ class TowerActor:
         # TF32 trades float32's last 13 mantissa bits for speed; off unless asked, so results match the reference.
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = tf32
         self.index, self.config, self.dtype = index, config, dtype
+        self.precision = check_precision(precision)
+        self.bf16 = bf16_arithmetic(self.device)  # what does bf16 here, if anything (describe says)
+        self.exchange_dtype = exchange_dtype(dtype, precision)
         self.hyper = dict(momentum=momentum, weight_decay=weight_decay)
         self.tower = Tower(config, index, seed).to(self.device, dtype)
         self.optimizer = paper_sgd(self.tower, lr, **self.hyper)
@@ -84,6 +89,8 @@ class TowerActor:
             "nice": os.getpriority(os.PRIO_PROCESS, 0),
             "keeps_freed_memory": self.keeps_freed_memory,
             "parameters": sum(p.numel() for p in self.tower.parameters()),
+            "precision": self.precision,
+            "bf16": self.bf16,
         }
 
     # --- the links (links.py): the coordinator forms them ---------------------------------------
@@ -122,7 +129,8 @@ class TowerActor:
         """Eval-mode logits of the batch, every class (tower 0 returns them, the others None), and timings."""
         with torch.no_grad(), self._exchanges(len(batch)) as step:
             self.tower.eval()
-            logits = step.gather_logits(self.tower(self._images(batch), step.gather))
+            with autocast(self.device, self.precision):
+                logits = step.gather_logits(self.tower(self._images(batch), step.gather))
             out = logits.to(_output_dtype(self.dtype)).cpu().numpy() if self.index == 0 else None
         return out, step.stats()
 
@@ -136,13 +144,14 @@ class TowerActor:
         if self.plan is None:
             raise RuntimeError(f"tower {self.index} has not been linked to its peers (the coordinator links them)")
         parameters = sum(p.numel() for p in self.tower.parameters()) if update else 0
-        return exchanges(self.plan, self.pair, self.replicas, self.index, self.device, batch=batch, dtype=self.dtype,
-                         backward=backward, update=update, parameters=parameters)  # fmt: skip
+        return exchanges(self.plan, self.pair, self.replicas, self.index, self.device, batch=batch, dtype=self.exchange_dtype,
+                         gradients=self.dtype, backward=backward, update=update, parameters=parameters)  # fmt: skip
 
     def _forward_backward(self, step, batch, labels, dropout_seed, first_sample) -> float:
         self.tower.train()
         images = self._images(batch)
-        logits = step.gather_logits(self.tower(images, step.gather, dropout_seed, first_sample))
+        with autocast(self.device, self.precision):
+            logits = step.gather_logits(self.tower(images, step.gather, dropout_seed, first_sample))
         loss = F.cross_entropy(logits.to(_output_dtype(self.dtype)), torch.as_tensor(labels, device=self.device))
         loss.backward()
         step.backward_done()
@@ -174,12 +183,13 @@ class TowerActor:
         the real step, its exchanges replaced by local copies: its compute, with no wait on a peer."""
         tower = copy.deepcopy(self.tower).train()
         optimizer = paper_sgd(tower, self.optimizer.param_groups[0]["lr"], **self.hyper)
-        exchange, classes = local_copies(self.config.towers), self.config.num_classes
+        exchange, classes = local_copies(self.config.towers, self.exchange_dtype), self.config.num_classes
         target = torch.as_tensor(labels, device=self.device)
         seconds = []
         for _ in range(steps + 1):  # the first makes the momentum buffers: not timed
             start = time.perf_counter()
-            logits = torch.cat([tower(self._images(batch), exchange, dropout_seed)] * self.config.towers, dim=1)
+            with autocast(self.device, self.precision):
+                logits = torch.cat([tower(self._images(batch), exchange, dropout_seed)] * self.config.towers, dim=1)
             F.cross_entropy(logits[:, :classes].to(_output_dtype(self.dtype)), target).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -216,5 +226,5 @@ class TowerActor:
 
 
 def _output_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The loss and the logits that leave a tower: float32, or float64 on the exactness path."""
+    """The loss and the logits that leave a tower: float32 (from bf16 logits too), or float64 on the exactness path."""
     return torch.float64 if dtype == torch.float64 else torch.float32

@@ -205,6 +205,7 @@ def model_info(engine, version: ModelVersion, training: Optional[tuple[list[dict
         model_note=version.note,
         image_size=config.image_size,
         transport=engine.transport,
+        precision=engine.precision if engine.precision == "float32" else f"{engine.precision} ({engine.towers[0]['bf16']})",
     )
 
 

@@ -69,6 +69,7 @@ class ServeOptions:
     data_root: Optional[str] = None  # where the built-in dataset is generated
     threads: int = 32  # gRPC handler threads
     transport: str = "auto"  # the serving towers' exchanges (a training job's come from its recipe)
+    precision: str = "float32"  # the serving towers' arithmetic (a training job's comes from its recipe)
     state_dir: Optional[str] = None  # where job records and model versions outlive the server (None: nowhere)
     keep_versions: int = 5  # model versions kept in the state dir, besides the pinned ones
     pinned_versions: tuple = ()  # version numbers the state dir keeps whatever their age
@@ -100,7 +101,7 @@ class Server:
         self.metrics = Metrics()
         self.classifier = Classifier(
             options.max_batch, options.max_delay_ms / 1000.0, self.metrics, options.transport, self._serving_changed,
-            options.max_queue, options.serving_nice,
+            options.max_queue, options.serving_nice, options.precision,
         )
         data_root = Path(options.data_root) if options.data_root else patterns.default_root()
         self.store = (StateStore(options.state_dir, options.keep_versions, pinned=options.pinned_versions)

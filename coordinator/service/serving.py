@@ -95,11 +95,13 @@ class Classifier:
         on_serving: Callable[[bool], None] = lambda serving: None,
         max_queue: int = 256,
         nice: int = 0,
+        precision: str = "float32",
     ):
         self.max_batch, self.max_delay, self.metrics, self.transport = max_batch, max_delay, metrics, transport
         self.max_queue = max_queue  # images waiting, at most; beyond, requests are refused (ResourceExhausted)
         metrics.queue_capacity.set(max_queue)
         self.nice = nice  # the serving towers' CPU priority, lowered by this: training beside them keeps its pace
+        self.precision = precision  # the serving towers' arithmetic (towers.precision)
         self.on_serving = on_serving  # told False while the serving pair is rebuilt, True when it serves again
         self._rebuilding: Optional[str] = None  # why requests are refused meanwhile
         self.engine: Optional[ModelParallelAlexNet] = None
@@ -129,7 +131,8 @@ class Classifier:
     def _serving_engine(self, version: ModelVersion) -> ModelParallelAlexNet:
         """New serving towers with the version's weights; none are left running if that fails."""
         # Dropout only acts in training; "paper" initial weights are what version 0 serves.
-        engine = ModelParallelAlexNet(**version.net, dropout=0.0, init="paper", transport=self.transport, nice=self.nice)
+        engine = ModelParallelAlexNet(**version.net, dropout=0.0, init="paper", transport=self.transport, nice=self.nice,
+                                      precision=self.precision)  # fmt: skip
         try:
             if version.state is not None:
                 engine.load_state_dict(version.state)

@@ -32,7 +32,7 @@ LATEST = "latest.pt"
 FORMAT = 2
 # Recipe fields a resumed run may change: how long it runs and how it is kept, never its math.
 RESUMABLE_OVERRIDES = ("epochs", "publish_every", "snapshot_every", "checkpoint_every", "keep_checkpoints",
-                       "max_restarts", "transport", "replicas")  # fmt: skip
+                       "max_restarts", "transport", "replicas", "precision")  # fmt: skip
 
 
 class CheckpointError(ValueError):

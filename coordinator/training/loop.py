@@ -301,7 +301,7 @@ def train(
     if own_engine:
         engine = ModelParallelAlexNet(num_classes=dataset.num_classes, dropout=plan.dropout, lr=plan.lr, momentum=plan.momentum,
                                       weight_decay=plan.weight_decay, seed=plan.seed, init=plan.init, width=plan.width,
-                                      transport=plan.transport, replicas=plan.replicas)  # fmt: skip
+                                      transport=plan.transport, replicas=plan.replicas, precision=plan.precision)  # fmt: skip
     try:
         (on_engine or (lambda e: None))(engine)
         check_room_for_loading()

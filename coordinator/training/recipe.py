@@ -9,6 +9,7 @@ from typing import Optional, Sequence
 
 from coordinator.engine import RETIRED_TRANSPORTS, TRANSPORT_CHOICES
 from towers.config import INITS
+from towers.precision import PRECISIONS
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class Recipe:
     publish_every: int = 50  # steps between published model versions (see training.train's on_publish)
     transport: str = "auto"  # the backend of the towers' exchanges: auto, gloo or nccl (engine.links.backend_for)
     replicas: int = 1  # data-parallel groups of the towers, each on batch_size / replicas images (engine.replicas)
+    precision: str = "float32"  # the towers' arithmetic: float32, or bfloat16 where the hardware has it (towers.precision)
     snapshot_every: int = 100  # steps between in-memory snapshots that a run recovers from when actors die
     checkpoint_every: int = 0  # steps between checkpoints, besides every epoch and on stop (0: those only)
     keep_checkpoints: int = 3  # the last this many are kept, and the most accurate one
@@ -71,6 +73,8 @@ class Recipe:
         elif self.batch_size % self.replicas:
             problems.append(f"batch_size ({self.batch_size}) must be a multiple of replicas ({self.replicas}): "
                             "each group takes an equal share")  # fmt: skip
+        if self.precision not in PRECISIONS:
+            problems.append(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.transport not in TRANSPORT_CHOICES + RETIRED_TRANSPORTS:  # a retired one, from an old checkpoint, reads as auto
             problems.append(f"transport must be one of {', '.join(TRANSPORT_CHOICES)}, got {self.transport!r}")
         if problems:

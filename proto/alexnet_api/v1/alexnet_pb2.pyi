@@ -248,7 +248,7 @@ class TowerInfo(_message.Message):
     def __init__(self, index: _Optional[int] = ..., device: _Optional[str] = ..., host: _Optional[str] = ..., parameters: _Optional[int] = ..., replica: _Optional[int] = ..., node: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("layers", "towers", "classes", "model_version", "parameters", "model_note", "image_size", "transport", "training_towers", "training_replicas")
+    __slots__ = ("layers", "towers", "classes", "model_version", "parameters", "model_note", "image_size", "transport", "training_towers", "training_replicas", "precision")
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     TOWERS_FIELD_NUMBER: _ClassVar[int]
     CLASSES_FIELD_NUMBER: _ClassVar[int]
@@ -259,6 +259,7 @@ class ModelInfo(_message.Message):
     TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     TRAINING_TOWERS_FIELD_NUMBER: _ClassVar[int]
     TRAINING_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
     layers: _containers.RepeatedCompositeFieldContainer[LayerInfo]
     towers: _containers.RepeatedCompositeFieldContainer[TowerInfo]
     classes: _containers.RepeatedScalarFieldContainer[str]
@@ -269,4 +270,5 @@ class ModelInfo(_message.Message):
     transport: str
     training_towers: _containers.RepeatedCompositeFieldContainer[TowerInfo]
     training_replicas: int
-    def __init__(self, layers: _Optional[_Iterable[_Union[LayerInfo, _Mapping]]] = ..., towers: _Optional[_Iterable[_Union[TowerInfo, _Mapping]]] = ..., classes: _Optional[_Iterable[str]] = ..., model_version: _Optional[int] = ..., parameters: _Optional[int] = ..., model_note: _Optional[str] = ..., image_size: _Optional[int] = ..., transport: _Optional[str] = ..., training_towers: _Optional[_Iterable[_Union[TowerInfo, _Mapping]]] = ..., training_replicas: _Optional[int] = ...) -> None: ...
+    precision: str
+    def __init__(self, layers: _Optional[_Iterable[_Union[LayerInfo, _Mapping]]] = ..., towers: _Optional[_Iterable[_Union[TowerInfo, _Mapping]]] = ..., classes: _Optional[_Iterable[str]] = ..., model_version: _Optional[int] = ..., parameters: _Optional[int] = ..., model_note: _Optional[str] = ..., image_size: _Optional[int] = ..., transport: _Optional[str] = ..., training_towers: _Optional[_Iterable[_Union[TowerInfo, _Mapping]]] = ..., training_replicas: _Optional[int] = ..., precision: _Optional[str] = ...) -> None: ...
