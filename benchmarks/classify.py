@@ -2,6 +2,7 @@
 
     python benchmarks/classify.py                      # batch 1, 8 and 32, full-size network
     python benchmarks/classify.py --batches 1 --requests 200
+    python benchmarks/classify.py --batches 32 --precision bfloat16   # the serving towers in bf16
 
 For each batch size, requests rotate between the four paths (in-process, engine, gRPC, KServe),
 so drift in the machine hits all alike; medians (p50) and p90 over --requests each. Same total
@@ -38,6 +39,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--width", type=float, default=1.0)
     parser.add_argument("--runs", type=int, default=5, help="runs of kserve against grpc at batch 1, for their ratio")
+    parser.add_argument("--precision", choices=("float32", "bfloat16"), default="float32",
+                        help="the serving towers' arithmetic; with bfloat16, in-process runs under torch.autocast")
     args = parser.parse_args()
 
     import grpc
@@ -51,7 +54,7 @@ def main() -> None:
 
     ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
     sizes = [int(b) for b in args.batches.split(",")]
-    server = Server(ServeOptions(port=0, metrics_port=-1, width=args.width, max_batch=max(sizes))).start()
+    server = Server(ServeOptions(port=0, metrics_port=-1, width=args.width, max_batch=max(sizes), precision=args.precision)).start()
     engine = server.classifier.engine  # the serving pair itself
     reference = AlexNet(num_classes=engine.config.num_classes, width=args.width).eval()
     reference.load_state_dict(engine.state_dict())
@@ -69,7 +72,7 @@ def main() -> None:
 
     def in_process(x):
         torch.set_num_threads(args.threads)
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bfloat16"):
             reference(x)
 
     paths = {
@@ -90,7 +93,8 @@ def main() -> None:
                     times[name].append((time.perf_counter() - start) * 1000)
         return times
 
-    print(f"full network width {args.width}, {args.threads} threads per path; p50 / p90 in ms over {args.requests} requests")
+    print(f"full network width {args.width}, {args.precision}, {args.threads} threads per path; p50 / p90 in ms over "
+          f"{args.requests} requests")  # fmt: skip
     print(f"{'batch':>5}  " + "  ".join(f"{name:>17}" for name in paths) + "   engine/in-process  grpc/in-process")
     for batch in sizes:
         times = timed(paths, torch.randn(batch, 3, 227, 227))

@@ -23,7 +23,7 @@ import grpc
 
 from alexnet_api.v1 import alexnet_pb2 as pb
 from client import DEFAULT_TARGET, AlexNetClient, read_token
-from client.demo import run_demo
+from client.demo import demo_precision, run_demo
 from client.views import STATE, console, follow, jobs_table, predictions_table, show_model
 
 
@@ -161,7 +161,8 @@ def cmd_serve(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    return run_demo(serve_options(args), args.preset, overrides(args))
+    args.precision = demo_precision(args.precision)
+    return run_demo(serve_options(args), args.preset, {"precision": args.precision, **overrides(args)})
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser, port: int, metrics_port: int) -> None:
@@ -254,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_arguments(demo, 50051, 9464)
     demo.add_argument("--preset", default="demo", choices=("demo", "paper"))
     demo.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="override a recipe field")
-    demo.set_defaults(run=cmd_demo)
+    demo.set_defaults(run=cmd_demo, precision="auto")  # bfloat16 where this machine computes it, else float32
     return parser
 
 

@@ -47,6 +47,18 @@ def observability_commands(metrics_port: int) -> list[str]:
     ]
 
 
+def demo_precision(asked: str) -> str:
+    """The demo's arithmetic: "auto" is bfloat16 where this machine's towers compute it (AMX or
+    AVX512-BF16 on a CPU, a GPU with bf16), float32 elsewhere; anything else as asked."""
+    if asked != "auto":
+        return asked
+    import torch
+
+    from towers.precision import bf16_arithmetic
+
+    return "bfloat16" if bf16_arithmetic("cuda" if torch.cuda.is_available() else "cpu") else "float32"
+
+
 def run_demo(options, preset: str = "demo", overrides: dict | None = None) -> int:
     """The demo on a server with these ServeOptions (a taken port is swapped for a free one)."""
     from coordinator.data import patterns
@@ -75,8 +87,12 @@ def run_demo(options, preset: str = "demo", overrides: dict | None = None) -> in
     try:
         with AlexNetClient(target) as client:
             client.wait_ready()
-            towers = ", ".join(f"tower {t.index} on {t.device}" for t in client.info().towers)
+            info = client.info()
+            towers = ", ".join(f"tower {t.index} on {t.device}" for t in info.towers)
             console.print(f"serving: {towers}")
+            console.print(f"arithmetic: {info.precision}" + (" (bf16 layers over float32 weights: this machine computes "
+                          "bf16; --precision float32 for the paper's arithmetic)" if info.precision != "float32" else
+                          " (this machine has no bf16 arithmetic)"))  # fmt: skip
             job = client.train(builtin=True, preset=preset, overrides=overrides)
             console.print(f"training job {job.job_id}: preset {preset}, full-size AlexNet on two towers")
             job = follow(client, job.job_id)

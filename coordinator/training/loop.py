@@ -263,6 +263,13 @@ class Trainer:
         return time.perf_counter() - self.started
 
 
+def engine_for(plan: Recipe, num_classes: int) -> ModelParallelAlexNet:
+    """The towers a recipe trains: its network, optimiser, seed and run options."""
+    return ModelParallelAlexNet(num_classes=num_classes, dropout=plan.dropout, lr=plan.lr, momentum=plan.momentum,
+                                weight_decay=plan.weight_decay, seed=plan.seed, init=plan.init, width=plan.width,
+                                transport=plan.transport, replicas=plan.replicas, precision=plan.precision)  # fmt: skip
+
+
 def train(
     dataset,
     plan: Recipe,
@@ -299,9 +306,7 @@ def train(
         snapshot = snapshot_of(payload)
     own_engine = engine is None
     if own_engine:
-        engine = ModelParallelAlexNet(num_classes=dataset.num_classes, dropout=plan.dropout, lr=plan.lr, momentum=plan.momentum,
-                                      weight_decay=plan.weight_decay, seed=plan.seed, init=plan.init, width=plan.width,
-                                      transport=plan.transport, replicas=plan.replicas, precision=plan.precision)  # fmt: skip
+        engine = engine_for(plan, dataset.num_classes)
     try:
         (on_engine or (lambda e: None))(engine)
         check_room_for_loading()
