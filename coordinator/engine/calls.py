@@ -115,7 +115,10 @@ class TowerCalls:
             self.relink, failure = True, lost.cause if isinstance(lost.cause, TowerFailure) else lost
         except ray.exceptions.RayActorError as gone:  # the coordinator itself: repair() replaces it
             self.relink, failure = True, gone
-        for other in self.in_flight:  # the towers ran them after the failed one
+        for other in self.in_flight:  # but for those already ended well, the towers ran them after the failed one
+            if other is not pending and other.done() and not any(not _succeeded(call) for call in other.calls):
+                other.results = ray.get(other.calls)
+                continue
             self.unsettled += settle(other.calls)
             other.failure = failure
         self.in_flight = []
