@@ -17,7 +17,7 @@ from typing import Any, Callable
 import numpy as np
 import ray
 
-from coordinator.engine.coordinator_actor import TowerFailure
+from coordinator.engine.coordinator_actor import TowerFailure, in_groups
 from coordinator.engine.links import PeerFailed, error_summary
 
 
@@ -195,7 +195,7 @@ def settle(calls: list, wait: float = 0.0) -> list:
 def agreed_loss(losses: list[float], towers: int) -> float:
     """The batch's loss: each group's, which its towers computed alike from the same logits,
     averaged over the groups (equal shards: the mean of their means)."""
-    per_group = [losses[i : i + towers] for i in range(0, len(losses), towers)]
+    per_group = in_groups(losses, towers)
     for g, values in enumerate(per_group):
         if not all(_same(v, values[0]) for v in values):
             raise RuntimeError(f"the towers of group {g} disagree on the loss ({values}): their exchanges differ")
