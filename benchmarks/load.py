@@ -35,11 +35,10 @@ from pathlib import Path
 
 import grpc
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from alexnet_api.v1 import alexnet_pb2 as pb  # the project as installed (make install), like every benchmark
+from alexnet_api.v1 import alexnet_pb2_grpc as rpc
 
-from alexnet_api.v1 import alexnet_pb2 as pb  # noqa: E402
-from alexnet_api.v1 import alexnet_pb2_grpc as rpc  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def rss_mib(pid: int, kind: str = "VmRSS") -> float:

@@ -16,12 +16,8 @@ all-reduce is a ring: each rank sends and receives 2(R-1)/R of the gradients, in
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from towers import NetConfig  # noqa: E402
+from towers import NetConfig
 
 GB = 1e9
 LINKS = {  # bytes/s each rank can send (and receive) at once, and the latency of one ring step

@@ -90,3 +90,9 @@ def test_ray_data_workers_get_the_image_code_without_importing_the_package(tmp_p
     blob = ray.cloudpickle.dumps(Augment(ColourStats.imagenet(), "train", seed=0, epoch=0), protocol=pickle.HIGHEST_PROTOCOL)
     run = subprocess.run([sys.executable, "-c", _WORKER, str(image)], input=blob, capture_output=True, check=True)
     assert run.stdout.decode().split() == ["(1,", "227,", "227,", "3)", "True", "[]"]
+
+
+def test_benchmarks_import_the_project_as_installed():
+    """Benchmarks run in the venv that `make install` made: none edits sys.path to find the project."""
+    editing = [p.name for p in sorted((ROOT / "benchmarks").glob("*.py")) if "sys.path" in p.read_text()]
+    assert editing == []
