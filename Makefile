@@ -17,8 +17,10 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test]"
 	touch $(STAMP)
 
+# The tests run in a new random order each time (pytest-randomly); the run prints its seed, and
+# `make test PYTEST_ARGS=--randomly-seed=N` repeats an order (and `-p no:randomly` turns it off).
 test: $(STAMP)
-	$(PY) -m pytest -q --durations=20
+	$(PY) -m pytest -q --durations=20 $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(VENV)/bin/alexnet-mp demo

@@ -1,20 +1,23 @@
-"""Classify under load, against a server that is training: throughput, latency, every status code,
-the server's memory, and what the load costs the training.
+"""Classify under load, against a server that is training: latency, every status code, /metrics'
+answers, where the CPU time goes, and what the load costs the training.
 
-    python benchmarks/load.py                          # 32 clients x 60 s, then 60 s beyond the queue
-    python benchmarks/load.py --clients 32 --seconds 60 --width 0.25
-    python benchmarks/load.py --serving-nice 0        # serving and training share the CPUs equally
+    python benchmarks/load.py                          # full width: the light load, then saturation
+    python benchmarks/load.py --loads light --seconds 60
+    python benchmarks/load.py --width 0.25 --serving-share 0.5
 
-Starts `alexnet-mp serve` in its own process (loopback, a small --max-queue), starts a training
-job on a generated dataset, and measures its images/s for --seconds / 2 with no load. Then:
-  load      --clients concurrent grpc.aio clients, each sending 1-image Classify requests
-            back to back for --seconds;
-  overflow  the same clients sending --overflow-images images per request, more than the queue
-            holds: the overflow must get RESOURCE_EXHAUSTED, and nothing else may fail.
-Between the two, a second quiet window: the machine's own pace drifts from minute to minute, so
-the load is set against the mean of the windows before and after it. For each phase it prints
-requests/s, p50/p99 latency, the count of every status code, the server's RSS at the start and
-end (its heap and the object store's pages apart), and the training's images/s beside alone.
+Starts `alexnet-mp serve` in its own process (loopback, a small --max-queue, metrics on), starts a
+training job on a generated dataset, and measures its images/s for --seconds / 2 with no load
+(again between loads and at the end: the machine's pace drifts, so each load is set against the
+mean of the windows either side). The loads:
+  light       4 clients, each sending one photograph and waiting 1 s after each answer;
+  saturation  --clients clients sending 1-image requests back to back for --seconds;
+  overflow    the same clients sending --overflow-images images per request, more than the queue
+              holds: the overflow must get RESOURCE_EXHAUSTED, and nothing else may fail.
+Meanwhile a scraper reads /metrics every second with a 1 s timeout, as Prometheus does, and
+counts the answers. For each window it prints requests/s, p50/p99/max latency, every status
+code, the scrapes answered within 1 s (and the slowest), the machine's CPU time by kind (user,
+system, softirq) with its CPU pressure (PSI), each group of processes' user and system seconds
+(the server, the training and serving towers, Ray's own), and training's images/s beside alone.
 Not a test: a run. grpc.aio (part of grpcio) drives the clients.
 """
 
@@ -30,11 +33,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
-
 from alexnet_api.v1 import alexnet_pb2 as pb  # the project as installed (make install), like every benchmark
 from alexnet_api.v1 import alexnet_pb2_grpc as rpc
 
@@ -53,7 +57,9 @@ def server_memory(pid: int) -> dict:
 
 
 def memory_change(before: dict, after: dict) -> str:
-    change = lambda kind: f"{before[kind]:.0f} -> {after[kind]:.0f} MiB ({(after[kind] - before[kind]) / before[kind]:+.1%})"  # noqa: E731
+    def change(kind: str) -> str:
+        return f"{before[kind]:.0f} -> {after[kind]:.0f} MiB ({(after[kind] - before[kind]) / before[kind]:+.1%})"
+
     return f"{change('VmRSS')}; of it anonymous {change('RssAnon')}, object store pages {change('RssShmem')}"
 
 
@@ -62,8 +68,9 @@ def percentile(values, q):
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
-async def hammer(target: str, clients: int, seconds: float, images: int, image: bytes):
-    """`clients` concurrent callers for `seconds`: (latencies of OK calls, count of each status code)."""
+async def hammer(target: str, clients: int, seconds: float, images: int, image: bytes, pause: float = 0.0):
+    """`clients` concurrent callers for `seconds`, each waiting `pause` s after each answer:
+    (latencies of OK calls, count of each status code)."""
     latencies, codes = [], collections.Counter()
     request = pb.ClassifyRequest(images=[pb.Image(encoded=image)] * images, top_k=1)
     stop_at = time.perf_counter() + seconds
@@ -79,11 +86,116 @@ async def hammer(target: str, clients: int, seconds: float, images: int, image: 
                 codes[exc.code().name] += 1
                 if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                     await asyncio.sleep(0.05)  # the backoff the message asks for
+            await asyncio.sleep(pause)
 
     async with grpc.aio.insecure_channel(target) as channel:
         stub = rpc.InferenceServiceStub(channel)
         await asyncio.gather(*(caller(stub) for _ in range(clients)))
     return latencies, codes
+
+
+class Scraper:
+    """Reads /metrics every second with a 1 s timeout, as Prometheus does; counts the answers."""
+
+    def __init__(self, port: int):
+        self.url = f"http://127.0.0.1:{port}/metrics"
+        self.results: list[tuple[float, bool, float]] = []  # (when, answered within 1 s, seconds)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(max(0.0, 1.0 - (time.monotonic() % 1.0))):
+            start = time.monotonic()
+            try:
+                urllib.request.urlopen(self.url, timeout=1.0).read()
+                self.results.append((start, time.monotonic() - start <= 1.0, time.monotonic() - start))
+            except OSError:
+                self.results.append((start, False, time.monotonic() - start))
+
+    def between(self, start: float, end: float) -> str:
+        window = [r for r in self.results if start <= r[0] < end]
+        answered = sum(ok for _, ok, _ in window)
+        slowest = max((seconds for _, _, seconds in window), default=float("nan"))
+        return f"/metrics {answered}/{len(window)} answered within 1 s (slowest {slowest * 1000:.0f} ms)"
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def machine_cpu() -> dict:
+    """The machine's CPU time so far by kind (/proc/stat, in clock ticks) and its CPU pressure total (us)."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]
+    user, nice, system, idle, iowait, irq, softirq = map(int, fields)
+    pressure = int(re.search(r"some .*total=(\d+)", Path("/proc/pressure/cpu").read_text()).group(1))
+    return {
+        "user": user + nice,
+        "system": system,
+        "softirq": softirq + irq,
+        "idle": idle + iowait,
+        "pressure_us": pressure,
+    }
+
+
+def process_group(pid: int, cmdline: str, server: int, serving: set) -> str:
+    if pid == server:
+        return "server"
+    if "metrics_endpoint" in cmdline:
+        return "metrics endpoint"
+    if "TowerActor" in cmdline:
+        return "serving towers" if pid in serving else "training towers"
+    if cmdline.startswith("ray::"):
+        return "other Ray actors and workers"
+    for name in ("raylet", "gcs_server", "plasma"):
+        if name in cmdline:
+            return "raylet, GCS"
+    if "ray" in cmdline:
+        return "Ray's helpers (dashboard, log monitor)"
+    return "everything else"
+
+
+def processes() -> dict:
+    """Every process's (command line, user s, system s)."""
+    ticks, seen = os.sysconf("SC_CLK_TCK"), {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+                seen[int(entry)] = (cmdline, int(stat[11]) / ticks, int(stat[12]) / ticks)
+            except (FileNotFoundError, ProcessLookupError, IndexError):
+                continue
+    return seen
+
+
+def tower_pids() -> set:
+    return {pid for pid, (cmdline, _, _) in processes().items() if "TowerActor" in cmdline}
+
+
+class CpuWindow:
+    """Where the CPU time went between its start and `report()`: the machine's, and by process group."""
+
+    def __init__(self, server: int, serving: set):
+        self.server, self.serving = server, serving
+        self.machine, self.procs = machine_cpu(), processes()
+        self.started = time.monotonic()
+
+    def report(self) -> str:
+        machine, procs, seconds = machine_cpu(), processes(), time.monotonic() - self.started
+        spent = {kind: machine[kind] - self.machine[kind] for kind in ("user", "system", "softirq", "idle")}
+        all_ticks = sum(spent.values()) or 1
+        share = ", ".join(f"{kind} {n / all_ticks:.0%}" for kind, n in spent.items())
+        pressure = (machine["pressure_us"] - self.machine["pressure_us"]) / 1e6 / seconds
+        groups = collections.defaultdict(lambda: [0.0, 0.0])
+        for pid, (cmdline, user, system) in procs.items():
+            _, user0, system0 = self.procs.get(pid, (cmdline, 0.0, 0.0))
+            group = groups[process_group(pid, cmdline, self.server, self.serving)]
+            group[0] += user - user0
+            group[1] += system - system0
+        by_group = "; ".join(f"{name} {u / seconds:.2f} user + {s / seconds:.2f} sys"
+                             for name, (u, s) in sorted(groups.items(), key=lambda g: -sum(g[1])) if u + s > 0.01 * seconds)  # fmt: skip
+        return f"CPU: {share}; pressure (some) {pressure:.0%}; cores busy per group: {by_group}"
 
 
 BATCH = 32  # the training job's
@@ -106,16 +218,18 @@ def photo() -> bytes:
     return buffer.getvalue()
 
 
+LIGHT_CLIENTS, LIGHT_PAUSE = 4, 1.0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--loads", default="light,saturation", help="light, saturation, or both, in that order")
+    parser.add_argument("--clients", type=int, default=32, help="of the saturating load")
     parser.add_argument("--seconds", type=float, default=60)
-    parser.add_argument("--width", type=float, default=0.25, help="of the served and the trained network")
+    parser.add_argument("--width", type=float, default=1.0, help="of the served and the trained network")
     parser.add_argument("--max-queue", type=int, default=64)
     parser.add_argument("--overflow-images", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=1,
-                        help="run the load phase this many times back to back (the server's memory after each)")
-    parser.add_argument("--serving-nice", type=int, default=19, help="the server's --serving-nice (and its default)")
+    parser.add_argument("--server-args", default="", help="more `serve` arguments, e.g. '--serving-share 0.5'")
     parser.add_argument("--client-nice", type=int, default=0,
                         help="run these load clients at this CPU niceness: on a small machine they take the cores "
                              "that remote clients would not")  # fmt: skip
@@ -127,54 +241,70 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp(prefix="alexnet-mp-load-"))
     data = generate(folder / "patterns", train_per_class=60, val_per_class=6)
     server = subprocess.Popen(
-        [sys.executable, "-m", "client.cli", "serve", "--port", "0", "--metrics-port", "-1", "--width", str(args.width),
-         "--max-queue", str(args.max_queue), "--serving-nice", str(args.serving_nice), "--state-dir", "", "--data-root", str(folder)],  # fmt: skip
-        cwd=ROOT, stdout=subprocess.PIPE, text=True, start_new_session=True,
+        [sys.executable, "-m", "client.cli", "serve", "--port", "0", "--metrics-port", "0", "--width", str(args.width),
+         "--max-queue", str(args.max_queue), "--state-dir", "", "--data-root", str(folder), *args.server_args.split()],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True, start_new_session=True, env={**os.environ, "COLUMNS": "500"},
     )  # fmt: skip
-    target = "127.0.0.1:" + re.search(r":(\d+)", server.stdout.readline()).group(1)
+    said, scraper = "", None
     try:
+        while not (ports := re.search(r"gRPC on \S+?:(\d+)\D.*http://[^:\s]+:(\d+)/metrics", said, re.DOTALL)):
+            line = server.stdout.readline()
+            if not line:
+                raise SystemExit(f"the server ended before it served: {said}")
+            said += line  # the console may wrap its line
+        target, scraper = f"127.0.0.1:{ports[1]}", Scraper(int(ports[2]))
         with AlexNetClient(target, timeout=60) as client:
+            client.wait_ready()
+            serving = tower_pids()  # the serving pair starts with the server; the training pair with the job
             overrides = {"width": str(args.width), "epochs": "1000", "batch_size": str(BATCH)}
             job = client.train(data / "train", overrides=overrides)
             while client.get(job.job_id).progress.step < 3:
                 time.sleep(0.5)
 
             def alone(when: str) -> float:
-                """Training's images/s over a quiet window of --seconds / 2, and the server's memory meanwhile."""
-                first, memory = client.get(job.job_id).progress, server_memory(server.pid)
+                """Training's images/s over a quiet window of --seconds / 2."""
+                first, cpu, start = client.get(job.job_id).progress, CpuWindow(server.pid, serving), time.monotonic()
                 time.sleep(args.seconds / 2)
                 rate = training_rate(first, client.get(job.job_id).progress)
-                print(f"training alone, {when}: {rate:.1f} images/s (width {args.width}, batch {BATCH}); server RSS "
-                      f"meanwhile {memory_change(memory, server_memory(server.pid))}")  # fmt: skip
+                print(f"training alone, {when}: {rate:.1f} images/s (width {args.width}, batch {BATCH}); "
+                      f"{scraper.between(start, time.monotonic())}\n  {cpu.report()}", flush=True)  # fmt: skip
                 return rate
 
-            print(f"server pid {server.pid}")
-            quiet = [alone("before the load")]
+            def under(phase: str, clients: int, images: int, pause: float, before: float) -> tuple[float, list]:
+                first, cpu, start = client.get(job.job_id).progress, CpuWindow(server.pid, serving), time.monotonic()
+                memory = server_memory(server.pid)
+                latencies, codes = asyncio.run(hammer(target, clients, args.seconds, images, image, pause))
+                elapsed = time.monotonic() - start
+                rate = training_rate(first, client.get(job.job_id).progress)
+                print(f"{phase}: {clients} clients x {images} image(s), pause {pause:g} s, {elapsed:.0f} s: "
+                      f"{codes['OK'] / elapsed:.1f} OK requests/s, p50 {percentile(latencies, 0.5) * 1000:.0f} ms, "
+                      f"p99 {percentile(latencies, 0.99) * 1000:.0f} ms, max {max(latencies, default=0) * 1000:.0f} ms; "
+                      f"codes {dict(codes)}; {scraper.between(start, time.monotonic())}; training {rate:.1f} images/s "
+                      f"({rate / before:.0%} of the window before)\n  {cpu.report()}\n  server RSS "
+                      f"{memory_change(memory, server_memory(server.pid))}", flush=True)  # fmt: skip
+                return rate, latencies
+
+            print(f"server pid {server.pid}; serving towers {sorted(serving)}", flush=True)
             image = photo()
             os.nice(args.client_nice)  # after the server started: it keeps priority 0
-            phases = [(f"load {i + 1}/{args.rounds}" if args.rounds > 1 else "load", 1) for i in range(args.rounds)]
-            under_load = []
-            for phase, images in (*phases, ("overflow", args.overflow_images)):
-                if phase == "overflow":  # the machine's pace drifts: the load is set against windows either side
-                    quiet.append(alone("after the load"))
-                    print(f"training under load, by round: {', '.join(f'{r / statistics.mean(quiet):.0%}' for r in under_load)} "
-                          f"of its pace alone ({statistics.mean(quiet):.1f} images/s, the mean of the windows before and after)")  # fmt: skip
-                memory = server_memory(server.pid)
-                start_step = client.get(job.job_id).progress
-                started = time.perf_counter()
-                latencies, codes = asyncio.run(hammer(target, args.clients, args.seconds, images, image))
-                elapsed = time.perf_counter() - started
-                end_step = client.get(job.job_id).progress
-                rate = training_rate(start_step, end_step)
-                under_load.append(rate)
-                print(f"{phase}: {args.clients} clients x {images} image(s), {elapsed:.0f} s: "
-                      f"{codes['OK'] / elapsed:.1f} OK requests/s, p50 {percentile(latencies, 0.5) * 1000:.0f} ms, "
-                      f"p99 {percentile(latencies, 0.99) * 1000:.0f} ms; codes {dict(codes)}; server RSS "
-                      f"{memory_change(memory, server_memory(server.pid))}; training {rate:.1f} "
-                      f"images/s ({rate / statistics.mean(quiet):.0%} of alone); job {pb.JobState.Name(client.get(job.job_id).state)}")  # fmt: skip
+            quiet = [alone("at the start")]
+            for load in args.loads.split(","):
+                if load == "light":
+                    rate, _ = under("light", LIGHT_CLIENTS, 1, LIGHT_PAUSE, quiet[-1])
+                    rates = [rate]
+                elif load == "saturation":
+                    rates = [under("saturation", args.clients, 1, 0.0, quiet[-1])[0]]
+                    under("overflow", args.clients, args.overflow_images, 0.0, quiet[-1])
+                else:
+                    raise SystemExit(f"--loads: light or saturation, not {load!r}")
+                quiet.append(alone(f"after the {load} load"))
+                pace = statistics.mean(quiet[-2:])
+                print(f"=> {load}: training kept {rates[0] / pace:.0%} of its pace alone ({pace:.1f} images/s, the mean "
+                      f"of the windows either side)", flush=True)  # fmt: skip
             client.stop(job.job_id)
-            print(f"median of the OK latencies above: {statistics.median(latencies) * 1000:.0f} ms (last phase)")
     finally:
+        if scraper is not None:
+            scraper.close()
         server.send_signal(signal.SIGTERM)
         stopping = time.perf_counter()
         try:

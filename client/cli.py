@@ -127,6 +127,7 @@ def serve_options(args):
         max_batch=args.max_batch,
         max_delay_ms=args.max_delay_ms,
         max_queue=args.max_queue,
+        serving_share=args.serving_share,
         serving_nice=args.serving_nice,
         width=args.width,
         transport=args.transport,
@@ -165,6 +166,13 @@ def cmd_demo(args) -> int:
     return run_demo(serve_options(args), args.preset, {"precision": args.precision, **overrides(args)})
 
 
+def share(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"a share is above 0 and at most 1, got {text}")
+    return value
+
+
 def add_serve_arguments(parser: argparse.ArgumentParser, port: int, metrics_port: int) -> None:
     parser.add_argument("--ray-address", help="join this Ray cluster ('auto' on a cluster node); default: start one")
     parser.add_argument("--host", default="127.0.0.1")
@@ -173,10 +181,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser, port: int, metrics_port
     parser.add_argument("--max-batch", type=int, default=32, help="images per served batch")
     parser.add_argument("--max-delay-ms", type=float, default=1.0, help="how long a lone request waits for a batch to fill")
     parser.add_argument("--max-queue", type=int, default=256, help="images waiting to be classified, at most (beyond: RESOURCE_EXHAUSTED)")
-    parser.add_argument("--serving-nice", type=int, default=19, choices=range(20), metavar="0-19",
-                        help="run serving (its towers and the threads that decode images) this many CPU priority "
-                             "steps below training, so that training on the same CPUs keeps its pace under classify "
-                             "load and classification waits instead (default 19: training first; 0: equal shares)")  # fmt: skip
+    parser.add_argument("--serving-share", type=share, default=0.25, metavar="(0-1]",
+                        help="while a job trains, classification computes at most this share of the time: a light "
+                             "load is answered at once, a heavy one waits in batches and training keeps the rest "
+                             "(default 0.25; 1: no limit)")  # fmt: skip
+    parser.add_argument("--serving-nice", type=int, default=0, choices=range(20), metavar="0-19",
+                        help="run the serving towers this many CPU priority steps below training (default 0: the "
+                             "same; a higher value slows classification under load for a little more training)")  # fmt: skip
     parser.add_argument("--width", type=float, default=1.0, help="network width (1.0 is the paper's)")
     parser.add_argument("--transport", default="auto",
                         help="the backend of the serving towers' exchanges: auto (NCCL with a GPU each, else Gloo, "

@@ -1,21 +1,26 @@
 """`alexnet-mp demo`: the whole system on one machine, on the built-in dataset, in under 10 minutes.
 
-It starts a local Ray and the server in this process, generates the built-in dataset, trains the
-full-size two-tower network with the `demo` preset through gRPC (with a live progress bar), then
-classifies every held-out image through gRPC and prints the accuracy and a few top-5 answers.
+It generates the built-in dataset, starts the server (and with it a local Ray) in a process of its
+own, trains the full-size two-tower network with the `demo` preset through gRPC (with a live
+progress bar), then classifies every held-out image through gRPC and prints the accuracy and a
+few top-5 answers. The server's output, Ray's messages included, goes to its log file, which the
+demo names: this console shows the demo, as a user's client would see it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
+import multiprocessing
 import os
+import signal
 import socket
 import time
 from pathlib import Path
 
+from alexnet_api.v1 import alexnet_pb2 as pb
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-from alexnet_api.v1 import alexnet_pb2 as pb
 from client import AlexNetClient
 from client.views import console, follow, pct, predictions_table
 
@@ -32,12 +37,13 @@ def free_or_any(host: str, port: int) -> int:
     return port
 
 
+RAY_LOGS = "/tmp/ray/session_latest/logs"  # where a local Ray keeps its processes' logs
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 
 
 def observability_commands(metrics_port: int) -> list[str]:
     """How to watch this server: Prometheus on the shipped config (which scrapes :9464), and the dashboard."""
-    shown = lambda path: os.path.relpath(path) if path.is_relative_to(Path.cwd()) else str(path)  # noqa: E731
+    shown = lambda path: os.path.relpath(path) if path.is_relative_to(Path.cwd()) else str(path)
     config = DEPLOY / "prometheus" / "prometheus.yml"
     edit = "" if metrics_port == 9464 else f" (edit its target, localhost:9464, to localhost:{metrics_port})"
     return [
@@ -59,29 +65,90 @@ def demo_precision(asked: str) -> str:
     return "bfloat16" if bf16_arithmetic("cuda" if torch.cuda.is_available() else "cpu") else "float32"
 
 
+def serve_in_child(options, log_path: str, said) -> None:
+    """The demo's server, in a process of its own (spawned: nothing is forked after gRPC starts).
+    Everything it and Ray print goes to `log_path`; `said` gets its ports, or why it could not start."""
+    log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from coordinator.engine.allocator import return_freed_memory
+    from coordinator.service import Server
+
+    return_freed_memory()  # as `alexnet-mp serve` does
+    try:
+        server = Server(options).start()
+    except Exception as exc:  # noqa: BLE001 (a taken port, an unsafe setting: the demo says which)
+        said.send(("error", f"{type(exc).__name__}: {exc}"))
+        return
+    said.send(("serving", server.port, server.metrics_port))
+    server.wait()  # until the demo's SIGTERM: jobs stop at a step boundary
+
+
+class ServerProcess:
+    """`serve_in_child`, started and stopped from the demo."""
+
+    def __init__(self, options, log_path: Path):
+        spawn = multiprocessing.get_context("spawn")
+        ours, theirs = spawn.Pipe(duplex=False)
+        self.process = spawn.Process(
+            target=serve_in_child, args=(options, str(log_path), theirs), name="alexnet-mp-server"
+        )
+        self.process.start()
+        theirs.close()
+        try:
+            said = ours.recv()  # EOFError: it ended without a word
+        except EOFError:
+            said = ("error", f"the server process ended (exit code {self.process.join(5) or self.process.exitcode})")
+        if said[0] == "error":
+            self.stop()
+            raise RuntimeError(f"{said[1]} (its log: {log_path})")
+        self.port, self.metrics_port = said[1], said[2]
+
+    def stop(self) -> None:
+        if self.process.is_alive():
+            os.kill(self.process.pid, signal.SIGTERM)
+        self.process.join(120)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+
+
 def run_demo(options, preset: str = "demo", overrides: dict | None = None) -> int:
     """The demo on a server with these ServeOptions (a taken port is swapped for a free one)."""
     from coordinator.data import patterns
-    from coordinator.service import Server
 
     started = time.monotonic()
     console.rule("[bold]alexnet-mp demo: the 2012 two-tower AlexNet on Ray, served over gRPC")
 
-    with Progress(TextColumn("generating the built-in dataset"), BarColumn(), MofNCompleteColumn(), console=console) as bar:
+    with Progress(
+        TextColumn("generating the built-in dataset"), BarColumn(), MofNCompleteColumn(), console=console
+    ) as bar:
         task = bar.add_task("", total=None)
-        root = patterns.generate(patterns.default_root(), progress=lambda done, total: bar.update(task, completed=done, total=total))
+        root = patterns.generate(
+            patterns.default_root(), progress=lambda done, total: bar.update(task, completed=done, total=total)
+        )
     val = sorted((root / "val").rglob("*.jpg"))
-    console.print(f"dataset: {root} ({len(list((root / 'train').rglob('*.jpg')))} training, {len(val)} held-out images)")
+    console.print(
+        f"dataset: {root} ({len(list((root / 'train').rglob('*.jpg')))} training, {len(val)} held-out images)"
+    )
 
     host = options.host
     options = dataclasses.replace(
         options, port=free_or_any(host, options.port), metrics_port=free_or_any(host, options.metrics_port)
     )
-    console.print("starting Ray and the server (two serving towers)...")
-    server = Server(options).start()
+    log_path = root.parent / "demo-server.log"
+    console.print(f"starting Ray and the server (two serving towers); its log, Ray's messages included: {log_path}")
+    try:
+        server = ServerProcess(options, log_path)
+    except RuntimeError as error:
+        console.print(f"[red]the server did not start: {error}")
+        return 2
     target = f"{host}:{server.port}"
     metrics = f"http://{host}:{server.metrics_port}/metrics" if server.metrics_port else None
-    console.print(f"gRPC on {target}" + (f"; Prometheus metrics at {metrics} (scrape them while it trains)" if metrics else ""))
+    console.print(
+        f"gRPC on {target}" + (f"; Prometheus metrics at {metrics} (scrape them while it trains)" if metrics else "")
+    )
     if metrics:
         console.print("\n".join(observability_commands(server.metrics_port)), highlight=False)
     try:
@@ -101,7 +168,9 @@ def run_demo(options, preset: str = "demo", overrides: dict | None = None) -> in
 
             labels = dict(line.split(" ", 1) for line in (root / "train" / "classes.txt").read_text().splitlines())
             results, response = [], None
-            with Progress(TextColumn("classifying held-out images via gRPC"), BarColumn(), MofNCompleteColumn(), console=console) as bar:
+            with Progress(
+                TextColumn("classifying held-out images via gRPC"), BarColumn(), MofNCompleteColumn(), console=console
+            ) as bar:
                 task = bar.add_task("", total=len(val))
                 for start in range(0, len(val), 32):
                     response = client.classify(val[start : start + 32], top_k=5)
@@ -110,18 +179,22 @@ def run_demo(options, preset: str = "demo", overrides: dict | None = None) -> in
             correct = sum(r.top[0].label == labels[p.parent.name] for p, r in zip(val, results))
             picks = [len(val) * i // 3 for i in range(3)]  # three different classes (the list is by class)
             shown = pb.ClassifyResponse(
-                results=[results[i] for i in picks], model_version=response.model_version, model_note=response.model_note
+                results=[results[i] for i in picks],
+                model_version=response.model_version,
+                model_note=response.model_note,
             )
             console.print(predictions_table([f"{val[i].parent.name}/{val[i].name}" for i in picks], shown))
             accuracy = correct / len(val)
             console.rule("[bold]result")
             console.print(f"held-out accuracy through gRPC: [bold]{pct(accuracy)}[/] top-1 on {len(val)} images")
-            console.print(f"training: {job.progress.step} steps in {job.progress.elapsed_seconds:.0f} s; "
-                          f"validation top-1 {pct(job.progress.top1_accuracy)}, top-5 {pct(job.progress.top5_accuracy)}")
+            console.print(
+                f"training: {job.progress.step} steps in {job.progress.elapsed_seconds:.0f} s; "
+                f"validation top-1 {pct(job.progress.top1_accuracy)}, top-5 {pct(job.progress.top5_accuracy)}"
+            )
             if metrics:
                 console.print(f"metrics: {metrics} (training, towers, exchanges, serving, gRPC)")
+            console.print(f"the server's log: {log_path}; Ray's own logs: {RAY_LOGS}")
             console.print(f"demo wall time: {time.monotonic() - started:.0f} s")
     finally:
         server.stop()
     return 0
-

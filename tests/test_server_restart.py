@@ -116,7 +116,7 @@ def test_the_state_dir_keeps_the_last_versions_and_passes_over_what_it_cannot_re
     from coordinator.service.jobs import JobManager, JobState
     from coordinator.service.metrics import Metrics
     from coordinator.service.requests import TrainingRequest
-    from coordinator.service.serving import ModelVersion
+    from coordinator.service.versions import ModelVersion
     from coordinator.service.state import StateStore
 
     store = StateStore(tmp_path, keep_versions=2, pinned=[1])

@@ -16,10 +16,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from alexnet_api.v1 import alexnet_pb2 as pb
 from client import AlexNetClient
-from coordinator.engine.placement import worker_niceness
 from coordinator.data.patterns import generate
 from coordinator.service import Server, ServeOptions
 from coordinator.service.requests import TrainingRequest
+from coordinator.service.serving_policy import ServingShare
 
 WIDTH = 0.25  # the served network and the jobs' networks share it, so publishing never rebuilds towers
 TINY = {"width": str(WIDTH), "epochs": "2", "batch_size": "8", "publish_every": "2"}
@@ -33,9 +33,12 @@ def dataset(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(ray_session, tmp_path_factory):
     roots = [str(tmp_path_factory.getbasetemp())]  # every test's files are under it
-    # Serving at training's priority: a test below times classification against a training step.
+    # Serving without a share of its own: a test below times classification against a training step.
     srv = Server(ServeOptions(port=0, metrics_port=0, width=WIDTH, max_batch=16, max_delay_ms=2, data_roots=roots,
-                              checkpoint_roots=roots, serving_nice=0)).start()  # fmt: skip
+                              checkpoint_roots=roots, serving_share=1.0)).start()  # fmt: skip
+    with AlexNetClient(f"127.0.0.1:{srv.port}", timeout=60) as first:
+        first.wait_ready()  # the answer before any job has trained, whichever test runs first
+        srv.first_answer = first.classify([jpeg_bytes()], top_k=3)
     yield srv
     srv.stop()
 
@@ -103,8 +106,8 @@ def test_health_is_serving_and_reflection_lists_the_api(client):
     assert [f.name for f in method.input_type.fields] == ["images", "top_k"]
 
 
-def test_before_training_classification_says_it_uses_initial_weights(client):
-    response = client.classify([jpeg_bytes()], top_k=3)
+def test_before_training_classification_says_it_uses_initial_weights(server):
+    response = server.first_answer
     assert response.model_version == 0
     assert "initial weights" in response.model_note
     [result] = response.results
@@ -296,6 +299,41 @@ def test_classify_during_training_never_waits_a_step_and_metrics_grow(client, se
     assert total(after, "alexnet_exchange_bytes_total") > total(before, "alexnet_exchange_bytes_total")
 
 
+def test_the_serving_share_lends_a_burst_then_rests_serving_only_while_a_job_trains():
+    training = [False]
+    share = ServingShare(0.25, training=lambda: training[0], burst=0.5)
+    share.spent(5.0)
+    assert share.rest() == 0.0  # no job: serving has the whole machine, and nothing is counted
+    training[0] = True
+    share.spent(0.2)
+    assert share.rest() == 0.0  # within the burst: a light load never waits
+    share.spent(1.3)  # 1.0 s beyond the bucket: 4 s at a quarter of the time
+    assert 3.9 < share.rest() <= 4.0
+    training[0] = False
+    assert share.rest() == 0.0  # the job ended: no more waiting
+    whole = ServingShare(1.0, training=lambda: True)
+    whole.spent(5.0)
+    assert whole.rest() == 0.0
+    for bad in (0, -0.5, 1.5):
+        with pytest.raises(ValueError, match="the serving share must be in"):
+            ServingShare(bad)
+
+
+def test_while_a_job_trains_a_request_after_a_batch_waits_out_its_share(client, server):
+    """The batcher keeps to the share: the next batch starts once the rest after the last one is over."""
+    kept = server.classifier.share
+    server.classifier.share = ServingShare(0.1, training=lambda: True, burst=0.0)
+    try:
+        client.classify([jpeg_bytes(1)], top_k=1)
+        rest = server.classifier.share.rest()
+        assert rest > 0
+        start = time.perf_counter()
+        client.classify([jpeg_bytes(2)], top_k=1)
+        assert time.perf_counter() - start >= rest - 0.01  # it waited, then ran
+    finally:
+        server.classifier.share = kept
+
+
 def test_one_scrape_shows_every_metric(client, server, dataset):
     finish(client, client.train(str(dataset / "train"), overrides=dict(TINY, epochs="1")).job_id)
     client.classify([jpeg_bytes()], top_k=1)
@@ -343,9 +381,9 @@ def test_one_scrape_shows_every_metric(client, server, dataset):
     assert samples[("alexnet_model_version", ())] >= 1
 
 
-def test_the_server_keeps_serving_after_all_that(client):
+def test_classify_and_model_info_name_the_same_version(client):
     response = client.classify([jpeg_bytes(9), jpeg_bytes(10)], top_k=5)
-    assert len(response.results) == 2 and response.model_version >= 1
+    assert len(response.results) == 2 and all(len(r.top) == 5 for r in response.results)
     assert client.info().model_version == response.model_version
 
 
@@ -400,26 +438,25 @@ def test_cli_says_when_no_server_listens(capsys):
     assert "no alexnet-mp server at 127.0.0.1:1" in capsys.readouterr().out
 
 
-def test_with_serving_nice_the_handlers_decode_below_the_training_towers_and_jobs_train_at_full_priority(
-        ray_session, dataset, tmp_path):  # fmt: skip
-    """Handler threads decode images in the server's process, which runs at priority 0, while Ray
-    runs the towers at its worker niceness (here the tests' Ray, at 15): --serving-nice puts the
-    handlers below them too. A job started from a handler must not inherit that: its thread drives
-    the training towers, and at the handlers' priority every step would wait behind the load."""
+def test_handler_threads_keep_the_servers_priority_and_a_job_trains_at_it_whoever_asks(ray_session, dataset):
+    """--serving-nice lowers the serving towers only: a handler thread lowered while it holds the
+    GIL would hold back every thread of the server. And a job's thread, which drives the training
+    towers, starts at the server's priority even when the thread that asked for it runs lower."""
     server = Server(ServeOptions(port=0, metrics_port=-1, serving_nice=3, data_roots=[str(dataset)]))  # not started
     mine, seen = os.getpriority(os.PRIO_PROCESS, threading.get_native_id()), {}
+    handlers = server._handler_pool()
+    seen["handler"] = handlers.submit(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())).result()
+    handlers.shutdown()
 
-    def handler():
-        server._handler_priority()
-        seen["handler"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    def lowered_caller():
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), min(19, mine + 5))
         request = TrainingRequest(data_dir=str(dataset / "train"), overrides={"width": "0.125", "epochs": "1"})
         job = server.jobs.start(request)
         seen["job"] = os.getpriority(os.PRIO_PROCESS, job.thread.native_id)
 
-    worker = threading.Thread(target=handler)
-    worker.start()
-    worker.join()
+    caller = threading.Thread(target=lowered_caller)
+    caller.start()
+    caller.join()
     server.jobs.stop_all()
-    assert worker_niceness() == int(os.environ.get("RAY_worker_niceness", 15))  # conftest's Ray, not ensure_ray's
-    assert seen == {"handler": min(19, worker_niceness() + 3), "job": mine}
+    assert seen == {"handler": mine, "job": mine}
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine  # this thread is left as it was

@@ -19,7 +19,7 @@ from coordinator.data import BadImage, centre_crop, load_image
 from coordinator.service.errors import InvalidRequest
 from coordinator.service.jobs import JobEvent, JobState, JobStatus
 from coordinator.service.requests import TrainingRequest
-from coordinator.service.serving import ModelVersion, Prediction
+from coordinator.service.versions import ModelVersion, Prediction
 from coordinator.training import Progress
 
 MAX_PIXEL_VALUE = 1e4  # preprocessed pixels lie within about +-255

@@ -24,7 +24,7 @@ from coordinator.service.errors import InvalidRequest, NotFound, PreconditionFai
 from coordinator.service.metrics import Metrics
 from coordinator.service.priority import ThreadStarter
 from coordinator.service.requests import OPEN, JobPlan, Roots, TrainingRequest, check_request, make_checkpoint_dir
-from coordinator.service.serving import ModelVersion
+from coordinator.service.versions import ModelVersion
 from coordinator.service.state import StateStore
 from coordinator.training import CheckpointError, Progress, train
 from coordinator.training.checkpoints import find_checkpoint
@@ -230,6 +230,11 @@ class JobManager:
         with self._lock:
             engine = next((job.engine for job in self._jobs.values() if job.engine is not None), None)
         return None if engine is None else (list(engine.towers), engine.replicas)
+
+    def training(self) -> bool:
+        """A job has its towers up: serving keeps to its share (serving.ServingShare)."""
+        with self._lock:
+            return any(job.engine is not None for job in self._jobs.values())
 
     def list(self) -> list[Job]:
         """Every job, newest first."""

@@ -27,7 +27,8 @@ from coordinator.service import convert
 from coordinator.service.errors import InvalidRequest, NotFound, Unavailable
 from coordinator.service.metrics import KSERVE_V2, Metrics
 from coordinator.service.servicers import answer, deadline_of
-from coordinator.service.serving import Classifier, ModelVersion, check_top_k, top_classes
+from coordinator.service.serving import Classifier
+from coordinator.service.versions import ModelVersion, check_top_k, top_classes
 from coordinator.training.checkpoints import shown
 
 SERVICE_NAME = v2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name

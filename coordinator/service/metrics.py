@@ -6,11 +6,17 @@ metric lives in the service's own registry, so two servers in one process never 
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import threading
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from coordinator.service.metrics_endpoint import HEADER
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 STEP_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0)
@@ -158,10 +164,47 @@ class Metrics:
         for (point, direction), seconds in longest.items():
             self.exchange_seconds.labels(point, direction).observe(seconds)
 
-    def serve_http(self, host: str, port: int):
-        """Serve /metrics; returns the HTTP server (its server_address holds the bound port)."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
-        return server
+    def serve_http(self, host: str, port: int) -> "MetricsEndpoint":
+        """Serve /metrics from a process of its own (metrics_endpoint.py); OSError if it cannot listen."""
+        return MetricsEndpoint(self.registry, host, port)
+
+
+class MetricsEndpoint:
+    """The /metrics process, and the thread here that renders the registry each time it asks."""
+
+    def __init__(self, registry: CollectorRegistry, host: str, port: int):
+        self._registry = registry
+        script = Path(__file__).with_name("metrics_endpoint.py")
+        self._process = subprocess.Popen([sys.executable, str(script), host, str(port)],
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE)  # fmt: skip
+        first = self._process.stdout.readline().decode(errors="replace").strip()
+        if not first.startswith("port "):
+            self._process.wait()
+            raise OSError(first.removeprefix("error ") or "the metrics endpoint's process ended at start")
+        self.port = int(first.split()[1])
+        self.pid = self._process.pid
+        threading.Thread(target=self._answer_each, name="metrics-render", daemon=True).start()
+
+    def _answer_each(self) -> None:
+        for _ in self._process.stdout:  # one line per scrape
+            text = generate_latest(self._registry)
+            try:
+                self._process.stdin.write(HEADER.pack(len(text)) + text)
+                self._process.stdin.flush()
+            except (BrokenPipeError, ValueError):  # the endpoint is gone, or closing
+                return
+
+    def close(self) -> None:
+        """The endpoint ends when its stdin closes."""
+        try:
+            self._process.stdin.close()
+        except BrokenPipeError:
+            pass
+        try:
+            self._process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
 
 
 class GrpcMetricsInterceptor(grpc.ServerInterceptor):

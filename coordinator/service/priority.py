@@ -1,9 +1,9 @@
 """CPU priority inside the server's process: on Linux each thread has its own, and a new thread
 takes its creator's.
 
-With --serving-nice the gRPC handler threads (they decode the images to classify) run below the
-training towers. A job started from one of them must not inherit that: its thread drives the
-training towers, and at the serving priority every step waits behind the classification load.
+The server's threads all run at its priority (a thread lowered while it holds the GIL holds every
+other one back). A job's thread drives the training towers, so it must never take the priority
+of whichever thread asked for it: the ThreadStarter starts it at the server's own.
 """
 
 from __future__ import annotations
@@ -12,11 +12,6 @@ import os
 import queue
 import threading
 from typing import Callable
-
-
-def lower_this_thread(niceness: int) -> None:
-    """Run the calling thread at `niceness` (only ever lower: raising needs privileges)."""
-    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
 
 
 class ThreadStarter:

@@ -24,10 +24,8 @@ from alexnet_api.v1 import alexnet_pb2 as pb
 from alexnet_api.v1 import alexnet_pb2_grpc as rpc
 from coordinator.data import ColourStats, patterns
 from coordinator.engine import ensure_ray
-from coordinator.engine.placement import worker_niceness
 from coordinator.service import kserve
 from coordinator.service.jobs import JobManager
-from coordinator.service.priority import lower_this_thread
 from coordinator.service.metrics import GrpcMetricsInterceptor, Metrics
 from coordinator.service.requests import Roots
 from coordinator.service.security import (
@@ -40,7 +38,9 @@ from coordinator.service.security import (
     token_file_from_env,
 )
 from coordinator.service.servicers import InferenceServicer, ModelServicer, ParseRequests, TrainingServicer
-from coordinator.service.serving import Classifier, ModelVersion
+from coordinator.service.serving import Classifier
+from coordinator.service.versions import ModelVersion
+from coordinator.service.serving_policy import ServingShare
 from coordinator.service.state import StateStore
 from towers import NetConfig
 
@@ -63,7 +63,8 @@ class ServeOptions:
     max_batch: int = 32  # images per served batch
     max_delay_ms: float = 1.0  # how long a lone request waits for company (batches also form while the towers work)
     max_queue: int = 256  # images waiting to be classified, at most; beyond, RESOURCE_EXHAUSTED
-    serving_nice: int = 19  # serving's CPU priority (towers, handler threads) this far below training's: 0-19
+    serving_share: float = 0.25  # while a job trains, serving computes at most this share of the time (serving.ServingShare)
+    serving_nice: int = 0  # the serving towers' CPU priority this far below training's: 0-19
     max_watchers: int = 16  # WatchTraining streams open at once, at most (each holds a handler thread)
     width: float = 1.0  # the network served before any training
     data_root: Optional[str] = None  # where the built-in dataset is generated
@@ -89,19 +90,13 @@ class ServeOptions:
 
 
 class Server:
-    def _handler_priority(self) -> None:
-        """With --serving-nice, each handler thread (it decodes the images) runs at the serving
-        towers' priority, N steps below the Ray workers (the training towers), since this process
-        runs at 0, which would put every decode ahead of training."""
-        if self.options.serving_nice:
-            lower_this_thread(min(19, worker_niceness() + self.options.serving_nice))
-
     def __init__(self, options: ServeOptions = ServeOptions()):
         self.options = options
         self.metrics = Metrics()
         self.classifier = Classifier(
             options.max_batch, options.max_delay_ms / 1000.0, self.metrics, options.transport, self._serving_changed,
             options.max_queue, options.serving_nice, options.precision,
+            ServingShare(options.serving_share, training=lambda: self.jobs.training()),
         )
         data_root = Path(options.data_root) if options.data_root else patterns.default_root()
         self.store = (StateStore(options.state_dir, options.keep_versions, pinned=options.pinned_versions)
@@ -127,10 +122,15 @@ class Server:
         interceptors, credentials = self._security()  # and so does an unsafe or broken security setting
         ensure_ray(opts.ray_address)
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        # The gRPC server is made here, after Ray has started its processes: nothing forks after this.
+        if opts.metrics_port >= 0:  # its process starts before the gRPC server: nothing forks after that
+            try:
+                self._http = self.metrics.serve_http(opts.host, opts.metrics_port)
+            except OSError as exc:
+                raise RuntimeError(f"cannot serve metrics on port {opts.metrics_port}: {exc}; try --metrics-port") from None
+            self.metrics_port = self._http.port
+        # The gRPC server is made here, after Ray and the metrics endpoint have started their processes.
         self._grpc = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=opts.threads, thread_name_prefix="grpc",
-                                       initializer=self._handler_priority),  # fmt: skip
+            self._handler_pool(),
             interceptors=interceptors,
             maximum_concurrent_rpcs=opts.threads * 4,  # beyond, gRPC answers RESOURCE_EXHAUSTED: its own queue is bounded
             options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)],
@@ -149,18 +149,19 @@ class Server:
             else:
                 self.port = self._grpc.add_insecure_port(address)
         except RuntimeError as exc:
+            if self._http is not None:
+                self._http.close()
             raise RuntimeError(f"cannot listen on {opts.host}:{opts.port} ({exc}); is the port taken? try --port") from None
         self._grpc.start()
-        if opts.metrics_port >= 0:
-            try:
-                self._http = self.metrics.serve_http(opts.host, opts.metrics_port)
-            except OSError as exc:
-                raise RuntimeError(f"cannot serve metrics on port {opts.metrics_port}: {exc}; try --metrics-port") from None
-            self.metrics_port = self._http.server_address[1]
         self.classifier.start(initial)
         self._set_health(health_pb2.HealthCheckResponse.SERVING)  # towers are up: now we serve
         log.info("serving gRPC on %s:%d, metrics on :%s", opts.host, self.port, self.metrics_port)
         return self
+
+    def _handler_pool(self) -> futures.ThreadPoolExecutor:
+        """The gRPC handler threads. They stay at the server's priority whatever --serving-nice: one
+        lowered and descheduled while it holds the GIL would hold back every thread here, the job's too."""
+        return futures.ThreadPoolExecutor(max_workers=self.options.threads, thread_name_prefix="grpc")
 
     def _security(self) -> tuple[list, Optional[grpc.ServerCredentials]]:
         """The interceptors (metrics first, so refusals count too) and TLS credentials; SecurityError
@@ -201,7 +202,7 @@ class Server:
             self._grpc.stop(grace).wait()
         self.classifier.close()
         if self._http is not None:
-            self._http.shutdown()
+            self._http.close()
 
     def wait(self) -> None:
         """Block until SIGINT or SIGTERM, then stop cleanly (jobs stop at a step boundary, checkpoints kept)."""

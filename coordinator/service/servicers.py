@@ -125,6 +125,7 @@ class InferenceServicer(rpc.InferenceServiceServicer):
         start = time.perf_counter()
 
         def classify():
+            self.classifier.check_room(len(request.images))  # a full queue refuses before any decoding
             items = convert.classify_items(request.images, CROP)
             answer = self.classifier.classify(items, request.top_k, deadline_of(context), context.is_active)
             return convert.classify_response(*answer)

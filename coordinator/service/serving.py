@@ -1,4 +1,4 @@
-"""Serving: the model versions, and the serving pair of towers behind a dynamic batcher.
+"""Serving: the serving pair of towers behind a dynamic batcher.
 
 Training publishes a version every `publish_every` steps and at its end; the batcher thread loads
 it between two batches, so a classification never waits for a training step and never mixes two
@@ -16,45 +16,24 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 import numpy as np
 import torch
 
-from coordinator.data import ColourStats, to_tensor
+from coordinator.data import to_tensor
 from coordinator.engine import ModelParallelAlexNet, named
 from coordinator.service.errors import DeadlineExceeded, InvalidRequest, ResourceExhausted, Unavailable
 from coordinator.service.metrics import Metrics
+from coordinator.service.serving_policy import ServingShare
+from coordinator.service.versions import ModelVersion, Prediction, check_top_k, top_classes
 
 log = logging.getLogger(__name__)
 
 # How often an idle batcher checks that its serving towers are alive.
 WATCH_SECONDS = 5.0
-
-
-@dataclass
-class ModelVersion:
-    """Weights and everything needed to use them: labels and the input preprocessing."""
-
-    version: int
-    state: Optional[dict]  # None: the serving towers' own initial weights
-    labels: list[str]
-    stats: ColourStats
-    normalise: bool
-    net: dict  # NetConfig fields
-
-    @property
-    def note(self) -> str:
-        return "initial weights: not trained yet" if self.version == 0 else f"trained, version {self.version}"
-
-
-@dataclass
-class Prediction:
-    class_index: int
-    label: str
-    probability: float
 
 
 @dataclass
@@ -67,20 +46,6 @@ class _Request:
 
     def wanted(self) -> bool:
         return self.is_active() and time.perf_counter() < self.deadline
-
-
-def check_top_k(top_k: int, classes: int) -> None:
-    if not 1 <= top_k <= classes:
-        raise InvalidRequest(f"top_k must be between 1 and {classes} (the classes), got {top_k}")
-
-
-def top_classes(probs: torch.Tensor, version: ModelVersion, top_k: int) -> list[list[Prediction]]:
-    """The top_k classes of each row of probabilities, most probable first."""
-    values, indices = probs.topk(min(top_k, len(version.labels)), dim=1)
-    return [
-        [Prediction(int(i), version.labels[int(i)], float(p)) for p, i in zip(row_p, row_i)]
-        for row_p, row_i in zip(values, indices)
-    ]
 
 
 class Classifier:
@@ -96,21 +61,23 @@ class Classifier:
         max_queue: int = 256,
         nice: int = 0,
         precision: str = "float32",
+        share: ServingShare | None = None,
     ):
         self.max_batch, self.max_delay, self.metrics, self.transport = max_batch, max_delay, metrics, transport
         self.max_queue = max_queue  # images waiting, at most; beyond, requests are refused (ResourceExhausted)
         metrics.queue_capacity.set(max_queue)
         self.nice = nice  # the serving towers' CPU priority, lowered by this: training beside them keeps its pace
         self.precision = precision  # the serving towers' arithmetic (towers.precision)
+        self.share = share or ServingShare(1.0)  # how much of the time serving may compute while a job trains
         self.on_serving = on_serving  # told False while the serving pair is rebuilt, True when it serves again
-        self._rebuilding: Optional[str] = None  # why requests are refused meanwhile
-        self.engine: Optional[ModelParallelAlexNet] = None
-        self.current: Optional[ModelVersion] = None
-        self._next: Optional[ModelVersion] = None
+        self._rebuilding: str | None = None  # why requests are refused meanwhile
+        self.engine: ModelParallelAlexNet | None = None
+        self.current: ModelVersion | None = None
+        self._next: ModelVersion | None = None
         self._queue: collections.deque[_Request] = collections.deque()
         self._cv = threading.Condition()
         self._closing = False
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
         self._version_lock = threading.Lock()
         self._last_version = 0
 
@@ -141,7 +108,7 @@ class Classifier:
             raise
         return engine
 
-    def classify(self, items: list, top_k: int, timeout: Optional[float] = None,
+    def classify(self, items: list, top_k: int, timeout: float | None = None,
                  is_active: Callable[[], bool] = lambda: True) -> tuple[list[list[Prediction]], ModelVersion]:  # fmt: skip
         """The top_k classes of each item, most probable first, and the version that answered.
         Waits at most `timeout` seconds; a request whose client left (is_active) is not computed."""
@@ -149,7 +116,7 @@ class Classifier:
         probs, version = self.probabilities(items, timeout, is_active)
         return top_classes(probs, version, top_k), version
 
-    def probabilities(self, items: list, timeout: Optional[float] = None,
+    def probabilities(self, items: list, timeout: float | None = None,
                       is_active: Callable[[], bool] = lambda: True) -> tuple[torch.Tensor, ModelVersion]:  # fmt: skip
         """Each item's probability for every class ([items, classes]), and the version that answered;
         the batching, limits and deadline of classify()."""
@@ -189,21 +156,28 @@ class Classifier:
             request.done.set_exception(DeadlineExceeded("the request expired in the queue"))
         self.metrics.observe_queue(self._queue)
 
-    def _submit(self, request: _Request) -> _Request:
-        if len(request.items) > self.max_batch:
-            raise InvalidRequest(
-                f"{len(request.items)} images in one request; this server batches at most {self.max_batch}: split the request"
-            )
+    def check_room(self, images: int) -> None:
+        """Refuses now, before its images are decoded, a request that the queue could not take."""
         with self._cv:
-            if self._closing:
-                raise Unavailable("the server is shutting down")
-            if self._rebuilding:
-                raise Unavailable(self._rebuilding)
-            self._drop_unwanted()  # requests whose clients left hold no place
-            waiting = sum(len(r.items) for r in self._queue)
-            if waiting + len(request.items) > self.max_queue:
-                raise ResourceExhausted(f"the classify queue is full ({waiting} images waiting, at most "
-                                        f"{self.max_queue}): retry later, with backoff")  # fmt: skip
+            self._refuse_without_room(images)
+
+    def _refuse_without_room(self, images: int) -> None:
+        """Raises unless a request of `images` may join the queue now (lock held)."""
+        if images > self.max_batch:
+            raise InvalidRequest(f"{images} images in one request; this server batches at most {self.max_batch}: split the request")
+        if self._closing:
+            raise Unavailable("the server is shutting down")
+        if self._rebuilding:
+            raise Unavailable(self._rebuilding)
+        self._drop_unwanted()  # requests whose clients left hold no place
+        waiting = sum(len(r.items) for r in self._queue)
+        if waiting + images > self.max_queue:
+            raise ResourceExhausted(f"the classify queue is full ({waiting} images waiting, at most "
+                                    f"{self.max_queue}): retry later, with backoff")  # fmt: skip
+
+    def _submit(self, request: _Request) -> _Request:
+        with self._cv:
+            self._refuse_without_room(len(request.items))
             self._queue.append(request)
             self.metrics.observe_queue(self._queue)
             self._cv.notify()
@@ -264,10 +238,21 @@ class Classifier:
                 continue
             if version is not None:
                 self._activate(version)  # between batches: no batch ever sees two versions
+            if self._queue and not self._rested():
+                continue  # closing, or a new version: seen above before the batch
             if self._queue:
                 batch = self._take_batch()
                 if batch:
+                    started = time.perf_counter()
                     self._run(batch)
+                    self.share.spent(time.perf_counter() - started)
+
+    def _rested(self) -> bool:
+        """Waits out the serving share's rest; False if closing or a new version came meanwhile."""
+        with self._cv:
+            while (rest := self.share.rest()) > 0 and not self._closing and self._next is None:
+                self._cv.wait(rest)
+            return not self._closing and self._next is None
 
     def _activate(self, version: ModelVersion) -> None:
         try:

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 from coordinator.data import ColourStats
-from coordinator.service.serving import ModelVersion
+from coordinator.service.versions import ModelVersion
 from coordinator.training.checkpoints import write_atomically
 
 log = logging.getLogger(__name__)
