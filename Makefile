@@ -17,10 +17,12 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test]"
 	touch $(STAMP)
 
-# The tests run in a new random order each time (pytest-randomly); the run prints its seed, and
-# `make test PYTEST_ARGS=--randomly-seed=N` repeats an order (and `-p no:randomly` turns it off).
+# The tests run in a new random order each time (pytest-randomly), from a seed this prints:
+# `make test SEED=N` repeats that order.
 test: $(STAMP)
-	$(PY) -m pytest -q --durations=20 $(PYTEST_ARGS)
+	@seed=$${SEED:-$$(od -An -N4 -tu4 /dev/urandom | tr -d ' ')}; \
+	echo "test order: seed $$seed (make test SEED=$$seed repeats it)"; \
+	$(PY) -m pytest -q --durations=20 -p randomly --randomly-seed=$$seed $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(VENV)/bin/alexnet-mp demo

@@ -243,9 +243,7 @@ class Classifier:
             if self._queue:
                 batch = self._take_batch()
                 if batch:
-                    started = time.perf_counter()
                     self._run(batch)
-                    self.share.spent(time.perf_counter() - started)
 
     def _rested(self) -> bool:
         """Waits out the serving share's rest; False if closing or a new version came meanwhile."""
@@ -280,6 +278,7 @@ class Classifier:
                         inputs.append(value)
             self.metrics.batch_size.observe(len(inputs))
             probs = self.engine.predict(torch.stack(inputs)).softmax(dim=1)
+            self.share.spent(time.perf_counter() - started)  # before any answer: the next request sees the rest
         except Exception as exc:
             lost = self.engine.lost_towers()
             if lost:
