@@ -239,9 +239,10 @@ def test_towers_that_cannot_be_placed_give_a_clear_error_not_a_hang(small_engine
     with pytest.raises(RuntimeError, match=expected):
         ModelParallelAlexNet(**SMALL, cpus_per_tower=4, start_timeout=2)
     deadline = time.monotonic() + 30
-    while ray.available_resources().get("CPU") != free and time.monotonic() < deadline:
+    while ray.available_resources().get("CPU", 0) < free and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert ray.available_resources().get("CPU") == free  # the waiting actors were removed
+    # The waiting actors were removed (an earlier test's actors, still going, may give back more)
+    assert ray.available_resources().get("CPU", 0) >= free
     small_engine.train_step(torch.randn(2, 3, 99, 99), torch.tensor([0, 1]))  # and the engine beside it still works
 
 

@@ -4,6 +4,7 @@ gradients all-reduced, are the single-process step on the whole batch."""
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -115,7 +116,13 @@ def test_a_run_whose_towers_leave_no_cpu_for_loading_is_refused_not_left_waiting
         def ready(self):
             return True
 
-    free = ray_session.available_resources()["CPU"]
+    # Every CPU free first: an earlier test's actors may still be going, and a CPU they give back
+    # later would make room for loading under this test's feet.
+    total = ray_session.cluster_resources()["CPU"]
+    deadline = time.monotonic() + 60
+    while (free := ray_session.available_resources().get("CPU", 0)) < total and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert free == total, f"actors of earlier tests still hold {total - free} CPUs"
     holder = Holder.options(num_cpus=free).remote()  # as towers of many replica groups would
     ray_session.get(holder.ready.remote())
     try:
