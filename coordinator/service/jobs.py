@@ -225,16 +225,19 @@ class JobManager:
             raise NotFound(f"no training job {job_id!r}; ListTrainings shows them all")
         return job
 
+    def _training_engine(self):
+        """The running job's ModelParallelAlexNet, or None."""
+        with self._lock:
+            return next((job.engine for job in self._jobs.values() if job.engine is not None), None)
+
     def training_towers(self) -> Optional[tuple[list[dict], int]]:
         """The running job's towers (kept current through repairs) and its replica groups, or None."""
-        with self._lock:
-            engine = next((job.engine for job in self._jobs.values() if job.engine is not None), None)
+        engine = self._training_engine()
         return None if engine is None else (list(engine.towers), engine.replicas)
 
     def training(self) -> bool:
-        """A job has its towers up: serving keeps to its share (serving.ServingShare)."""
-        with self._lock:
-            return any(job.engine is not None for job in self._jobs.values())
+        """A job has its towers up: serving keeps to its share (serving_policy.ServingShare)."""
+        return self._training_engine() is not None
 
     def list(self) -> list[Job]:
         """Every job, newest first."""
