@@ -107,9 +107,13 @@ class AlexNetClient:
         overrides: Optional[dict] = None,
         checkpoint_dir: str = "",
         resume_from: str = "",
+        log_dir: str = "",
+        init_from: str = "",
     ) -> pb.TrainingJob:
         """Start a job; with resume_from (a checkpoint file or folder, or a job id) go on with that run,
-        on its recipe (preset must then be empty) and, unless one is given here, its dataset."""
+        on its recipe (preset must then be empty) and, unless one is given here, its dataset.
+        log_dir: its TensorBoard folder (default: one of its own under the server's log root).
+        init_from: weights to start from (fine-tuning): a checkpoint or safetensors file, a job id, or "version:N"."""
         spec = pb.TrainingSpec(
             val_dir=str(val_dir or ""),
             class_names_file=str(class_names_file or ""),
@@ -117,6 +121,8 @@ class AlexNetClient:
             overrides={k: str(v) for k, v in (overrides or {}).items()},
             checkpoint_dir=str(checkpoint_dir or ""),
             resume_from=str(resume_from or ""),
+            log_dir=str(log_dir or ""),
+            init_from=str(init_from or ""),
         )
         if builtin:
             spec.builtin.SetInParent()
@@ -143,6 +149,43 @@ class AlexNetClient:
 
     def info(self) -> pb.ModelInfo:
         return self.model.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout)
+
+    def kernels(self, job_id: Optional[str] = None, version: Optional[int] = None) -> pb.KernelsFigure:
+        """The paper's Figure 3 (conv1's kernels per tower, a PNG): of a job's latest checkpoint, of
+        a model version, or (neither given) of the version served now."""
+        request = pb.GetKernelsRequest()
+        if job_id is not None:
+            request.job_id = job_id
+        elif version is not None:
+            request.model_version = version
+        return self.model.GetKernels(request, timeout=self.timeout)
+
+    def export(
+        self, path, fmt: str = "onnx", job_id: Optional[str] = None, version: Optional[int] = None
+    ) -> pb.ExportChunk:
+        """Write the model to `path` in that format ("onnx", "torch-export", "safetensors"): of a job's
+        latest checkpoint, a model version, or (neither given) the version served now. Needs a train
+        token. Returns the last chunk (file name, size, source); the file appears whole or not at all."""
+        formats = {"onnx": pb.ONNX, "torch-export": pb.TORCH_EXPORT, "safetensors": pb.SAFETENSORS}
+        if fmt not in formats:
+            raise ValueError(f"format must be one of {', '.join(formats)}, got {fmt!r}")
+        request = pb.ExportRequest(format=formats[fmt])
+        if job_id is not None:
+            request.job_id = job_id
+        elif version is not None:
+            request.model_version = version
+        path, last, written = Path(path), None, 0
+        partial = path.with_name(path.name + ".part")
+        try:
+            with open(partial, "wb") as out:
+                for last in self.model.ExportModel(request, timeout=self.timeout):
+                    written += out.write(last.data)
+            if last is None or written != last.total_bytes:
+                raise IOError(f"the export ended after {written} bytes of {last.total_bytes if last else '?'}")
+            partial.replace(path)
+        finally:
+            partial.unlink(missing_ok=True)
+        return last
 
     def wait_ready(self, timeout: float = 120.0) -> None:
         """Block until the server reports SERVING (its towers are up)."""

@@ -7,6 +7,8 @@
     alexnet-mp status [JOB]        alexnet-mp watch JOB        alexnet-mp stop JOB
     alexnet-mp classify IMAGE... [--top-k 5]
     alexnet-mp info
+    alexnet-mp kernels [JOB | --version N] [-o figure3.png]   # the paper's Figure 3 for a model
+    alexnet-mp export [JOB | --version N | CHECKPOINT] --format onnx|torch-export|safetensors -o FILE
     alexnet-mp demo                # everything above on one machine, in under 10 minutes
 
 Client commands talk to --target (default $ALEXNET_MP_TARGET or 127.0.0.1:50051).
@@ -24,7 +26,7 @@ import grpc
 from alexnet_api.v1 import alexnet_pb2 as pb
 from client import DEFAULT_TARGET, AlexNetClient, read_token
 from client.demo import demo_precision, run_demo
-from client.views import STATE, console, follow, jobs_table, predictions_table, show_model
+from client.views import STATE, colour_lines, console, follow, jobs_table, predictions_table, show_model
 
 
 def overrides(args) -> dict:
@@ -53,6 +55,8 @@ def cmd_train(args) -> int:
             overrides=overrides(args),
             checkpoint_dir=args.checkpoint_dir or "",
             resume_from=args.resume or "",
+            log_dir=args.log_dir or "",
+            init_from=args.init_from or "",
         )
         console.print(f"started job [bold]{job.job_id}[/] ({STATE(job.state)})")
         if args.follow:
@@ -72,6 +76,10 @@ def cmd_status(args) -> int:
             console.print("no training jobs yet: start one with `alexnet-mp train`")
         else:
             console.print(jobs_table(jobs))
+        if args.job and jobs[0].log_dir:
+            console.print(f"TensorBoard log: {jobs[0].log_dir}", highlight=False)
+        if args.job and jobs[0].checkpoint:
+            console.print(f"latest checkpoint: {jobs[0].checkpoint}", highlight=False)
     return 0
 
 
@@ -96,6 +104,34 @@ def cmd_classify(args) -> int:
 def cmd_info(args) -> int:
     with connect(args) as client:
         show_model(client.info())
+    return 0
+
+
+def cmd_export(args) -> int:
+    if args.source and args.version is not None:
+        console.print("[red]name a job, a checkpoint or a --version, not more than one")
+        return 2
+    if args.source and Path(args.source).exists():  # a checkpoint file or folder here: no server needed
+        from client.local import export_checkpoint
+
+        size, source = export_checkpoint(args.source, args.format, args.output)
+    else:
+        with connect(args) as client:
+            last = client.export(args.output, args.format, args.source, args.version)
+        size, source = last.total_bytes, last.source
+    console.print(f"{args.output}: {args.format}, {size / 1e6:.1f} MB, {source}", highlight=False)
+    return 0
+
+
+def cmd_kernels(args) -> int:
+    if args.job and args.version is not None:
+        console.print("[red]name a job or a --version, not both")
+        return 2
+    with connect(args) as client:
+        figure = client.kernels(args.job, args.version)
+    Path(args.output).write_bytes(figure.png)
+    console.print(f"{args.output}: {figure.width}x{figure.height} pixels, {figure.source}")
+    console.print(colour_lines(figure))
     return 0
 
 
@@ -138,6 +174,8 @@ def serve_options(args):
         data_roots=getattr(args, "data_roots", None),
         checkpoint_roots=getattr(args, "checkpoint_roots", None),
         keep_versions=getattr(args, "keep_versions", 5),
+        log_root=getattr(args, "log_root", None),
+        max_exports=getattr(args, "max_exports", 2),
         pinned_versions=tuple(getattr(args, "pinned_versions", ())),
     )
 
@@ -157,6 +195,8 @@ def cmd_serve(args) -> int:
         + (f", metrics at http://{args.host}:{server.metrics_port}/metrics" if server.metrics_port else "")
         + "  (Ctrl-C stops; a running job stops at a step boundary)"
     )
+    logs = server.options.log_folder()
+    console.print(f"jobs' TensorBoard logs: {logs} (tensorboard --logdir {logs})", highlight=False)
     server.wait()
     return 0
 
@@ -212,6 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_arguments(serve, 50051, 9464)
     serve.add_argument("--state-dir", help="job records and model versions kept across restarts "
                        "(default: $XDG_DATA_HOME/alexnet-mp/state, else ~/.local/share/alexnet-mp/state; '' keeps nothing)")  # fmt: skip
+    serve.add_argument("--log-root", help="jobs' TensorBoard logs, a folder per job (default: $ALEXNET_MP_LOGS, "
+                       "else <state-dir>/tensorboard, else ~/.cache/alexnet-mp/tensorboard)")  # fmt: skip
+    serve.add_argument("--max-exports", type=int, default=2, help="ExportModel calls running at once, at most "
+                       "(each holds copies of the weights; beyond: RESOURCE_EXHAUSTED)")  # fmt: skip
     serve.add_argument("--keep-versions", type=int, default=5, help="model versions kept in the state dir")
     serve.add_argument("--pin-version", type=int, action="append", default=[], dest="pinned_versions", metavar="N",
                        help="keep version N in the state dir whatever its age (repeatable)")  # fmt: skip
@@ -239,6 +283,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--checkpoint-dir", help="write checkpoints here after every epoch")
     train.add_argument("--resume", metavar="JOB|CHECKPOINT",
                        help="go on with an earlier run exactly where it stopped: a job id, a checkpoint file, or a checkpoint folder (its latest)")  # fmt: skip
+    train.add_argument("--init-from", metavar="FILE|JOB|version:N",
+                       help="start from these weights instead of random ones (fine-tuning): a checkpoint or "
+                            "safetensors file, a job's latest checkpoint, or a model version; another class count "
+                            "starts fc8 afresh")  # fmt: skip
+    train.add_argument("--log-dir", help="write the job's TensorBoard log here (default: a folder of its own "
+                       "under the server's --log-root; GetTraining shows it)")  # fmt: skip
     train.add_argument("--follow", action="store_true", help="show a live progress bar until the job ends")
     train.set_defaults(run=cmd_train)
 
@@ -261,6 +311,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="the layer table, the towers and the served model")
     info.set_defaults(run=cmd_info)
+
+    kernels = sub.add_parser("kernels", help="draw the paper's Figure 3: each tower's conv1 kernels, as a PNG")
+    kernels.add_argument("job", nargs="?", help="a job: its latest checkpoint (default: the version served now)")
+    kernels.add_argument("--version", type=int, help="a model version the server serves or keeps")
+    kernels.add_argument("-o", "--output", default="figure3.png", help="the PNG to write (default figure3.png)")
+    kernels.set_defaults(run=cmd_kernels)
+
+    export = sub.add_parser("export", help="write a model as ONNX, a torch.export program, or safetensors")
+    export.add_argument("source", nargs="?", metavar="JOB|CHECKPOINT",
+                        help="a job (its latest checkpoint) or a checkpoint file here (default: the version served "
+                             "now)")  # fmt: skip
+    export.add_argument("--version", type=int, help="a model version the server serves or keeps")
+    export.add_argument("--format", required=True, choices=("onnx", "torch-export", "safetensors"))
+    export.add_argument("-o", "--output", required=True, help="the file to write")
+    export.set_defaults(run=cmd_export)
 
     demo = sub.add_parser("demo", help="start a server, train on the built-in data, classify through gRPC")
     add_serve_arguments(demo, 50051, 9464)

@@ -15,6 +15,7 @@ import multiprocessing
 import os
 import signal
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from alexnet_api.v1 import alexnet_pb2 as pb
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from client import AlexNetClient
-from client.views import console, follow, pct, predictions_table
+from client.views import colour_lines, console, follow, pct, predictions_table
 
 
 def free_or_any(host: str, port: int) -> int:
@@ -191,6 +192,14 @@ def run_demo(options, preset: str = "demo", overrides: dict | None = None) -> in
                 f"training: {job.progress.step} steps in {job.progress.elapsed_seconds:.0f} s; "
                 f"validation top-1 {pct(job.progress.top1_accuracy)}, top-5 {pct(job.progress.top5_accuracy)}"
             )
+            figure = client.kernels()  # of the version just served: the run's last
+            figure_path = log_path.with_name("figure3.png")
+            figure_path.write_bytes(figure.png)
+            console.print(f"the paper's Figure 3, each tower's conv1 kernels (tower 0 above tower 1): {figure_path}")
+            console.print(colour_lines(figure), highlight=False)
+            tensorboard = Path(sys.executable).with_name("tensorboard")
+            console.print(f"TensorBoard (curves, kernels every epoch, weight histograms): {tensorboard} --logdir "
+                          f"{job.log_dir}", highlight=False)  # fmt: skip
             if metrics:
                 console.print(f"metrics: {metrics} (training, towers, exchanges, serving, gRPC)")
             console.print(f"the server's log: {log_path}; Ray's own logs: {RAY_LOGS}")

@@ -121,3 +121,9 @@ def show_model(info: pb.ModelInfo) -> None:
         f"{info.precision or 'float32'} arithmetic, exchanges over {info.transport}; "
         f"model version {info.model_version} ({info.model_note})"
     )
+
+
+def colour_lines(figure: pb.KernelsFigure) -> str:
+    """Each tower's kernel count and colour specialisation, a line each (0: colour-agnostic, 2/3: random)."""
+    pairs = zip(figure.kernels_per_tower, figure.colour_specialisation)
+    return "\n".join(f"tower {t} ({n} kernels): colour specialisation {c:.3f}" for t, (n, c) in enumerate(pairs))

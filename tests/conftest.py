@@ -1,8 +1,14 @@
+import atexit
 import os
+import shutil
+import tempfile
 
 # Tests run their own throwaway local Ray: no token file is written to ~/.ray for them.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.pop("RAY_ADDRESS", None)
+# The servers tests start write their jobs' TensorBoard logs here, not into the user's cache.
+os.environ["ALEXNET_MP_LOGS"] = tempfile.mkdtemp(prefix="alexnet-mp-test-logs-")
+atexit.register(shutil.rmtree, os.environ["ALEXNET_MP_LOGS"], ignore_errors=True)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from PIL import Image
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -28,3 +30,8 @@ def test_the_demo_runs_end_to_end_and_ray_speaks_only_in_the_servers_log(tmp_pat
     log = tmp_path / "demo-server.log"
     assert f"the server's log: {log}" in said
     assert "Started a local Ray instance" in log.read_text()  # Ray's messages are all there
+    figure = tmp_path / "figure3.png"  # beside the log: the paper's Figure 3 of the trained towers
+    assert f"tower 0 above tower 1): {figure}" in said and Image.open(figure).size == (2 + 6 * 46, 2 * (2 + 46) + 12)
+    assert re.search(r"tower 0 \(6 kernels\): colour specialisation 0\.\d{3}", said)
+    logs = Path(re.search(r"tensorboard --logdir (\S+)", said).group(1))
+    assert list(logs.glob("events.out.tfevents.*")), f"no TensorBoard events in {logs}"

@@ -18,6 +18,8 @@ from client import AlexNetClient
 from coordinator.data.patterns import generate
 from coordinator.service import ServeOptions, Server
 from test_service import jpeg_bytes, wait_for
+from towers import AlexNet
+from towers.portable import to_safetensors
 
 WIDTH, MAX_BATCH = 0.125, 4
 INVALID, DENIED, MISSING = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.NOT_FOUND
@@ -59,6 +61,9 @@ def cases(root, tmp):
     (val_extra / "unicorns").mkdir()
     Image.new("RGB", (8, 8)).save(val_extra / "unicorns" / "0.png")
     (tmp / "torn.pt").write_bytes(b"\x80\x02 not a checkpoint")
+    other = AlexNet(num_classes=10, width=0.25)  # the requests below train the demo preset's full width
+    (tmp / "narrow.safetensors").write_bytes(to_safetensors(other.state_dict(), other.config))
+    (tmp / "cut.safetensors").write_bytes((tmp / "narrow.safetensors").read_bytes()[:5000])
     truncated = jpeg_bytes()[:200]
     train, long = str(root / "train"), "x" * 100_000
     spec = lambda **f: pb.TrainingSpec(**{"data_dir": train, **f})  # noqa: E731
@@ -94,6 +99,8 @@ def cases(root, tmp):
         ("val outside", "StartTraining", spec(val_dir="/etc"), DENIED, "val_dir /etc is outside"),
         ("names outside", "StartTraining", spec(class_names_file="/etc/passwd"), DENIED, "class_names_file /etc/passwd"),
         ("checkpoints outside", "StartTraining", spec(checkpoint_dir="/tmp-not/ckpt"), DENIED, "checkpoint_dir"),
+        ("logs outside", "StartTraining", spec(log_dir="/etc/logs"), DENIED, "log_dir /etc/logs is outside the server's"),
+        ("logs in a file", "StartTraining", spec(log_dir=str(tmp / "torn.pt")), INVALID, "is not a folder"),
         ("val with a class more", "StartTraining", spec(val_dir=str(val_extra)), INVALID, "lacks: unicorns"),
         ("names missing", "StartTraining", spec(class_names_file=str(tmp / "none.txt")), INVALID, "does not exist"),
         ("unknown preset", "StartTraining", spec(preset="fast"), INVALID, "unknown preset 'fast'"),
@@ -109,6 +116,16 @@ def cases(root, tmp):
         ("resume outside", "StartTraining", pb.TrainingSpec(resume_from="/etc/passwd"), DENIED, "resume_from"),
         ("resume with preset", "StartTraining", pb.TrainingSpec(resume_from=str(tmp / "torn.pt"), preset="paper"), INVALID, "leave preset empty"),
         ("not protobuf: start", "StartTraining", b"\x0a\x05ab", INVALID, "not a valid StartTraining message"),
+        ("init and resume", "StartTraining", spec(init_from=str(tmp / "torn.pt"), resume_from="x"), INVALID,
+         "give one"),
+        ("init outside", "StartTraining", spec(init_from="/etc/passwd"), DENIED, "init_from /etc/passwd is outside"),
+        ("init missing", "StartTraining", spec(init_from=str(tmp / "none.pt")), MISSING, "init_from: no checkpoint"),
+        ("init torn", "StartTraining", spec(init_from=str(tmp / "torn.pt")), INVALID, "not a readable checkpoint"),
+        ("init cut safetensors", "StartTraining", spec(init_from=str(tmp / "cut.safetensors")), INVALID, "truncated"),
+        ("init of another width", "StartTraining", spec(init_from=str(tmp / "narrow.safetensors")),
+         grpc.StatusCode.FAILED_PRECONDITION, "conv1.weight has shape [24, 3, 11, 11], this network needs [96, 3,"),
+        ("init version not a number", "StartTraining", spec(init_from="version:latest"), INVALID, "version:N takes"),
+        ("init version unknown", "StartTraining", spec(init_from="version:4242"), MISSING, "model version 4242 is not"),
         ("bad UTF-8 in a string", "GetTraining", b"\x0a\x02\xff\xfe", INVALID, "not a valid GetTraining message"),
         ("empty job id", "GetTraining", pb.JobRef(), INVALID, "job_id is empty"),
         ("unknown job", "GetTraining", pb.JobRef(job_id="nope"), MISSING, "no training job 'nope'"),
@@ -117,12 +134,27 @@ def cases(root, tmp):
         ("watch unknown", "WatchTraining", pb.JobRef(job_id="nope"), MISSING, "no training job"),
         ("watch empty", "WatchTraining", pb.JobRef(), INVALID, "job_id is empty"),
         ("watch not protobuf", "WatchTraining", b"\x0a", INVALID, "not a valid WatchTraining message"),
+        ("kernels: unknown job", "GetKernels", pb.GetKernelsRequest(job_id="nope"), MISSING, "no training job 'nope'"),
+        ("kernels: empty job id", "GetKernels", pb.GetKernelsRequest(job_id=""), INVALID, "job_id is empty"),
+        ("kernels: huge job id", "GetKernels", pb.GetKernelsRequest(job_id=long), MISSING, "no training job"),
+        ("kernels: unknown version", "GetKernels", pb.GetKernelsRequest(model_version=10**12), MISSING,
+         "model version 1000000000000 is not served now"),
+        ("kernels: negative version", "GetKernels", pb.GetKernelsRequest(model_version=-1), INVALID,
+         "model_version must be 0 or more"),
+        ("kernels: not protobuf", "GetKernels", b"\x12\xff", INVALID, "not a valid GetKernels message"),
+        ("export: no format", "ExportModel", pb.ExportRequest(), INVALID, "format must be ONNX"),
+        ("export: unknown format", "ExportModel", pb.ExportRequest(format=99), INVALID, "format must be ONNX"),
+        ("export: unknown job", "ExportModel", pb.ExportRequest(job_id="nope", format=pb.ONNX), MISSING, "no training job"),
+        ("export: unknown version", "ExportModel", pb.ExportRequest(model_version=77, format=pb.ONNX), MISSING,
+         "model version 77 is not served now"),
+        ("export: not protobuf", "ExportModel", b"\x18\xff", INVALID, "not a valid ExportModel message"),
         ("unknown method", "Explode", pb.JobRef(), grpc.StatusCode.UNIMPLEMENTED, ""),
     ]
 
 
-SERVICES = {"Classify": "InferenceService", "GetModelInfo": "ModelService", "Explode": "TrainingService"}
-STREAMS = {"WatchTraining"}
+SERVICES = {"Classify": "InferenceService", "GetModelInfo": "ModelService", "GetKernels": "ModelService",
+            "ExportModel": "ModelService", "Explode": "TrainingService"}  # fmt: skip
+STREAMS = {"WatchTraining", "ExportModel"}
 
 
 def invoke(channel, method, request):
@@ -171,7 +203,7 @@ def test_hostile_requests_get_their_documented_status_and_change_nothing(world, 
     for stream in watchers:
         stream.cancel()
     with pytest.raises(grpc.RpcError) as busy:  # a valid request, refused while the job runs, makes no folder
-        client.train(root / "train", checkpoint_dir=tmp_path / "new" / "checkpoints")
+        client.train(root / "train", checkpoint_dir=tmp_path / "new" / "checkpoints", log_dir=tmp_path / "new" / "logs")
     assert busy.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "train one job at a time" in busy.value.details()
     assert set(p.name for p in tmp_path.iterdir()) == before and not (tmp_path / "none").exists()
     client.stop(job.job_id)

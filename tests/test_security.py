@@ -80,8 +80,9 @@ def token_server(ray_session, tmp_path_factory):
 def call(server, token, method, request, **tls):
     with AlexNetClient(f"127.0.0.1:{server.port}", timeout=30, token=token, **tls) as client:
         stub = client.training if method in ("StartTraining", "ListTrainings", "WatchTraining") else client.inference
-        if method == "WatchTraining":
-            return list(stub.WatchTraining(request, timeout=30))
+        stub = client.model if method in ("ExportModel", "GetKernels") else stub
+        if method in ("WatchTraining", "ExportModel"):  # streams
+            return list(getattr(stub, method)(request, timeout=30))
         return getattr(stub, method)(request, timeout=30)
 
 
@@ -109,6 +110,11 @@ def test_tokens_and_roles(token_server):
     assert code_of(token_server, READ, "StartTraining", bad_spec) == denied
     assert code_of(token_server, TRAIN, "StartTraining", bad_spec) == grpc.StatusCode.INVALID_ARGUMENT  # past the check
     assert call(token_server, READ, "ListTrainings", pb.ListTrainingsRequest()).jobs == []  # no refused call made one
+    # The weights leave only with a train token; a read token still draws their picture.
+    export = pb.ExportRequest(format=pb.SAFETENSORS)
+    assert code_of(token_server, READ, "ExportModel", export) == denied
+    assert code_of(token_server, TRAIN, "ExportModel", export) == ok
+    assert code_of(token_server, READ, "GetKernels", pb.GetKernelsRequest()) == ok
     with pytest.raises(grpc.RpcError) as refused:
         call(token_server, TRAIN, "Classify", CLASSIFY)
     assert "may train but not read: Classify needs a 'read:' token" in refused.value.details()
@@ -214,6 +220,10 @@ def test_a_network_address_without_tokens_is_refused_before_anything_listens(tmp
     assert "--auth-token-file FILE" in capsys.readouterr().out
     with pytest.raises(SecurityError, match="TLS needs both --tls-cert and --tls-key"):
         Server(ServeOptions(port=0, metrics_port=-1, tls_cert=str(tmp_path / "x.pem"))).start()
+    with pytest.raises(SecurityError, match="--log-root /etc/tensorboard is outside the server's checkpoints roots"):
+        Server(ServeOptions(port=0, metrics_port=-1, log_root="/etc/tensorboard", checkpoint_roots=[str(tmp_path)])).start()
+    assert main(["serve", "--port", "0", "--state-dir", "", "--log-root", "/etc/tensorboard"]) == 2
+    assert "--checkpoint-root" in capsys.readouterr().out
     short = tmp_path / "short"
     short.write_text("read:abc\n")
     with pytest.raises(SecurityError, match="line 1: a token needs at least 16 characters"):

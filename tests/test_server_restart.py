@@ -133,7 +133,7 @@ def test_the_state_dir_keeps_the_last_versions_and_passes_over_what_it_cannot_re
     store.save_job(running)
     (store.jobs_dir / "b2.json").write_text('{"job_id": "b2", "state": "NO SUCH STATE"')  # torn mid-write
     (store.jobs_dir / "c3.json").write_text('{"job_id": "c3", "state": "NO SUCH STATE"}')  # from another version
-    jobs = JobManager(Metrics(), lambda version: 0, tmp_path / "data", StateStore(tmp_path))
+    jobs = JobManager(Metrics(), lambda version: 0, tmp_path / "data", tmp_path / "logs", StateStore(tmp_path))
     [job] = jobs.list()
     status = job.status()
     assert status.state == JobState.INTERRUPTED and status.ended == 2.0 and status.model_version == 3

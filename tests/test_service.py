@@ -7,6 +7,7 @@ import os
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -20,6 +21,7 @@ from coordinator.data.patterns import generate
 from coordinator.service import Server, ServeOptions
 from coordinator.service.requests import TrainingRequest
 from coordinator.service.serving_policy import ServingShare
+from towers.figures import figure3_layout
 
 WIDTH = 0.25  # the served network and the jobs' networks share it, so publishing never rebuilds towers
 TINY = {"width": str(WIDTH), "epochs": "2", "batch_size": "8", "publish_every": "2"}
@@ -222,6 +224,15 @@ def test_full_lifecycle_watch_to_the_end(client, server, dataset, tmp_path):
     response = client.classify([jpeg_bytes()], top_k=2)
     assert response.model_version == final.model_version
     assert response.model_note.startswith("trained")
+    # Its TensorBoard log is in a folder of its own under the server's log root.
+    assert Path(final.log_dir) == Path(os.environ["ALEXNET_MP_LOGS"]) / job.job_id
+    assert list(Path(final.log_dir).glob("events.out.tfevents.*"))
+    # Figure 3 of its last checkpoint and of the version it published last: the same weights, the same picture.
+    from_job, served = client.kernels(job.job_id), client.kernels()
+    assert from_job.png == served.png and served.model_version == final.model_version and from_job.model_version == 0
+    assert "checkpoint at step 16" in from_job.source and list(served.kernels_per_tower) == [12, 12]
+    gauge = [scrape(server)[("alexnet_conv1_colour_specialisation", (("tower", str(t)),))] for t in range(2)]
+    assert gauge == pytest.approx(list(served.colour_specialisation)) == list(from_job.colour_specialisation)
     assert client.list()[0].job_id == job.job_id
     # A late watcher of an ended job gets its final state at once.
     [late] = list(client.watch(job.job_id))
@@ -396,6 +407,20 @@ def run_cli(server, capsys, *argv):
     return code, capsys.readouterr().out
 
 
+def test_cli_kernels_writes_figure3_of_the_served_version(server, client, capsys, tmp_path):
+    output = tmp_path / "figure3.png"
+    code, out = run_cli(server, capsys, "kernels", "-o", str(output))
+    layout = figure3_layout([12, 12], 11)  # width 0.25: 12 kernels of 11x11 per tower
+    assert code == 0 and Image.open(output).size == (layout.width, layout.height)
+    assert "tower 0 (12 kernels): colour specialisation" in out and "tower 1 (12 kernels)" in out
+    code, out = run_cli(server, capsys, "kernels", "no-such-job")
+    assert code == 1 and "NOT_FOUND" in out and "no training job 'no-such-job'" in out
+    code, out = run_cli(server, capsys, "kernels", "--version", "999999")
+    assert code == 1 and "NOT_FOUND" in out and "model version 999999 is not served now" in out
+    code, out = run_cli(server, capsys, "kernels", "some-job", "--version", "1")
+    assert code == 2 and "not both" in out
+
+
 def test_cli_info_and_classify_print_readable_tables(server, client, capsys, tmp_path):
     code, out = run_cli(server, capsys, "info")
     assert code == 0 and "conv1" in out and "fc8" in out and "tower" in out and "model version" in out
@@ -415,6 +440,11 @@ def test_cli_train_follow_status_and_errors(server, client, capsys, dataset):
     code, out = run_cli(server, capsys, "train", "--data", str(dataset / "train"), "--set", "width=0.25",
                         "--set", "epochs=1", "--set", "batch_size=8", "--follow")  # fmt: skip
     assert code == 0 and "started job" in out and "FINISHED" in out and "validation top-1" in out
+    job_id = re.search(r"started job (\w+)", out).group(1)
+    code, out = run_cli(server, capsys, "status", job_id)
+    assert code == 0 and f"TensorBoard log: {Path(os.environ['ALEXNET_MP_LOGS']) / job_id}" in out
+    code, out = run_cli(server, capsys, "kernels", job_id)
+    assert code == 1 and "FAILED_PRECONDITION" in out and "has written no checkpoint" in out
     code, out = run_cli(server, capsys, "status")
     assert code == 0 and "FINISHED" in out
     code, out = run_cli(server, capsys, "train", "--data", str(dataset / "no-such-dir"))

@@ -9,6 +9,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from coordinator.data import Batch, open_dataset
 from coordinator.data.patterns import generate
@@ -143,13 +144,14 @@ def test_ten_crop_validation_ranks_the_averaged_softmax(ray_session, patterns):
     assert top5 == (ranked[:, :5] == batch.labels[:, None]).any(dim=1).float().mean().item()
 
 
-def test_a_tower_killed_mid_run_is_replaced_and_the_run_ends_as_if_nothing_happened(ray_session, patterns):
+def test_a_tower_killed_mid_run_is_replaced_and_the_run_ends_as_if_nothing_happened(ray_session, patterns, tmp_path):
     """kill -9 of a training tower: the run replaces it, goes back to its last snapshot, replays the
-    batches since, and ends with the weights of a run that was never interrupted."""
+    batches since, and ends with the weights of a run that was never interrupted. Its TensorBoard
+    log draws each step once, as the uninterrupted run's does."""
     plan = recipe("demo", {"width": 0.125, "epochs": 2, "batch_size": 16, "steps_per_epoch": 8, "snapshot_every": 3})
     engine = ModelParallelAlexNet(num_classes=patterns.num_classes, width=0.125, init="kaiming")
     untouched = []
-    straight = train(patterns, plan, on_publish=lambda step, state: untouched.append(state))
+    straight = train(patterns, plan, on_publish=lambda step, state: untouched.append(state), log_dir=tmp_path / "straight")
     events, killed = [], []
 
     def on_event(event):
@@ -159,7 +161,8 @@ def test_a_tower_killed_mid_run_is_replaced_and_the_run_ends_as_if_nothing_happe
             os.kill(killed[0], signal.SIGKILL)
 
     try:
-        result = train(patterns, plan, on_event=on_event, engine=engine, on_publish=lambda step, state: None)
+        result = train(patterns, plan, on_event=on_event, engine=engine, on_publish=lambda step, state: None,
+                       log_dir=tmp_path / "killed")  # fmt: skip
         assert killed[0] not in [t["pid"] for t in engine.towers]  # a new process hosts tower 1
         weights = engine.state_dict()
     finally:
@@ -173,6 +176,16 @@ def test_a_tower_killed_mid_run_is_replaced_and_the_run_ends_as_if_nothing_happe
     assert steps[steps.index(5) + 1] == 4  # the step after the recovery counts on from the snapshot
     assert result.steps == straight.steps == 16 and result.top1 == straight.top1
     assert_same_weights(weights, untouched[-1])
+    losses = logged(tmp_path / "killed", "train/loss")
+    assert [step for step, _ in losses] == list(range(1, 17))  # steps 4 and 5, replayed, are drawn once
+    assert losses == logged(tmp_path / "straight", "train/loss")
+
+
+def logged(log_dir, tag) -> list[tuple[int, float]]:
+    """A scalar's (step, value) points as TensorBoard shows them."""
+    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    return [(point.step, point.value) for point in events.Scalars(tag)]
 
 
 def test_a_replica_group_that_loses_a_tower_takes_a_healthy_groups_weights_and_loses_no_step(ray_session, patterns):

@@ -124,7 +124,9 @@ def generate(
 
 def default_root() -> Path:
     """Where the built-in dataset lives: $ALEXNET_MP_DATA, else the user's cache."""
-    base = os.environ.get("ALEXNET_MP_DATA") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "alexnet-mp", "patterns"
-    )
-    return Path(base)
+    return Path(os.environ.get("ALEXNET_MP_DATA") or cache_dir() / "patterns")
+
+
+def cache_dir() -> Path:
+    """alexnet-mp's folder in the user's cache: $XDG_CACHE_HOME/alexnet-mp, else ~/.cache/alexnet-mp."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")) / "alexnet-mp"

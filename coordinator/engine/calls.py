@@ -218,3 +218,14 @@ def add_stats(total: dict, stats: dict) -> None:
                 total[name][key] = total[name].get(key, 0) + amount
         else:
             total[name] += value
+
+
+def result(ref):
+    """ray.get of a call, with a TowerFailure raised as itself: one readable line, not inside
+    Ray's wrapper with the coordinator's traceback."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as error:
+        if isinstance(error.cause, TowerFailure):
+            raise error.cause from None
+        raise

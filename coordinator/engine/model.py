@@ -11,8 +11,8 @@ import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from coordinator.engine.batches import check_images, check_labels, put_batch
-from coordinator.engine.calls import Pending, TowerCalls, agreed_loss
-from coordinator.engine.coordinator_actor import PROBE_SECONDS, Coordinator, TowerFailure, in_groups, unanswered
+from coordinator.engine.calls import Pending, TowerCalls, agreed_loss, result
+from coordinator.engine.coordinator_actor import PROBE_SECONDS, Coordinator, in_groups, unanswered
 from coordinator.engine.links import EXCHANGE_TIMEOUT, backend_for, check_transport
 from coordinator.engine.placement import Placement, ensure_ray, free_devices
 from coordinator.engine.tower_actor import TowerActor
@@ -284,6 +284,11 @@ class ModelParallelAlexNet:
         """The weights, as one network's (a group's: every group holds the same)."""
         return merge_state_dicts([_tensors(s) for s in self._gather("get_state", self._group(group))], self.config)
 
+    def tower_weights(self, layer: str, group: int = 0) -> list[torch.Tensor]:
+        """That layer's weight in each tower of a group, as the tower holds it (its rows of the layer)."""
+        states = ray.get([t.get_state.remote(layer) for t in self._group(group)])
+        return [_tensors(state)[f"{layer}.weight"] for state in states]
+
     def load_state_dict(self, state: dict) -> None:
         """Load canonical weights into every group. The optimiser's momentum starts again from zero:
         it belonged to other weights."""
@@ -331,17 +336,6 @@ class ModelParallelAlexNet:
 
     def __exit__(self, *exc):
         self.shutdown()
-
-
-def result(ref):
-    """ray.get of a call, with a TowerFailure raised as itself: one readable line, not inside
-    Ray's wrapper with the coordinator's traceback."""
-    try:
-        return ray.get(ref)
-    except ray.exceptions.RayTaskError as error:
-        if isinstance(error.cause, TowerFailure):
-            raise error.cause from None
-        raise
 
 
 def _tensors(arrays: dict) -> dict:

@@ -210,8 +210,10 @@ class TowerActor:
     def gradients(self) -> dict:
         return {n: p.grad.detach().cpu().numpy() for n, p in self.tower.named_parameters() if p.grad is not None}
 
-    def get_state(self) -> dict:
-        return {k: v.detach().cpu().numpy() for k, v in self.tower.state_dict().items()}
+    def get_state(self, layer: Optional[str] = None) -> dict:
+        """This tower's weights and biases: all, or one layer's."""
+        state = self.tower.state_dict()
+        return {k: v.detach().cpu().numpy() for k, v in state.items() if layer is None or k.startswith(f"{layer}.")}
 
     def set_state(self, state: dict) -> None:
         self.tower.load_state_dict({k: torch.as_tensor(np.array(v)) for k, v in state.items()})

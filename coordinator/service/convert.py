@@ -17,7 +17,8 @@ import torch
 from alexnet_api.v1 import alexnet_pb2 as pb
 from coordinator.data import BadImage, centre_crop, load_image
 from coordinator.service.errors import InvalidRequest
-from coordinator.service.jobs import JobEvent, JobState, JobStatus
+from coordinator.service.figures import KernelsFigure
+from coordinator.service.job import JobEvent, JobState, JobStatus
 from coordinator.service.requests import TrainingRequest
 from coordinator.service.versions import ModelVersion, Prediction
 from coordinator.training import Progress
@@ -25,6 +26,7 @@ from coordinator.training import Progress
 MAX_PIXEL_VALUE = 1e4  # preprocessed pixels lie within about +-255
 
 STATES = {state: pb.JobState.Value(state.name) for state in JobState}
+EXPORT_FORMATS = {pb.ONNX: "onnx", pb.TORCH_EXPORT: "torch-export", pb.SAFETENSORS: "safetensors"}
 EVENT_KINDS = {
     "state": pb.TrainingEvent.STATE,
     "step": pb.TrainingEvent.STEP,
@@ -45,6 +47,8 @@ def training_request(spec: pb.TrainingSpec) -> TrainingRequest:
         overrides=dict(spec.overrides),
         checkpoint_dir=spec.checkpoint_dir,
         resume_from=spec.resume_from,
+        log_dir=spec.log_dir,
+        init_from=spec.init_from,
     )
 
 
@@ -56,6 +60,8 @@ def training_spec(request: TrainingRequest) -> pb.TrainingSpec:
         overrides=request.overrides,
         checkpoint_dir=request.checkpoint_dir,
         resume_from=request.resume_from,
+        log_dir=request.log_dir,
+        init_from=request.init_from,
     )
     if request.builtin:
         spec.builtin.SetInParent()
@@ -95,6 +101,7 @@ def training_job(status: JobStatus) -> pb.TrainingJob:
         ended_unix=status.ended,
         restarts=status.progress.restarts if status.progress else 0,
         checkpoint=status.checkpoint,
+        log_dir=status.log_dir,
     )
 
 
@@ -213,3 +220,15 @@ def _describe(op) -> str:
     fields = dataclasses.asdict(op)
     name = type(op).__name__
     return f"{name}({', '.join(f'{k}={v}' for k, v in fields.items())})" if fields else name
+
+
+def kernels_figure(figure: KernelsFigure) -> pb.KernelsFigure:
+    return pb.KernelsFigure(
+        png=figure.png,
+        width=figure.width,
+        height=figure.height,
+        kernels_per_tower=figure.kernels_per_tower,
+        colour_specialisation=figure.colour_specialisation,
+        model_version=figure.model_version,
+        source=figure.source,
+    )

@@ -6,6 +6,7 @@ metric lives in the service's own registry, so two servers in one process never 
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 import threading
@@ -37,6 +38,13 @@ class Metrics:
         self.lr = Gauge("alexnet_training_learning_rate", "Current learning rate", registry=r)
         self.epoch = Gauge("alexnet_training_epoch", "Epochs completed in the current job", registry=r)
         self.images_per_second = Gauge("alexnet_training_images_per_second", "Training throughput", registry=r)
+        self.colour_specialisation = Gauge(
+            "alexnet_conv1_colour_specialisation",
+            "Share of the tower's conv1 kernel energy off the grey axis, at the last validation: 0 colour-agnostic, "
+            "2/3 random, 1 purely chromatic (towers/figures.py)",
+            ["tower"],
+            registry=r,
+        )
         self.skipped = Gauge("alexnet_training_skipped_images", "Unreadable images skipped in the current job", registry=r)
         # 1 from the moment a job trains until its thread ends: the stalled-training alert needs it
         self.running = Gauge("alexnet_training_running", "1 while a job is RUNNING (or stopping), else 0", registry=r)
@@ -113,6 +121,7 @@ class Metrics:
             self.tower_restarts.labels(role)
             self.recovery_seconds.labels(role)
         for tower in range(config.towers):
+            self.colour_specialisation.labels(str(tower)).set(math.nan)  # until a job's first validation
             for stage in config.stage_names:
                 for direction in ("forward", "backward"):
                     self.tower_compute.labels("0", str(tower), stage, direction)
@@ -141,6 +150,8 @@ class Metrics:
         self.step_seconds.observe(seconds)
 
     def observe_validation(self, event) -> None:
+        for tower, value in enumerate(event.colour_specialisation):
+            self.colour_specialisation.labels(str(tower)).set(value)
         self.top1.set(event.top1)
         self.top5.set(event.top5)
         self.epoch.set(event.epoch)

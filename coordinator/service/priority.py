@@ -8,7 +8,6 @@ of whichever thread asked for it: the ThreadStarter starts it at the server's ow
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 from typing import Callable

@@ -12,10 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from coordinator.data import check_folder
+from coordinator.data import check_folder, patterns
 from coordinator.service.errors import InvalidRequest, NotFound, PermissionDenied, PreconditionFailed
 from coordinator.training import CheckpointError, Recipe, ResumeMismatch, load_checkpoint, recipe, resume_recipe
 from coordinator.training.checkpoints import CheckpointMissing, shown
+from towers import NetConfig
+from towers.portable import PortableError, ShapeMismatch, fitted, from_safetensors, is_safetensors
 
 DATASET_FIELDS = ("builtin", "data_dir", "val_dir", "class_names_file")
 
@@ -60,6 +62,21 @@ class TrainingRequest:
     overrides: dict = field(default_factory=dict)
     checkpoint_dir: str = ""
     resume_from: str = ""  # a checkpoint file, a checkpoint folder (its latest), or a job id
+    log_dir: str = ""  # the job's TensorBoard folder; "": one of its own under the server's log root
+    init_from: str = ""  # weights to start from: a checkpoint or safetensors file, a job id, or "version:N"
+
+
+@dataclass(frozen=True)
+class InitialWeights:
+    """Weights a new run starts from (fine-tuning), already checked against its network."""
+
+    state: dict  # canonical weights, fc8's left out when `renew_fc8`
+    renew_fc8: bool  # the file had another class count: fc8 starts afresh
+    source: str  # in words, for the job's events
+
+    def note(self, classes: int) -> str:
+        renewed = f"; fc8 starts afresh for {classes} classes" if self.renew_fc8 else ""
+        return f"initialised from {self.source}{renewed}"
 
 
 @dataclass(frozen=True)
@@ -71,27 +88,34 @@ class JobPlan:
     val_dir: Optional[Path]
     class_names: Optional[Path]
     checkpoint_dir: Optional[Path]
+    log_dir: Optional[Path]  # None: the server picks one under its log root
     request: TrainingRequest  # as it will run: a resumed one's dataset and checkpoint folder filled in
     resume: Optional[dict] = None  # the checkpoint's payload (training.load_checkpoint)
+    init: Optional[InitialWeights] = None  # what init_from names, fitted to this network
 
 
-def check_request(request: TrainingRequest, resume_source: Optional[Path] = None, roots: Roots = OPEN) -> JobPlan:
+def check_request(request: TrainingRequest, resume_source: Optional[Path] = None, roots: Roots = OPEN,
+                  init_source=None) -> JobPlan:  # fmt: skip
     """The request's plan, or InvalidRequest (NotFound, PreconditionFailed, PermissionDenied) saying
-    what to fix. `resume_source`: the checkpoint file or folder that request.resume_from names.
-    Every path is checked against `roots` before anything reads it."""
+    what to fix. `resume_source`: the checkpoint file or folder that request.resume_from names;
+    `init_source`: what init_from names when it is no path (a job's checkpoint file, or a model
+    version's (state, description)). Every path is checked against `roots` before anything reads it."""
+    if request.init_from and request.resume_from:
+        raise InvalidRequest("init_from starts a new run from a model's weights, resume_from continues a run: give one")
     try:
-        return _checked(request, resume_source, roots)
+        return _checked(request, resume_source, roots, init_source)
     except OSError as exc:  # a name too long, a folder that vanished mid-scan, a permission: the request's
         raise InvalidRequest(f"{shown(exc.filename or 'a path')}: {exc.strerror or type(exc).__name__}") from None
 
 
-def _checked(request: TrainingRequest, resume_source: Optional[Path], roots: Roots) -> JobPlan:
+def _checked(request: TrainingRequest, resume_source: Optional[Path], roots: Roots, init_source) -> JobPlan:
     payload = None
     if request.resume_from:
         source = roots.check("resume_from", str(resume_source or request.resume_from), "checkpoints")
         payload, request = _resumed(request, source)
     # Each path resolved once and used so from here on: a symlink swapped after the check changes nothing.
-    kinds = {"data_dir": "data", "val_dir": "data", "class_names_file": "data", "checkpoint_dir": "checkpoints"}
+    kinds = {"data_dir": "data", "val_dir": "data", "class_names_file": "data", "checkpoint_dir": "checkpoints",
+             "log_dir": "checkpoints"}  # what a job writes goes where checkpoints may  # fmt: skip
     paths = {name: roots.check(name, getattr(request, name), kind) if getattr(request, name) else None
              for name, kind in kinds.items()}  # a resumed run's come from its checkpoint: checked too  # fmt: skip
     if not request.builtin and not request.data_dir:
@@ -115,12 +139,47 @@ def _checked(request: TrainingRequest, resume_source: Optional[Path], roots: Roo
     class_names, checkpoint_dir = paths["class_names_file"], paths["checkpoint_dir"]
     if class_names is not None and not class_names.is_file():
         raise InvalidRequest(f"class_names_file {shown(request.class_names_file)} does not exist")
-    if checkpoint_dir is not None:
-        _check_writable(checkpoint_dir)
-    return JobPlan(plan, train_dir, val_dir, class_names, checkpoint_dir, request, payload)
+    for name in ("checkpoint_dir", "log_dir"):
+        if paths[name] is not None:
+            _check_writable(name, paths[name])
+    init = None
+    if request.init_from:
+        init = initial_weights(request.init_from, init_source, roots, len(classes or patterns.KINDS), plan.width)
+    return JobPlan(plan, train_dir, val_dir, class_names, checkpoint_dir, paths["log_dir"], request, payload, init)
 
 
-def _check_writable(folder: Path) -> None:
+def initial_weights(init_from: str, source, roots: Roots, classes: int, width: float) -> InitialWeights:
+    """What init_from names, fitted to a network of `classes` and `width`."""
+    if isinstance(source, tuple):  # a model version's weights
+        state, described = source
+    else:
+        path = roots.check("init_from", str(source or init_from), "checkpoints")
+        state, described = read_weights(path), shown(str(path))
+    try:
+        fitted_state, renew = fitted(state, NetConfig(num_classes=classes, width=width))
+    except ShapeMismatch as exc:
+        raise PreconditionFailed(f"init_from: {exc}") from None
+    return InitialWeights(fitted_state, renew, described)
+
+
+def read_weights(path: Path) -> dict:
+    """The canonical weights in a checkpoint (a file, or a folder's latest) or an alexnet-mp safetensors file."""
+    try:
+        if path.is_file():
+            with open(path, "rb") as file:
+                head = file.read(9)
+            if is_safetensors(head):
+                return from_safetensors(path.read_bytes())[0]
+        return load_checkpoint(path)["state_dict"]
+    except CheckpointMissing as exc:
+        raise NotFound(f"init_from: {exc}") from None
+    except (CheckpointError, PortableError) as exc:
+        raise InvalidRequest(f"init_from: {exc}") from None
+    except ShapeMismatch as exc:
+        raise PreconditionFailed(f"init_from: {exc}") from None
+
+
+def _check_writable(field_name: str, folder: Path) -> None:
     """InvalidRequest unless `folder`, or the nearest folder above it that exists, may be written.
     Nothing is made here: a request refused later must leave nothing behind (JobManager makes it)."""
     existing = folder
@@ -128,16 +187,18 @@ def _check_writable(folder: Path) -> None:
         existing = existing.parent
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         what = "is not a folder" if existing == folder and not folder.is_dir() else f"cannot be written ({existing})"
-        raise InvalidRequest(f"checkpoint_dir {shown(folder)} {what}")
+        raise InvalidRequest(f"{field_name} {shown(folder)} {what}")
 
 
-def make_checkpoint_dir(plan: "JobPlan") -> None:
-    """Create the accepted job's checkpoint folder."""
-    if plan.checkpoint_dir is not None:
+def make_output_dirs(plan: "JobPlan") -> None:
+    """Create the accepted job's checkpoint and log folders."""
+    for name in ("checkpoint_dir", "log_dir"):
+        folder = getattr(plan, name)
         try:
-            plan.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            if folder is not None:
+                folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise InvalidRequest(f"checkpoint_dir {shown(plan.checkpoint_dir)} cannot be made: {exc.strerror or exc}") from None
+            raise InvalidRequest(f"{name} {shown(folder)} cannot be made: {exc.strerror or exc}") from None
 
 
 def _resumed(request: TrainingRequest, source: Path) -> tuple[dict, TrainingRequest]:

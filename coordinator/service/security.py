@@ -2,8 +2,8 @@
 
 A token file holds one token per line, optionally prefixed by its role:
 
-    read:3f0c...      Classify, GetModelInfo, GetTraining, ListTrainings, WatchTraining
-    train:9a71...     StartTraining, StopTraining
+    read:3f0c...      Classify, GetModelInfo, GetKernels, GetTraining, ListTrainings, WatchTraining
+    train:9a71...     StartTraining, StopTraining, ExportModel (the weights leave with it)
     5be2...           both
 
 Clients send `authorization: Bearer <token>`. A missing or unknown token is UNAUTHENTICATED, a
@@ -29,7 +29,8 @@ import grpc
 log = logging.getLogger(__name__)
 
 ROLES = ("read", "train")
-TRAIN_METHODS = frozenset({"StartTraining", "StopTraining"})  # everything else of our services needs "read"
+# Everything else of our services needs "read".
+TRAIN_METHODS = frozenset({"StartTraining", "StopTraining", "ExportModel"})
 MIN_TOKEN_LENGTH = 16
 TOKEN_FILE_ENV = "ALEXNET_MP_AUTH_TOKEN_FILE"
 

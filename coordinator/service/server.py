@@ -9,6 +9,7 @@ Two pairs of tower actors run side by side: the training pair belongs to the run
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from concurrent import futures
@@ -24,9 +25,11 @@ from alexnet_api.v1 import alexnet_pb2 as pb
 from alexnet_api.v1 import alexnet_pb2_grpc as rpc
 from coordinator.data import ColourStats, patterns
 from coordinator.engine import ensure_ray
-from coordinator.service import kserve
+from coordinator.service import kserve, models
 from coordinator.service.jobs import JobManager
 from coordinator.service.metrics import GrpcMetricsInterceptor, Metrics
+from coordinator.service.errors import ServiceError
+from coordinator.service.exports import Exporter
 from coordinator.service.requests import Roots
 from coordinator.service.security import (
     AuthInterceptor,
@@ -66,6 +69,7 @@ class ServeOptions:
     serving_share: float = 0.25  # while a job trains, serving computes at most this share of the time (serving.ServingShare)
     serving_nice: int = 0  # the serving towers' CPU priority this far below training's: 0-19
     max_watchers: int = 16  # WatchTraining streams open at once, at most (each holds a handler thread)
+    max_exports: int = 2  # ExportModel calls running at once, at most (each holds copies of the weights)
     width: float = 1.0  # the network served before any training
     data_root: Optional[str] = None  # where the built-in dataset is generated
     threads: int = 32  # gRPC handler threads
@@ -81,6 +85,15 @@ class ServeOptions:
     insecure_no_auth: bool = False  # allow a non-loopback host without tokens (a trusted network only)
     data_roots: Optional[list] = None  # folders requests may train on; None: the user's home on loopback, else none
     checkpoint_roots: Optional[list] = None  # folders requests may write checkpoints to and resume from; likewise
+    log_root: Optional[str] = None  # jobs' TensorBoard folders (None: see log_folder)
+
+    def log_folder(self) -> Path:
+        """Where jobs write their TensorBoard logs unless a request names a folder: log_root, else
+        $ALEXNET_MP_LOGS, else <state_dir>/tensorboard, else the user's cache (~/.cache/alexnet-mp/tensorboard)."""
+        given = self.log_root or os.environ.get("ALEXNET_MP_LOGS")
+        if given:
+            return Path(given)
+        return Path(self.state_dir) / "tensorboard" if self.state_dir else patterns.cache_dir() / "tensorboard"
 
     def roots(self) -> Roots:
         """The path roots, with their safe defaults: on loopback the user's home, elsewhere nothing until given."""
@@ -101,7 +114,10 @@ class Server:
         data_root = Path(options.data_root) if options.data_root else patterns.default_root()
         self.store = (StateStore(options.state_dir, options.keep_versions, pinned=options.pinned_versions)
                       if options.state_dir else None)  # fmt: skip
-        self.jobs = JobManager(self.metrics, self._publish, data_root, self.store, options.roots())
+        logs = options.log_folder()
+        self.jobs = JobManager(self.metrics, self._publish, data_root, logs, self.store, options.roots(),
+                               self._weights_of)  # fmt: skip
+        self.exporter = Exporter(options.max_exports)
         self.health = health.HealthServicer()
         self.port = self.metrics_port = None
         self._grpc: Optional[grpc.Server] = None
@@ -120,6 +136,7 @@ class Server:
         )
         self.metrics.prepare(NetConfig(**initial.net))  # a bad --width fails here, before anything starts
         interceptors, credentials = self._security()  # and so does an unsafe or broken security setting
+        self._check_log_root()  # and a --log-root where the server may not write
         ensure_ray(opts.ray_address)
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         if opts.metrics_port >= 0:  # its process starts before the gRPC server: nothing forks after that
@@ -137,7 +154,8 @@ class Server:
         )
         rpc.add_TrainingServiceServicer_to_server(TrainingServicer(self.jobs, opts.max_watchers), self._grpc)
         rpc.add_InferenceServiceServicer_to_server(InferenceServicer(self.classifier, self.metrics), self._grpc)
-        rpc.add_ModelServiceServicer_to_server(ModelServicer(self.classifier, self.jobs), self._grpc)
+        model = ModelServicer(self.classifier, self.jobs, self.store, self.exporter)
+        rpc.add_ModelServiceServicer_to_server(model, self._grpc)
         kserve.v2_rpc.add_GRPCInferenceServiceServicer_to_server(kserve.KServeServicer(self.classifier, self.metrics),
                                                                  self._grpc)  # fmt: skip
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
@@ -179,6 +197,19 @@ class Server:
         if tokens:
             interceptors.append(AuthInterceptor(tokens, SERVICE_NAMES, open_methods=kserve.OPEN_METHODS))
         return [*interceptors, ParseRequests()], credentials
+
+    def _check_log_root(self) -> None:
+        """A --log-root must lie under the checkpoint roots: they say where this server may write."""
+        if self.options.log_root:
+            try:
+                self.options.roots().check("--log-root", self.options.log_root, "checkpoints")
+            except ServiceError as exc:
+                raise SecurityError(str(exc)) from None
+
+    def _weights_of(self, number: int) -> tuple[dict, str]:
+        """A model version's weights and what it is, for init_from version:N."""
+        model = models.served_or_kept(self.classifier.serving, self.store, number)
+        return model.weights(None), model.source
 
     def _publish(self, version: ModelVersion) -> int:
         """Serve a new version (numbered here) and, with a state dir, keep it for after a restart."""

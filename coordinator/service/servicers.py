@@ -16,7 +16,7 @@ import grpc
 from alexnet_api.v1 import alexnet_pb2 as pb
 from alexnet_api.v1 import alexnet_pb2_grpc as rpc
 from coordinator.data import CROP
-from coordinator.service import convert
+from coordinator.service import convert, exports, figures, models
 from coordinator.service.errors import (
     DeadlineExceeded,
     InvalidRequest,
@@ -31,6 +31,7 @@ from coordinator.service.jobs import JobManager
 from coordinator.training.checkpoints import shown
 from coordinator.service.metrics import ALEXNET_V1, Metrics
 from coordinator.service.serving import Classifier
+from coordinator.service.state import StateStore
 
 log = logging.getLogger(__name__)
 
@@ -135,12 +136,43 @@ class InferenceServicer(rpc.InferenceServiceServicer):
 
 
 class ModelServicer(rpc.ModelServiceServicer):
-    def __init__(self, classifier: Classifier, jobs: JobManager):
-        self.classifier, self.jobs = classifier, jobs
+    def __init__(self, classifier: Classifier, jobs: JobManager, store: Optional[StateStore] = None,
+                 exporter: Optional[exports.Exporter] = None):  # fmt: skip
+        self.classifier, self.jobs, self.store = classifier, jobs, store
+        self.exporter = exporter or exports.Exporter()
 
     def GetModelInfo(self, request, context):
         describe = lambda: convert.model_info(*self.classifier.serving(), self.jobs.training_towers())  # noqa: E731
         return answer(context, "describing the model", describe)
+
+    def GetKernels(self, request, context):
+        draw = lambda: convert.kernels_figure(figures.drawn(self._named(request)))  # noqa: E731
+        return answer(context, "drawing the kernels", draw)
+
+    def ExportModel(self, request, context):
+        answer(context, "exporting the model", self.exporter.acquire)
+        try:
+            model, kind = answer(context, "exporting the model", lambda: self._to_export(request))
+            data = answer(context, "exporting the model", lambda: exports.file_bytes(model, kind))
+            name = exports.file_name(model, kind)
+            for piece in exports.chunks(data):
+                yield pb.ExportChunk(data=piece, total_bytes=len(data), file_name=name, source=model.source)
+        finally:
+            self.exporter.release()
+
+    def _to_export(self, request) -> tuple[models.NamedModel, str]:
+        kind = convert.EXPORT_FORMATS.get(request.format)
+        if kind is None:
+            raise InvalidRequest("format must be ONNX, TORCH_EXPORT or SAFETENSORS")
+        return self._named(request), kind
+
+    def _named(self, request) -> models.NamedModel:
+        """The model a request's `source` names: a job's latest checkpoint, a model version, or the served one."""
+        if request.WhichOneof("source") == "job_id":
+            status = self.jobs.get(request.job_id).status()
+            return models.of_checkpoint(status.job_id, status.checkpoint)
+        number = request.model_version if request.HasField("model_version") else None
+        return models.served_or_kept(self.classifier.serving, self.store, number)
 
 
 class ParseRequests(grpc.ServerInterceptor):

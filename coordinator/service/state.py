@@ -83,12 +83,25 @@ class StateStore:
     def latest_version(self) -> Optional[ModelVersion]:
         """The newest readable version kept here, or None."""
         for path in reversed(self._version_files()):
-            try:
-                p = torch.load(path, map_location="cpu", weights_only=True)
-                return ModelVersion(p["version"], p["state"], p["labels"], ColourStats(**p["stats"]), p["normalise"], p["net"])
-            except Exception as exc:  # a damaged file: fall back to the one before
-                log.warning("skipping unreadable model version %s: %s", path, exc)
+            version = self._read_version(path)
+            if version is not None:
+                return version
         return None
+
+    def load_version(self, number: int) -> Optional[ModelVersion]:
+        """That version, if it is kept here and readable; else None."""
+        path = self.versions_dir / f"v{number:06d}.pt"
+        return self._read_version(path) if path.is_file() else None
+
+    @staticmethod
+    def _read_version(path: Path) -> Optional[ModelVersion]:
+        try:
+            p = torch.load(path, map_location="cpu", weights_only=True)
+            stats = ColourStats(**p["stats"])
+            return ModelVersion(p["version"], p["state"], p["labels"], stats, p["normalise"], p["net"])
+        except Exception as exc:  # a damaged file: the caller falls back, or answers that it is not here
+            log.warning("skipping unreadable model version %s: %s", path, exc)
+            return None
 
     def _version_files(self) -> list[Path]:
         """Every kept version, oldest first."""

@@ -18,55 +18,21 @@ import math
 import threading
 import time
 from contextlib import closing
-from dataclasses import dataclass
 from typing import Callable, Optional
 
 from coordinator.data import ColourStats, Dataset, open_dataset
 from coordinator.data.loader import EarlyStart, check_room_for_loading
 from coordinator.engine import ModelParallelAlexNet, error_summary
+from coordinator.training.board import TrainingBoard
 from coordinator.training.checkpoints import check_resumable, load_checkpoint, save_checkpoint, snapshot_of
 from coordinator.training.passes import SkipLog, evaluate, training_pass, validation_pass
 from coordinator.training.pipeline import FinishedStep, StepPipeline
 from coordinator.training.recipe import Recipe, schedule_for
+from coordinator.training.reports import Progress, Result
 from coordinator.training.recovery import Snapshot, failed_before_update, recover, restore, take_snapshot
+from towers.figures import colour_specialisation
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Progress:
-    """One report from the loop. kind: "step" after each step, "epoch" after each validation."""
-
-    kind: str  # also "recovered": lost actors were replaced and the run went back to its last snapshot
-    step: int
-    epoch: int  # epochs completed
-    loss: float = math.nan
-    top1: float = math.nan  # validation accuracy (fraction), on "epoch" events
-    top5: float = math.nan
-    images_per_second: float = math.nan
-    lr: float = math.nan
-    skipped: int = 0  # unreadable images met so far
-    steps_per_epoch: int = 0
-    epochs: int = 0
-    elapsed: float = 0.0
-    batch: int = 0  # images in this step
-    step_seconds: float = math.nan  # on "recovered" events: how long the recovery took
-    restarts: int = 0  # recoveries so far
-    replaced: int = 0  # on "recovered" events: the actors replaced
-    message: str = ""  # on "recovered" events: what died and where the run resumed
-
-
-@dataclass
-class Result:
-    state: str  # "finished" or "stopped"
-    steps: int
-    epochs_done: int
-    top1: float
-    top5: float
-    loss: float
-    skipped: int
-    seconds: float
-    restarts: int = 0  # recoveries from lost actors
 
 
 class Trainer:
@@ -78,8 +44,10 @@ class Trainer:
     """
 
     def __init__(self, dataset: Dataset, plan: Recipe, engine, stop: threading.Event, checkpoint_dir, on_event,
-                 on_publish, on_stats, resume: Optional[Snapshot] = None, meta: Optional[dict] = None):  # fmt: skip
+                 on_publish, on_stats, resume: Optional[Snapshot] = None, meta: Optional[dict] = None,
+                 board: Optional[TrainingBoard] = None):  # fmt: skip
         self.dataset, self.plan, self.engine, self.stop, self.checkpoint_dir = dataset, plan, engine, stop, checkpoint_dir
+        self.board = board
         self.on_event, self.on_publish, self.on_stats, self.meta = on_event, on_publish, on_stats, meta
         self.schedule = schedule_for(plan)
         engine.lr = plan.lr
@@ -104,6 +72,8 @@ class Trainer:
         stopped = False
         try:
             self.snapshot = self.snapshot or self._snapshot()
+            if self.board:
+                self._kernels()  # where the run starts from
             while self.epoch < self.plan.epochs and not stopped:
                 try:
                     self._train_epoch()
@@ -114,7 +84,7 @@ class Trainer:
                     self._recover(error)
             if stopped and self.checkpoint_dir and self.step:
                 self._checkpoint()
-            if self.on_publish:
+            if self._weights_wanted(self.step):
                 self._publish()
         finally:
             self.pipeline.abandon()  # an error's traceback keeps this frame: let go of the step's ObjectRef now
@@ -168,6 +138,8 @@ class Trainer:
             self.on_stats(finished.stats)
         rate = self.window_images / (time.perf_counter() - self.window_started)
         self._report("step", self.epoch, images_per_second=rate, batch=finished.images, step_seconds=finished.seconds)
+        if self.board:
+            self.board.step(self.step, self.loss, self.engine.lr, rate, finished.seconds, finished.stats)
         if self._publish_due(self.step):
             self._publish()
         if self._checkpoint_due(self.step):
@@ -203,6 +175,8 @@ class Trainer:
             message = f"replaced {', '.join(replaced)}; went back to the snapshot at step {self.step} (epoch {self.epoch + 1}, batch {self.position} of {self.per_epoch}): {lost} steps to redo"  # fmt: skip
         self.in_flight.clear()
         log.warning("recovery %d: %s (%s)", self.restarts, message, error_summary(error))
+        if self.board:
+            self.board.went_back(self.step)
         self._report("recovered", self.epoch, step_seconds=time.perf_counter() - start, replaced=len(replaced), message=message)
 
     def _validate(self) -> None:
@@ -211,11 +185,22 @@ class Trainer:
             self.upcoming = self._start_pass(self.epoch + 1, 0)
         validation, self.validation = self.validation or EarlyStart(validation_pass(self.dataset, self.plan)), None
         self.top1, self.top5 = evaluate(self.engine, validation, self.skips)
-        self._report("epoch", self.epoch + 1, top1=self.top1, top5=self.top5)  # with the rate this epoch used
+        colours = self._kernels()  # reported with the rate this epoch used:
+        self._report("epoch", self.epoch + 1, top1=self.top1, top5=self.top5, colour_specialisation=colours)
+        if self.board:
+            self.board.validation(self.step, self.top1, self.top5)
         self.engine.lr = self.schedule.update(self.epoch, 1 - self.top1)
         self.epoch, self.position = self.epoch + 1, 0
         if self.checkpoint_dir:
             self._checkpoint()
+
+    def _kernels(self) -> tuple[float, ...]:
+        """Each tower's colour specialisation now, and Figure 3 on the board."""
+        per_tower = self.engine.tower_weights("conv1")
+        colours = tuple(colour_specialisation(weight) for weight in per_tower)
+        if self.board:
+            self.board.kernels(self.step, per_tower, colours)
+        return colours
 
     def _snapshot(self) -> Snapshot:
         return take_snapshot(self.engine, self.step, self.epoch, self.position, self.schedule, self.top1, self.top5)
@@ -241,7 +226,11 @@ class Trainer:
         return bool(self.checkpoint_dir and self.plan.checkpoint_every) and step % self.plan.checkpoint_every == 0
 
     def _publish_due(self, step: int) -> bool:
-        return self.on_publish is not None and step % self.plan.publish_every == 0
+        return step % self.plan.publish_every == 0 and self._weights_wanted(step)
+
+    def _weights_wanted(self, step: int) -> bool:
+        """Whether anything takes that step's weights when published: a publisher, or the board's histograms."""
+        return self.on_publish is not None or (self.board is not None and self.board.histograms_due(step))
 
     def _weights_due(self, step: int) -> bool:
         """Whether that step's weights will be read: published, or kept as a snapshot."""
@@ -249,7 +238,11 @@ class Trainer:
 
     def _publish(self) -> None:
         if self.step and self.published != self.step:
-            self.on_publish(self.step, self.engine.state_dict())
+            state = self.engine.state_dict()
+            if self.on_publish:
+                self.on_publish(self.step, state)
+            if self.board:
+                self.board.weights(self.step, state)
             self.published = self.step
 
     def _report(self, kind: str, epochs_done: int, **values) -> None:
@@ -283,6 +276,8 @@ def train(
     resume=None,
     checkpoint_meta: Optional[dict] = None,
     on_engine: Optional[Callable] = None,
+    log_dir=None,
+    init_state: Optional[dict] = None,
 ) -> Result:
     """Train the two-tower network on `dataset` (a Dataset or a training folder path) by `plan`.
 
@@ -293,6 +288,8 @@ def train(
     steps and when stopped (checkpoints.py), with `checkpoint_meta`. `resume` (a checkpoint file,
     a folder meaning its latest, or a loaded payload) goes on from where that run was, exactly: pass
     the plan `resume_recipe` gives. An engine may be passed in to reuse its actors; on_engine gets it.
+    With a log_dir, the run writes its TensorBoard log there (board.py). `init_state`: canonical
+    weights to start from instead of the recipe's initialisation (all, or some: fine-tuning).
     """
     if not isinstance(plan, Recipe):
         raise TypeError(f"plan must be a Recipe (training.recipe(preset, overrides) makes one), got {type(plan).__name__}")
@@ -307,12 +304,18 @@ def train(
     own_engine = engine is None
     if own_engine:
         engine = engine_for(plan, dataset.num_classes)
+    board = None
     try:
         (on_engine or (lambda e: None))(engine)
+        if init_state is not None:
+            engine.load_state_dict({**engine.state_dict(), **init_state})
         check_room_for_loading()
+        board = TrainingBoard(log_dir, engine.config, snapshot.step if snapshot else 0) if log_dir else None
         trainer = Trainer(dataset, plan, engine, stop or threading.Event(), checkpoint_dir, on_event or (lambda e: None),
-                          on_publish, on_stats, snapshot, checkpoint_meta)  # fmt: skip
+                          on_publish, on_stats, snapshot, checkpoint_meta, board)  # fmt: skip
         return trainer.run()
     finally:
+        if board is not None:
+            board.close()
         if own_engine:
             engine.shutdown()

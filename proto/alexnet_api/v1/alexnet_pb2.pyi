@@ -17,6 +17,13 @@ class JobState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STOPPED: _ClassVar[JobState]
     FAILED: _ClassVar[JobState]
     INTERRUPTED: _ClassVar[JobState]
+
+class ExportFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    EXPORT_FORMAT_UNSPECIFIED: _ClassVar[ExportFormat]
+    ONNX: _ClassVar[ExportFormat]
+    TORCH_EXPORT: _ClassVar[ExportFormat]
+    SAFETENSORS: _ClassVar[ExportFormat]
 JOB_STATE_UNSPECIFIED: JobState
 PENDING: JobState
 RUNNING: JobState
@@ -25,9 +32,13 @@ FINISHED: JobState
 STOPPED: JobState
 FAILED: JobState
 INTERRUPTED: JobState
+EXPORT_FORMAT_UNSPECIFIED: ExportFormat
+ONNX: ExportFormat
+TORCH_EXPORT: ExportFormat
+SAFETENSORS: ExportFormat
 
 class TrainingSpec(_message.Message):
-    __slots__ = ("data_dir", "builtin", "val_dir", "class_names_file", "preset", "overrides", "checkpoint_dir", "resume_from")
+    __slots__ = ("data_dir", "builtin", "val_dir", "class_names_file", "preset", "overrides", "checkpoint_dir", "resume_from", "log_dir", "init_from")
     class OverridesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -43,6 +54,8 @@ class TrainingSpec(_message.Message):
     OVERRIDES_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_DIR_FIELD_NUMBER: _ClassVar[int]
     RESUME_FROM_FIELD_NUMBER: _ClassVar[int]
+    LOG_DIR_FIELD_NUMBER: _ClassVar[int]
+    INIT_FROM_FIELD_NUMBER: _ClassVar[int]
     data_dir: str
     builtin: BuiltinDataset
     val_dir: str
@@ -51,7 +64,9 @@ class TrainingSpec(_message.Message):
     overrides: _containers.ScalarMap[str, str]
     checkpoint_dir: str
     resume_from: str
-    def __init__(self, data_dir: _Optional[str] = ..., builtin: _Optional[_Union[BuiltinDataset, _Mapping]] = ..., val_dir: _Optional[str] = ..., class_names_file: _Optional[str] = ..., preset: _Optional[str] = ..., overrides: _Optional[_Mapping[str, str]] = ..., checkpoint_dir: _Optional[str] = ..., resume_from: _Optional[str] = ...) -> None: ...
+    log_dir: str
+    init_from: str
+    def __init__(self, data_dir: _Optional[str] = ..., builtin: _Optional[_Union[BuiltinDataset, _Mapping]] = ..., val_dir: _Optional[str] = ..., class_names_file: _Optional[str] = ..., preset: _Optional[str] = ..., overrides: _Optional[_Mapping[str, str]] = ..., checkpoint_dir: _Optional[str] = ..., resume_from: _Optional[str] = ..., log_dir: _Optional[str] = ..., init_from: _Optional[str] = ...) -> None: ...
 
 class BuiltinDataset(_message.Message):
     __slots__ = ()
@@ -90,7 +105,7 @@ class Progress(_message.Message):
     def __init__(self, step: _Optional[int] = ..., epoch: _Optional[int] = ..., epochs: _Optional[int] = ..., steps_per_epoch: _Optional[int] = ..., loss: _Optional[float] = ..., top1_accuracy: _Optional[float] = ..., top5_accuracy: _Optional[float] = ..., images_per_second: _Optional[float] = ..., learning_rate: _Optional[float] = ..., skipped_images: _Optional[int] = ..., elapsed_seconds: _Optional[float] = ...) -> None: ...
 
 class TrainingJob(_message.Message):
-    __slots__ = ("job_id", "state", "spec", "progress", "error", "model_version", "created_unix", "ended_unix", "restarts", "checkpoint")
+    __slots__ = ("job_id", "state", "spec", "progress", "error", "model_version", "created_unix", "ended_unix", "restarts", "checkpoint", "log_dir")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
@@ -101,6 +116,7 @@ class TrainingJob(_message.Message):
     ENDED_UNIX_FIELD_NUMBER: _ClassVar[int]
     RESTARTS_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    LOG_DIR_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     state: JobState
     spec: TrainingSpec
@@ -111,7 +127,8 @@ class TrainingJob(_message.Message):
     ended_unix: float
     restarts: int
     checkpoint: str
-    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., spec: _Optional[_Union[TrainingSpec, _Mapping]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., error: _Optional[str] = ..., model_version: _Optional[int] = ..., created_unix: _Optional[float] = ..., ended_unix: _Optional[float] = ..., restarts: _Optional[int] = ..., checkpoint: _Optional[str] = ...) -> None: ...
+    log_dir: str
+    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., spec: _Optional[_Union[TrainingSpec, _Mapping]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., error: _Optional[str] = ..., model_version: _Optional[int] = ..., created_unix: _Optional[float] = ..., ended_unix: _Optional[float] = ..., restarts: _Optional[int] = ..., checkpoint: _Optional[str] = ..., log_dir: _Optional[str] = ...) -> None: ...
 
 class TrainingEvent(_message.Message):
     __slots__ = ("job_id", "kind", "state", "progress", "model_version", "message")
@@ -202,6 +219,54 @@ class ClassifyResponse(_message.Message):
     model_version: int
     model_note: str
     def __init__(self, results: _Optional[_Iterable[_Union[Classification, _Mapping]]] = ..., model_version: _Optional[int] = ..., model_note: _Optional[str] = ...) -> None: ...
+
+class ExportRequest(_message.Message):
+    __slots__ = ("model_version", "job_id", "format")
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    model_version: int
+    job_id: str
+    format: ExportFormat
+    def __init__(self, model_version: _Optional[int] = ..., job_id: _Optional[str] = ..., format: _Optional[_Union[ExportFormat, str]] = ...) -> None: ...
+
+class ExportChunk(_message.Message):
+    __slots__ = ("data", "total_bytes", "file_name", "source")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FILE_NAME_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    total_bytes: int
+    file_name: str
+    source: str
+    def __init__(self, data: _Optional[bytes] = ..., total_bytes: _Optional[int] = ..., file_name: _Optional[str] = ..., source: _Optional[str] = ...) -> None: ...
+
+class GetKernelsRequest(_message.Message):
+    __slots__ = ("model_version", "job_id")
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    model_version: int
+    job_id: str
+    def __init__(self, model_version: _Optional[int] = ..., job_id: _Optional[str] = ...) -> None: ...
+
+class KernelsFigure(_message.Message):
+    __slots__ = ("png", "width", "height", "kernels_per_tower", "colour_specialisation", "model_version", "source")
+    PNG_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    KERNELS_PER_TOWER_FIELD_NUMBER: _ClassVar[int]
+    COLOUR_SPECIALISATION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    png: bytes
+    width: int
+    height: int
+    kernels_per_tower: _containers.RepeatedScalarFieldContainer[int]
+    colour_specialisation: _containers.RepeatedScalarFieldContainer[float]
+    model_version: int
+    source: str
+    def __init__(self, png: _Optional[bytes] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., kernels_per_tower: _Optional[_Iterable[int]] = ..., colour_specialisation: _Optional[_Iterable[float]] = ..., model_version: _Optional[int] = ..., source: _Optional[str] = ...) -> None: ...
 
 class GetModelInfoRequest(_message.Message):
     __slots__ = ()

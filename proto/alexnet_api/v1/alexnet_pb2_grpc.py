@@ -75,7 +75,8 @@ class TrainingServiceServicer(object):
     def StartTraining(self, request, context):
         """Starts a training job in the background and returns it (state PENDING or RUNNING).
         INVALID_ARGUMENT: no dataset, a dataset folder that is missing or holds no images, an unknown
-        preset, an unknown override name or an invalid value (lr <= 0, batch_size < 1, ...).
+        preset, an unknown override name or an invalid value (lr <= 0, batch_size < 1, ...); and see
+        resume_from and init_from below.
         FAILED_PRECONDITION: another job is still running; the towers are one model, so one job at a time.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -403,6 +404,16 @@ class ModelServiceStub(object):
                 request_serializer=alexnet__api_dot_v1_dot_alexnet__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=alexnet__api_dot_v1_dot_alexnet__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.GetKernels = channel.unary_unary(
+                '/alexnet.v1.ModelService/GetKernels',
+                request_serializer=alexnet__api_dot_v1_dot_alexnet__pb2.GetKernelsRequest.SerializeToString,
+                response_deserializer=alexnet__api_dot_v1_dot_alexnet__pb2.KernelsFigure.FromString,
+                _registered_method=True)
+        self.ExportModel = channel.unary_stream(
+                '/alexnet.v1.ModelService/ExportModel',
+                request_serializer=alexnet__api_dot_v1_dot_alexnet__pb2.ExportRequest.SerializeToString,
+                response_deserializer=alexnet__api_dot_v1_dot_alexnet__pb2.ExportChunk.FromString,
+                _registered_method=True)
 
 
 class ModelServiceServicer(object):
@@ -420,6 +431,39 @@ class ModelServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetKernels(self, request, context):
+        """The paper's Figure 3 for a model: each tower's conv1 kernels as one PNG, tower 0's block above
+        tower 1's, and each tower's colour specialisation. Of the version served now (source unset),
+        of a model version the server serves or keeps in its state dir, or of a job's latest checkpoint.
+        INVALID_ARGUMENT: an empty job_id, or a model_version below 0.
+        NOT_FOUND: no job with that id, or no such model version here (only the served one and, with a
+        state dir, the versions it keeps).
+        FAILED_PRECONDITION: the job has written no checkpoint (it had no checkpoint_dir, or has not
+        reached one yet); ask for a model version instead.
+        UNAVAILABLE: the serving towers are still starting.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportModel(self, request, context):
+        """The model as a file to take elsewhere, streamed in chunks of at most 1 MiB: an ONNX model or
+        a torch.export program of the single-process two-tower network in eval mode (preprocessed
+        images [batch, 3, 227, 227] in, probabilities out, any batch), or its weights as safetensors
+        under names that say which tower and layer (tower0.conv1.weight, ...). Of the version served
+        now (source unset), a model version the server serves or keeps, or a job's latest checkpoint.
+        Needs the train role: a read token classifies, but does not take the weights away.
+        INVALID_ARGUMENT: no format; an empty job_id; a model_version below 0.
+        NOT_FOUND: no job with that id, or no such model version here.
+        FAILED_PRECONDITION: the job has written no checkpoint.
+        RESOURCE_EXHAUSTED: as many exports run as the server allows (serve --max-exports); retry later.
+        PERMISSION_DENIED: a token without the train role.
+        UNAVAILABLE: the serving towers are still starting.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -427,6 +471,16 @@ def add_ModelServiceServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=alexnet__api_dot_v1_dot_alexnet__pb2.GetModelInfoRequest.FromString,
                     response_serializer=alexnet__api_dot_v1_dot_alexnet__pb2.ModelInfo.SerializeToString,
+            ),
+            'GetKernels': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetKernels,
+                    request_deserializer=alexnet__api_dot_v1_dot_alexnet__pb2.GetKernelsRequest.FromString,
+                    response_serializer=alexnet__api_dot_v1_dot_alexnet__pb2.KernelsFigure.SerializeToString,
+            ),
+            'ExportModel': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportModel,
+                    request_deserializer=alexnet__api_dot_v1_dot_alexnet__pb2.ExportRequest.FromString,
+                    response_serializer=alexnet__api_dot_v1_dot_alexnet__pb2.ExportChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -460,6 +514,60 @@ class ModelService(object):
             '/alexnet.v1.ModelService/GetModelInfo',
             alexnet__api_dot_v1_dot_alexnet__pb2.GetModelInfoRequest.SerializeToString,
             alexnet__api_dot_v1_dot_alexnet__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetKernels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/alexnet.v1.ModelService/GetKernels',
+            alexnet__api_dot_v1_dot_alexnet__pb2.GetKernelsRequest.SerializeToString,
+            alexnet__api_dot_v1_dot_alexnet__pb2.KernelsFigure.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/alexnet.v1.ModelService/ExportModel',
+            alexnet__api_dot_v1_dot_alexnet__pb2.ExportRequest.SerializeToString,
+            alexnet__api_dot_v1_dot_alexnet__pb2.ExportChunk.FromString,
             options,
             channel_credentials,
             insecure,
