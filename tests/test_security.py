@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent import futures
 from pathlib import Path
 
 import grpc
@@ -24,7 +25,9 @@ from grpc_health.v1 import health_pb2
 from alexnet_api.v1 import alexnet_pb2 as pb
 from client import AlexNetClient
 from coordinator.service import SecurityError, ServeOptions, Server
-from coordinator.service.security import load_tokens
+from coordinator.service.security import OPEN, load_tokens
+from coordinator.service.security import READ as READ_ROLE
+from coordinator.service.security import TRAIN as TRAIN_ROLE
 from test_service import jpeg_bytes
 
 WIDTH = 0.125
@@ -291,3 +294,33 @@ def test_the_local_ray_a_server_starts_keeps_its_token_private_and_its_workers_a
     assert "workers at 0 believed 0" in ran.stdout
     token = tmp_path / ".ray" / "auth_token"
     assert token.is_file() and stat.S_IMODE(token.stat().st_mode) == 0o600
+
+
+def test_every_method_the_server_answers_has_a_declared_role(token_server):
+    """Every method of every service the server lists through reflection, as grpcurl finds them."""
+    address = f"127.0.0.1:{token_server.port}"
+    listed = subprocess.run([GRPCURL, "-plaintext", address, "list"], capture_output=True, text=True, timeout=60)
+    services = listed.stdout.split()
+    assert listed.returncode == 0 and "alexnet.v1.ModelService" in services and "grpc.health.v1.Health" in services
+    methods = []
+    for service in services:
+        ran = subprocess.run([GRPCURL, "-plaintext", address, "list", service], capture_output=True, text=True, timeout=60)
+        methods += ["/" + line.strip().replace(f"{service}.", f"{service}/") for line in ran.stdout.split()]
+    assert "/alexnet.v1.ModelService/ExportModel" in methods and "/grpc.health.v1.Health/Check" in methods
+    assert sorted(methods) == sorted(token_server.roles)  # a role for each, and each role for a method
+    assert set(token_server.roles.values()) == {OPEN, READ_ROLE, TRAIN_ROLE}
+    assert token_server.roles["/alexnet.v1.ModelService/ExportModel"] == TRAIN_ROLE
+
+
+def test_a_service_registered_without_a_role_for_each_method_stops_the_server():
+    from alexnet_api.v1 import alexnet_pb2_grpc as rpc
+
+    server = Server(ServeOptions(port=0, metrics_port=-1))  # not started: only its registration is used
+    server._grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+    try:
+        with pytest.raises(RuntimeError, match="no role declared for alexnet.v1.ModelService: GetKernels, ExportModel"):
+            server._add(rpc.add_ModelServiceServicer_to_server, None, pb.DESCRIPTOR.services_by_name["ModelService"],
+                        GetModelInfo=READ_ROLE)  # fmt: skip
+        assert server.roles == {}  # nothing of it registered
+    finally:
+        server._grpc.stop(None)

@@ -43,8 +43,7 @@ def file_bytes(model: NamedModel, kind: str) -> bytes:
 
 
 def file_name(model: NamedModel, kind: str) -> str:
-    where = f"v{model.version}" if model.version else model.source.split(",")[0].replace("job ", "job-")
-    return f"alexnet-{where}.{SUFFIXES[kind]}"
+    return f"alexnet-{model.stem}.{SUFFIXES[kind]}"
 
 
 class Exporter:

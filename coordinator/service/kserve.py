@@ -31,8 +31,8 @@ from coordinator.service.serving import Classifier
 from coordinator.service.versions import ModelVersion, check_top_k, top_classes
 from coordinator.training.checkpoints import shown
 
-SERVICE_NAME = v2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
-OPEN_METHODS = frozenset(f"/{SERVICE_NAME}/{method}" for method in ("ServerLive", "ServerReady"))
+SERVICE = v2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+SERVICE_NAME = SERVICE.full_name
 MODEL, INPUT, OUTPUT, PLATFORM = "alexnet", "INPUT__0", "probabilities", "alexnet-mp"
 CLASSIFICATION = "classification"  # Triton's extension: the requested output's top-k, as labels
 INPUT_FORMS = "FP32 [N, 3, {size}, {size}] of preprocessed pixels, or BYTES [N] of encoded images"

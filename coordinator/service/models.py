@@ -27,6 +27,7 @@ class NamedModel:
     normalise: bool
     version: int  # 0 for a job's checkpoint
     source: str  # in words
+    stem: str  # for a file's name: "v12", "job-<id>"
 
     def conv1_per_tower(self) -> list[torch.Tensor]:
         return list(torch.split(self.weights("conv1")["conv1.weight"], list(self.config.shapes[0].out_split)))
@@ -45,8 +46,9 @@ def served_or_kept(serving, store: StateStore | None, number: int | None) -> Nam
                 return engine.state_dict()
             return {f"{layer}.weight": torch.cat(engine.tower_weights(layer))}
 
-        source = f"model version {current.version}, served now"
-        return NamedModel(weights, config, current.labels, current.stats, current.normalise, current.version, source)
+        source, stem = f"model version {current.version}, served now", f"v{current.version}"
+        labels, stats, normalise = current.labels, current.stats, current.normalise
+        return NamedModel(weights, config, labels, stats, normalise, current.version, source, stem)
     kept = store.load_version(number) if store is not None else None
     if kept is None or kept.state is None:
         where = "nor kept in the state dir" if store is not None else "and this server keeps no state dir"
@@ -54,7 +56,8 @@ def served_or_kept(serving, store: StateStore | None, number: int | None) -> Nam
                        "GetModelInfo shows the served version")  # fmt: skip
     config = NetConfig(**kept.net)
     source = f"model version {number}, from the state dir"
-    return NamedModel(lambda layer: kept.state, config, kept.labels, kept.stats, kept.normalise, number, source)
+    return NamedModel(lambda layer: kept.state, config, kept.labels, kept.stats, kept.normalise, number, source,
+                      f"v{number}")  # fmt: skip
 
 
 def of_checkpoint(job_id: str, checkpoint: str) -> NamedModel:
@@ -66,12 +69,13 @@ def of_checkpoint(job_id: str, checkpoint: str) -> NamedModel:
         payload = load_checkpoint(checkpoint)
     except CheckpointError as exc:
         raise PreconditionFailed(f"job {job_id}'s checkpoint cannot be read: {exc}") from None
-    return from_payload(payload, f"job {job_id}")
+    return from_payload(payload, f"job {job_id}", f"job-{job_id}")
 
 
-def from_payload(payload: dict, whose: str) -> NamedModel:
+def from_payload(payload: dict, whose: str, stem: str = "checkpoint") -> NamedModel:
     """A loaded checkpoint's model (training.load_checkpoint)."""
     config = NetConfig(num_classes=len(payload["classes"]), width=payload["recipe"]["width"])
     normalise, stats = bool(payload["recipe"].get("normalise", False)), ColourStats(**payload["stats"])
     source = f"{whose}, checkpoint at step {payload['step']}"
-    return NamedModel(lambda layer: payload["state_dict"], config, list(payload["labels"]), stats, normalise, 0, source)
+    state = payload["state_dict"]
+    return NamedModel(lambda layer: state, config, list(payload["labels"]), stats, normalise, 0, source, stem)

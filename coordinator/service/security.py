@@ -29,8 +29,8 @@ import grpc
 log = logging.getLogger(__name__)
 
 ROLES = ("read", "train")
-# Everything else of our services needs "read".
-TRAIN_METHODS = frozenset({"StartTraining", "StopTraining", "ExportModel"})
+# What a method needs (server.py declares one for each): a token with that role, or nothing at all.
+OPEN, READ, TRAIN = "open", "read", "train"
 MIN_TOKEN_LENGTH = 16
 TOKEN_FILE_ENV = "ALEXNET_MP_AUTH_TOKEN_FILE"
 
@@ -103,13 +103,12 @@ def check_exposure(host: str, has_tokens: bool, insecure_no_auth: bool) -> None:
 
 
 class AuthInterceptor(grpc.ServerInterceptor):
-    """Checks the bearer token and its role on every method of the `protected` services, but the
-    `open_methods` (full names: /package.Service/Method)."""
+    """Checks the bearer token and its role on every method: `roles` gives each method's (full names,
+    /package.Service/Method: OPEN, READ or TRAIN). A method with none declared is refused."""
 
-    def __init__(self, tokens: dict[str, frozenset[str]], protected: tuple[str, ...],
-                 open_methods: frozenset[str] = frozenset()):  # fmt: skip
+    def __init__(self, tokens: dict[str, frozenset[str]], roles: dict[str, str]):
         self.tokens = [(token.encode(), roles) for token, roles in tokens.items()]
-        self.protected, self.open_methods = tuple(f"/{name}/" for name in protected), open_methods
+        self.roles = roles
 
     def roles_of(self, presented: str) -> Optional[frozenset[str]]:
         """The token's roles, None if unknown; every known token is compared, each in constant time."""
@@ -123,9 +122,11 @@ class AuthInterceptor(grpc.ServerInterceptor):
     def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method
         handler = continuation(handler_call_details)
-        if handler is None or not method.startswith(self.protected) or method in self.open_methods:
-            return handler
-        needed = "train" if method.rsplit("/", 1)[1] in TRAIN_METHODS else "read"
+        needed = self.roles.get(method)
+        if handler is None or needed == OPEN:
+            return handler  # an unknown method gets gRPC's UNIMPLEMENTED
+        if needed is None:
+            return _refusal(handler, grpc.StatusCode.PERMISSION_DENIED, f"no role is declared for {method}")
         header = dict(handler_call_details.invocation_metadata or ()).get("authorization", "")
         scheme, _, presented = header.partition(" ")
         roles = self.roles_of(presented.strip()) if scheme.lower() == "bearer" else None

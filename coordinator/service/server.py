@@ -19,7 +19,7 @@ from typing import Optional
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from alexnet_api.v1 import alexnet_pb2 as pb
 from alexnet_api.v1 import alexnet_pb2_grpc as rpc
@@ -32,6 +32,9 @@ from coordinator.service.errors import ServiceError
 from coordinator.service.exports import Exporter
 from coordinator.service.requests import Roots
 from coordinator.service.security import (
+    OPEN,
+    READ,
+    TRAIN,
     AuthInterceptor,
     SecurityError,
     TLSFiles,
@@ -120,6 +123,7 @@ class Server:
         self.exporter = Exporter(options.max_exports)
         self.health = health.HealthServicer()
         self.port = self.metrics_port = None
+        self.roles: dict[str, str] = {}  # every registered method (/package.Service/Method): the role it needs
         self._grpc: Optional[grpc.Server] = None
         self._http = None
 
@@ -152,14 +156,7 @@ class Server:
             maximum_concurrent_rpcs=opts.threads * 4,  # beyond, gRPC answers RESOURCE_EXHAUSTED: its own queue is bounded
             options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)],
         )
-        rpc.add_TrainingServiceServicer_to_server(TrainingServicer(self.jobs, opts.max_watchers), self._grpc)
-        rpc.add_InferenceServiceServicer_to_server(InferenceServicer(self.classifier, self.metrics), self._grpc)
-        model = ModelServicer(self.classifier, self.jobs, self.store, self.exporter)
-        rpc.add_ModelServiceServicer_to_server(model, self._grpc)
-        kserve.v2_rpc.add_GRPCInferenceServiceServicer_to_server(kserve.KServeServicer(self.classifier, self.metrics),
-                                                                 self._grpc)  # fmt: skip
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
-        reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc)
+        self._register()
         address = f"{opts.host}:{opts.port}"
         try:
             if credentials is not None:
@@ -175,6 +172,35 @@ class Server:
         self._set_health(health_pb2.HealthCheckResponse.SERVING)  # towers are up: now we serve
         log.info("serving gRPC on %s:%d, metrics on :%s", opts.host, self.port, self.metrics_port)
         return self
+
+    def _register(self) -> None:
+        """Add every service, each of its methods with the role a token needs for it (security.py):
+        declared here, beside the registration, for every method, with no default."""
+        opts, v1 = self.options, pb.DESCRIPTOR.services_by_name
+        self._add(rpc.add_TrainingServiceServicer_to_server, TrainingServicer(self.jobs, opts.max_watchers),
+                  v1["TrainingService"], StartTraining=TRAIN, StopTraining=TRAIN, GetTraining=READ,
+                  ListTrainings=READ, WatchTraining=READ)  # fmt: skip
+        self._add(rpc.add_InferenceServiceServicer_to_server, InferenceServicer(self.classifier, self.metrics),
+                  v1["InferenceService"], Classify=READ)  # fmt: skip
+        self._add(rpc.add_ModelServiceServicer_to_server,
+                  ModelServicer(self.classifier, self.jobs, self.store, self.exporter), v1["ModelService"],
+                  GetModelInfo=READ, GetKernels=READ, ExportModel=TRAIN)  # the weights leave with an export  # fmt: skip
+        self._add(kserve.v2_rpc.add_GRPCInferenceServiceServicer_to_server, kserve.KServeServicer(self.classifier,
+                  self.metrics), kserve.SERVICE, ServerLive=OPEN, ServerReady=OPEN, ServerMetadata=READ,
+                  ModelReady=READ, ModelMetadata=READ, ModelInfer=READ)  # probes stay open, like health  # fmt: skip
+        self._add(health_pb2_grpc.add_HealthServicer_to_server, self.health, health_pb2.DESCRIPTOR.services_by_name[
+                  "Health"], Check=OPEN, Watch=OPEN, List=OPEN)  # fmt: skip
+        names = (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME)
+        self._add(lambda _, server: reflection.enable_server_reflection(names, server), None,
+                  reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"], ServerReflectionInfo=OPEN)
+
+    def _add(self, add_to_server, servicer, service, **roles: str) -> None:
+        """Register one service, with a role for each of its methods (a method without one stops the server)."""
+        missing = [m.name for m in service.methods if m.name not in roles]
+        if missing:
+            raise RuntimeError(f"no role declared for {service.full_name}: {', '.join(missing)}")
+        add_to_server(servicer, self._grpc)
+        self.roles.update({f"/{service.full_name}/{m.name}": roles[m.name] for m in service.methods})
 
     def _handler_pool(self) -> futures.ThreadPoolExecutor:
         """The gRPC handler threads. They stay at the server's priority whatever --serving-nice: one
@@ -195,7 +221,7 @@ class Server:
             log.warning("tokens will cross the network in clear text: add --tls-cert and --tls-key")
         interceptors = [GrpcMetricsInterceptor(self.metrics)]
         if tokens:
-            interceptors.append(AuthInterceptor(tokens, SERVICE_NAMES, open_methods=kserve.OPEN_METHODS))
+            interceptors.append(AuthInterceptor(tokens, self.roles))  # filled in as the services are registered
         return [*interceptors, ParseRequests()], credentials
 
     def _check_log_root(self) -> None:
