@@ -223,12 +223,4 @@ def _describe(op) -> str:
 
 
 def kernels_figure(figure: KernelsFigure) -> pb.KernelsFigure:
-    return pb.KernelsFigure(
-        png=figure.png,
-        width=figure.width,
-        height=figure.height,
-        kernels_per_tower=figure.kernels_per_tower,
-        colour_specialisation=figure.colour_specialisation,
-        model_version=figure.model_version,
-        source=figure.source,
-    )
+    return pb.KernelsFigure(**dataclasses.asdict(figure))  # the same fields, by name
