@@ -21,8 +21,8 @@ from coordinator import ModelParallelAlexNet
 from coordinator.data.patterns import generate
 from coordinator.service import ServeOptions, Server
 from test_service import finish, wait_for
-from towers import AlexNet
-from towers.portable import PortableError, ShapeMismatch, check_fits, from_safetensors, to_safetensors
+from towers import AlexNet, NetConfig
+from towers.portable import PortableError, ShapeMismatch, check_fits, fitted, from_safetensors, to_safetensors
 
 WIDTH = 0.125
 
@@ -121,10 +121,8 @@ def test_safetensors_round_trips_bit_exact_into_the_reference_and_the_engine(wor
 def test_a_file_that_does_not_fit_names_the_first_mismatch():
     wide = AlexNet(num_classes=10, width=0.25)
     data = to_safetensors(wide.state_dict(), wide.config)
-    state, config, _ = from_safetensors(data, num_classes=4)  # another class count: all but fc8
-    assert (
-        "fc8.weight" not in state and config.num_classes == 4 and torch.equal(state["conv1.weight"], wide.conv1.weight)
-    )
+    state, renewed = fitted(from_safetensors(data)[0], NetConfig(num_classes=4, width=0.25))  # all but fc8
+    assert renewed and "fc8.weight" not in state and torch.equal(state["conv1.weight"], wide.conv1.weight)
     with pytest.raises(PortableError, match="truncated"):
         from_safetensors(data[:20])
     with pytest.raises(PortableError, match="not a readable safetensors file"):

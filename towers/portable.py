@@ -53,9 +53,9 @@ def to_safetensors(state: dict, config: NetConfig, meta: dict | None = None) -> 
     return save(tensors, metadata=header)
 
 
-def from_safetensors(data: bytes, num_classes: int | None = None) -> tuple[dict, NetConfig, dict]:
-    """The canonical weights, the network they fit and the file's other metadata. With `num_classes`,
-    a file for another class count gives its weights without fc8's (the caller initialises fc8)."""
+def from_safetensors(data: bytes) -> tuple[dict, NetConfig, dict]:
+    """The canonical weights, the network they fit and the file's other metadata (`fitted` takes
+    them to a network of another class count)."""
     tensors, header = _read(data)
     try:
         net = json.loads(header.pop("network"))
@@ -63,12 +63,11 @@ def from_safetensors(data: bytes, num_classes: int | None = None) -> tuple[dict,
         config = NetConfig(**{name: net[name] for name in NET_FIELDS})
     except (KeyError, TypeError, ValueError) as exc:
         raise PortableError(f"the file's metadata does not describe the network ({exc})") from None
-    target = config if num_classes is None else NetConfig(**{**vars_of(config), "num_classes": num_classes})
-    skip = {"fc8.weight", "fc8.bias"} if target.num_classes != config.num_classes else set()
-    check_fits(tensors, target, skip)
-    state = {key: torch.cat([tensors[tower_key(t, key)] for t in range(target.towers)])
-             for key in canonical_keys(target) if key not in skip}  # fmt: skip
-    return state, target, meta
+    check_fits(tensors, config)
+    state = {
+        key: torch.cat([tensors[tower_key(t, key)] for t in range(config.towers)]) for key in canonical_keys(config)
+    }
+    return state, config, meta
 
 
 def fitted(state: dict, config: NetConfig) -> tuple[dict, bool]:
@@ -95,21 +94,15 @@ def is_safetensors(data: bytes) -> bool:
     return len(data) >= 9 and data[8:9] == b"{"
 
 
-def vars_of(config: NetConfig) -> dict:
-    return {name: getattr(config, name) for name in NET_FIELDS}
-
-
 def canonical_keys(config: NetConfig) -> list[str]:
     return [f"{s.name}.{part}" for s in config.shapes for part in ("weight", "bias")]
 
 
-def check_fits(tensors: dict, config: NetConfig, skip=frozenset()) -> None:
+def check_fits(tensors: dict, config: NetConfig) -> None:
     """ShapeMismatch naming the first tower tensor that is missing or has another shape than `config` needs."""
     for s in config.shapes:
         for part in ("weight", "bias"):
             key = f"{s.name}.{part}"
-            if key in skip:
-                continue
             for t, rows in enumerate(s.out_split):
                 name = tower_key(t, key)
                 needed = (rows, *s.weight_shape[1:]) if part == "weight" else (rows,)
