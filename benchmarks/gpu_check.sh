@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check for a CUDA machine, about 6 minutes: the equivalence, exchange and failure tests with the
+# GPU check for a CUDA machine: the equivalence, exchange and failure tests with the
 # towers on the GPU (Ray sees the GPU, so the engine places both towers on it; the reference stays on
 # the CPU), then the training benchmark with the reference on the GPU too: each run prints the engine's
 # step, plain PyTorch's, each tower's solo step (its compute alone, exchanges replaced by local copies),

@@ -5,7 +5,7 @@ two towers (2, 4, 16 and 64 GPUs), from measured per-step compute and exchange v
     python benchmarks/scaling_model.py --tower-compute 0.0135 --overhead 0.02
 
 Not a measurement: arithmetic on the inputs below, which come from the H200 run of
-benchmarks/gpu_check.sh (docs/performance.md) and from the network's table. Each step is
+benchmarks/gpu_check.sh (docs/performance.md, "GPU") and from the network's table. Each step is
 overhead + tower compute + the pair's exchanges + the gradient all-reduce, nothing overlapped.
 Two overheads: the engine before its one-call step (measured on the H200), and the one-call
 step's (predicted: its one Ray call per tower is submitted while the step before runs, which
@@ -36,10 +36,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=128, help="images per group per step (the paper's 128)")
     parser.add_argument("--tower-compute", type=float, default=0.0175,
-                        help="s of one tower's forward+backward at --batch on its own GPU (H200: 0.035 s with two "
-                             "towers sharing the GPU, so half of it alone)")  # fmt: skip
-    parser.add_argument("--old-overhead", type=float, default=0.078,
-                        help="s per step of Ray calls and host staging before the one-call step (H200: 0.113 s step - 0.035 s compute)")
+                        help="s of one tower's forward+backward at --batch on its own GPU (default: half the H200's, "
+                             "where two towers shared it; docs/performance.md, \"GPU\")")  # fmt: skip
+    parser.add_argument(
+        "--old-overhead",
+        type=float,
+        default=0.078,
+        help="s per step of Ray calls and host staging before the one-call step (default: the H200's step less its "
+        'compute; docs/performance.md, "GPU")',
+    )
     parser.add_argument("--overhead", type=float, default=0.002,
                         help="s per step the one-call step adds, predicted: nine NCCL collectives' latency, one synchronisation")
     args = parser.parse_args()
@@ -48,7 +53,7 @@ def main() -> None:
     gradient_bytes = config.parameter_count() * 4 / config.towers  # float32, each tower's half
     fc_share = sum(s.parameter_count for s in config.shapes if s.layer.kind == "fc") / config.parameter_count()
     scale = args.batch / 128
-    pair_bytes = 62.1e6 * scale  # measured at batch 128: 31.06 MB each way between the towers (all-gather + reduce-scatter)
+    pair_bytes = 62.1e6 * scale  # both ways between the towers at batch 128 (docs/performance.md, "Exchanges")
     print(f"per tower: {gradient_bytes / 1e6:.1f} MB of float32 gradients, {fc_share:.1%} of them the fc layers'; "
           f"between the pair: {pair_bytes / 1e6:.1f} MB a step at batch {args.batch}")  # fmt: skip
     print(f"tower compute {args.tower_compute * 1000:.1f} ms; overhead {args.old_overhead * 1000:.0f} ms a step before the "

@@ -3,6 +3,7 @@ readable size, one owner for what goes into the object store, and Ray Data worke
 
 import ast
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -96,3 +97,39 @@ def test_benchmarks_import_the_project_as_installed():
     """Benchmarks run in the venv that `make install` made: none edits sys.path to find the project."""
     editing = [p.name for p in sorted((ROOT / "benchmarks").glob("*.py")) if "sys.path" in p.read_text()]
     assert editing == []
+
+
+PERFORMANCE = ROOT / "docs" / "performance.md"
+# A pointer into docs/performance.md names its section: docs/performance.md, "Training step".
+SECTION_POINTER = re.compile(r'docs/performance\.md\)?,\s*(?:#\s*)?"([^"]+)"')
+
+
+def test_the_performance_doc_opens_with_the_current_figures_table():
+    """One row per figure, each with its command, machine and date; the machines are named below it."""
+    lines = PERFORMANCE.read_text().splitlines()
+    sections = [i for i, line in enumerate(lines) if line.startswith("## ")]
+    assert lines[sections[0]] == "## Current figures"
+    section = lines[sections[0] : sections[1]]
+    table = [line for line in section if line.startswith("|")]
+    header = [cell.strip() for cell in table[0].strip("|").split("|")]
+    assert header == ["figure", "value", "command", "machine", "date"]
+    machines = set(re.findall(r"^- \*\*([^*]+)\*\*:", "\n".join(section), re.MULTILINE))
+    rows = [[cell.strip() for cell in line.strip("|").split(" | ")] for line in table[2:]]
+    assert len(rows) >= 20
+    for row in rows:
+        assert len(row) == 5 and all(row), row
+        assert row[3].split(",")[0] in machines, row
+        assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", row[4]), row
+
+
+def test_pointers_into_the_performance_doc_name_its_sections():
+    headings = {line.lstrip("#").strip() for line in PERFORMANCE.read_text().splitlines() if line.startswith("#")}
+    sources = [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]
+    for folder in ("coordinator", "towers", "client", "benchmarks", "deploy"):
+        sources += [p for p in (ROOT / folder).rglob("*") if p.suffix in (".py", ".sh", ".md", ".yml", ".yaml")]
+    wrong = []
+    for path in sources:
+        for name in SECTION_POINTER.findall(path.read_text()):
+            if (section := re.sub(r"\s+#?\s*", " ", name)) not in headings:
+                wrong.append(f"{path.relative_to(ROOT)}: {section}")
+    assert wrong == []

@@ -75,5 +75,5 @@ def paper_sgd(model: nn.Module, lr: float = 0.01, momentum: float = 0.9, weight_
     no_decay = [p for n, p in model.named_parameters() if n.endswith("bias")]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # The fused kernel updates all parameters in one pass per tensor, much faster on a CPU tower than
-    # the per-parameter loop (docs/performance.md, "fused SGD").
+    # the per-parameter loop (docs/performance.md, "Training step").
     return torch.optim.SGD(groups, lr=lr, momentum=momentum, fused=True)

@@ -123,8 +123,8 @@ class EarlyStart:
     """A pass of batches that starts now, though it is read later.
 
     Its first batch is fetched on a background thread from the moment it is made, so Ray Data's
-    start-up (planning, starting tasks, decoding the first blocks: seconds a pass, see
-    docs/performance.md) overlaps what runs before the pass is read, instead of stalling the
+    start-up (planning, starting tasks, decoding the first blocks: docs/performance.md, "Data
+    pipeline") overlaps what runs before the pass is read, instead of stalling the
     towers. After the first batch, the pass is read on the caller's thread as usual.
     """
 

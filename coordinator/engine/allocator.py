@@ -24,7 +24,7 @@ def keep_freed_memory_in_heap() -> bool:
     MB). By default glibc serves each block over 32 MiB with fresh pages from the kernel, which
     are faulted in and zeroed again on first touch, step after step. Served from the heap and
     kept there, they are reused from the third step on. The cost: the step's peak memory stays
-    resident. Both are measured in docs/performance.md.
+    resident. Both are measured in docs/performance.md, "Training step".
     """
     return _mallopt((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2**31 - 1))
 
@@ -34,8 +34,8 @@ def return_freed_memory() -> bool:
 
     The server decodes images and builds request tensors (618 KB an image) in up to 32 handler
     threads at once. glibc raises its mmap threshold each time such a block is freed, after which
-    they come from per-thread arenas and stay there, fragmented: under load the heap grew by a
-    quarter to a half in the first minute. A fixed 128 KiB threshold serves every large block
-    with its own pages, returned on free, and two arenas bound the rest (docs/performance.md).
+    they come from per-thread arenas and stay there, fragmented, and the heap grows under load. A
+    fixed 128 KiB threshold serves every large block with its own pages, returned on free, and two
+    arenas bound the rest (docs/performance.md, "Serving beside training").
     """
     return _mallopt((M_MMAP_THRESHOLD, 128 << 10), (M_ARENA_MAX, 2))

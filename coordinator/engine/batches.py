@@ -4,7 +4,7 @@ A batch travels as the narrowest form that gives the towers the same bits: the d
 Crops (uint8 pixels and a colour offset per image, a quarter of the float bytes, made float on
 the tower: towers.inputs), or float pixels as (N, H, W, C), a view of channels-last memory.
 The checks run in numpy: torch would spread them over its threads, whose spinning afterwards
-takes the cores the towers compute on (docs/performance.md).
+takes the cores the towers compute on (docs/performance.md, "Training step").
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ the towers fails, it probes them and names the ones that died or hung (TowerFail
 
 Each step is one call to each tower, which runs the whole step, its exchanges inside it; the
 driver's handle (model.py) submits those calls itself: through this actor they would cost a hop
-each way, and the CPU time of both (docs/performance.md).
+each way, and the CPU time of both (docs/performance.md, "Training step").
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """A process group for towers on one host: the pieces in shared memory, a byte through a pipe to say so.
 
-Gloo moves CPU tensors over loopback TCP through its worker threads: on the 2-core CI machine an
-all-gather of 4 KB took 0.3 ms at the median and 3.5 ms at the 90th percentile, and a step has
-nine of them (docs/performance.md). Towers of one pair share a host (one node of Ray), so here
+Gloo moves CPU tensors over loopback TCP through its worker threads, which wake up for every
+collective, and a step has nine of them (docs/performance.md, "Exchanges", times it against this
+group). Towers of one pair share a host (one node of Ray), so here
 each member writes its piece into a file of shared memory (/dev/shm) that the others map, and
 tells each of them through a pipe of their own (a FIFO) that it is there; a member reads its
 peers' pieces once each has told it. The pipes carry what the group needs beyond bytes:

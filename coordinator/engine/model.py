@@ -39,7 +39,7 @@ class ModelParallelAlexNet:
     start_timeout is how long to wait for the towers to be placed and started (an autoscaling
     cluster may be adding a node); past it a RuntimeError says what they need and what is free.
     keep_freed_memory has each tower's allocator keep what it frees for the next step (glibc;
-    faster steps on CPU for a step's peak memory staying resident, see docs/performance.md);
+    faster steps on CPU for a step's peak memory staying resident: docs/performance.md, "Training step");
     False returns it. nice lowers the towers' CPU priority by 0 to 19: a serving pair that shares
     CPUs with a training pair may yield to it.
 

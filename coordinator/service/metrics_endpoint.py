@@ -1,7 +1,8 @@
 """/metrics from a process of its own, so that nothing in the server can delay a scrape.
 
 The server's process runs the gRPC handlers, the batcher and the jobs' threads under one GIL: a
-busy or descheduled thread there holds every other one back, and a scrape waited up to 10 s.
+busy or descheduled thread there holds every other one back, scrapes included (docs/performance.md,
+"Serving beside training").
 This process only answers HTTP. On each scrape it asks the server for a fresh text (the server
 renders its registry: microseconds of work) and waits for it at most FRESH_WAIT seconds; past
 that it answers with the last text it has, and `alexnet_metrics_snapshot_age_seconds` says how

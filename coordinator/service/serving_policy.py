@@ -19,7 +19,7 @@ class ServingShare:
     saturation serving computes `share` of the time while training keeps the rest. The bounded
     queue refuses the overflow (RESOURCE_EXHAUSTED). With no job training, nothing is counted:
     serving has the whole machine. A burst lets a light load run several batches back to back,
-    at the price of training's pace (docs/performance.md measures both)."""
+    at the price of training's pace (docs/performance.md, "Serving beside training", measures both)."""
 
     def __init__(self, share: float, training: Callable[[], bool] = lambda: False, burst: float = BURST_SECONDS):
         if not 0 < share <= 1:

@@ -87,7 +87,8 @@ class TrainingBoard:
                     self._histogram(histogram_tag(tower, name), values, step)
 
     def _histogram(self, tag: str, values: torch.Tensor, step: int) -> None:
-        # torch.histc bins in place; add_histogram's numpy binning copies every weight first (docs/performance.md)
+        # torch.histc bins in place; add_histogram's numpy binning copies every weight first
+        # (docs/performance.md, "TensorBoard cost")
         values = values.detach().flatten().to(torch.float32)
         low, high = (float(v) for v in torch.aminmax(values))
         if low == high:

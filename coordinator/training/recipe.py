@@ -87,7 +87,8 @@ PRESETS = {
     "paper": Recipe(),
     # The same network, tuned so that learning shows within minutes on a 2-core CPU: He
     # initialisation with a zero fc8 and unit-scale pixels leave the plateau at the start where the
-    # paper's N(0, 0.01) takes epochs; the last epoch runs at a tenth of the rate (docs/performance.md).
+    # paper's N(0, 0.01) takes epochs; the last epoch runs at a tenth of the rate (docs/performance.md,
+    # "The demo and CI").
     "demo": Recipe(
         epochs=5,
         batch_size=64,
