@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench proto clean deploy-smoke
+.PHONY: install test lint demo bench proto clean deploy-smoke
 
 install: $(STAMP)
 
@@ -23,6 +23,11 @@ test: $(STAMP)
 	@seed=$${SEED:-$$(od -An -N4 -tu4 /dev/urandom | tr -d ' ')}; \
 	echo "test order: seed $$seed (make test SEED=$$seed repeats it)"; \
 	$(PY) -m pytest -q --durations=20 -p randomly --randomly-seed=$$seed $(PYTEST_ARGS)
+
+# The house style: ruff's format, and its checks as pyproject.toml names them (CI runs this before the tests).
+lint: $(STAMP)
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
 
 demo: $(STAMP)
 	$(VENV)/bin/alexnet-mp demo

@@ -39,11 +39,14 @@ def main() -> None:
     ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)  # before the dataset, which uses Ray Data
     root = generate(Path(tempfile.gettempdir()) / "alexnet-mp-board-bench")
     dataset = open_dataset(root / "train", root / "val")
-    engine = ModelParallelAlexNet(num_classes=dataset.num_classes, width=plan.width, init=plan.init, seed=plan.seed,
-                                  precision=plan.precision)  # fmt: skip
+    engine = ModelParallelAlexNet(
+        num_classes=dataset.num_classes, width=plan.width, init=plan.init, seed=plan.seed, precision=plan.precision
+    )
     board_seconds = timed_board(board.TrainingBoard)
-    print(f"recipe: demo, width {plan.width}, batch {plan.batch_size}, {args.steps} steps a run, publish every "
-          f"{plan.publish_every}, precision {plan.precision}; histograms every {board.HISTOGRAM_EVERY} steps")  # fmt: skip
+    print(
+        f"recipe: demo, width {plan.width}, batch {plan.batch_size}, {args.steps} steps a run, publish every "
+        f"{plan.publish_every}, precision {plan.precision}; histograms every {board.HISTOGRAM_EVERY} steps"
+    )
     try:
         train(dataset, plan, engine=engine, on_publish=lambda step, state: None)  # warm-up: first-call costs
         pairs = []
@@ -56,14 +59,18 @@ def main() -> None:
                     result = train(dataset, plan, engine=engine, on_publish=lambda step, state: None, log_dir=log_dir)
                     seconds[logged] = (time.perf_counter() - start) / result.steps
                 pairs.append(seconds)
-                print(f"pair {pair + 1}: with the log {seconds[True]:.3f} s/step, without {seconds[False]:.3f} s/step, "
-                      f"difference {1e3 * (seconds[True] - seconds[False]):+.1f} ms ({share(seconds):+.2%})")  # fmt: skip
+                print(
+                    f"pair {pair + 1}: with the log {seconds[True]:.3f} s/step, without {seconds[False]:.3f} s/step, "
+                    f"difference {1e3 * (seconds[True] - seconds[False]):+.1f} ms ({share(seconds):+.2%})"
+                )
     finally:
         engine.shutdown()
     without = statistics.median(p[False] for p in pairs)
     per_step = sum(board_seconds) / (args.pairs * args.steps)
-    print(f"median: with the log {statistics.median(p[True] for p in pairs):.3f} s/step, without {without:.3f} s/step; "
-          f"median difference {statistics.median(share(p) for p in pairs):+.2%} of a step")  # fmt: skip
+    print(
+        f"median: with the log {statistics.median(p[True] for p in pairs):.3f} s/step, without {without:.3f} s/step; "
+        f"median difference {statistics.median(share(p) for p in pairs):+.2%} of a step"
+    )
     print(f"the board's own calls: {1e3 * per_step:.1f} ms a step, {per_step / without:.2%} of a step")
 
 

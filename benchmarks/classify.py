@@ -39,8 +39,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--width", type=float, default=1.0)
     parser.add_argument("--runs", type=int, default=5, help="runs of kserve against grpc at batch 1, for their ratio")
-    parser.add_argument("--precision", choices=("float32", "bfloat16"), default="float32",
-                        help="the serving towers' arithmetic; with bfloat16, in-process runs under torch.autocast")
+    parser.add_argument(
+        "--precision",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="the serving towers' arithmetic; with bfloat16, in-process runs under torch.autocast",
+    )
     args = parser.parse_args()
 
     import grpc
@@ -49,12 +53,14 @@ def main() -> None:
     from alexnet_api.inference_v2 import open_inference_grpc_pb2 as v2
     from alexnet_api.inference_v2 import open_inference_grpc_pb2_grpc as v2_rpc
     from client import AlexNetClient
-    from coordinator.service import Server, ServeOptions
+    from coordinator.service import ServeOptions, Server
     from towers import AlexNet
 
     ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
     sizes = [int(b) for b in args.batches.split(",")]
-    server = Server(ServeOptions(port=0, metrics_port=-1, width=args.width, max_batch=max(sizes), precision=args.precision)).start()
+    server = Server(
+        ServeOptions(port=0, metrics_port=-1, width=args.width, max_batch=max(sizes), precision=args.precision)
+    ).start()
     engine = server.classifier.engine  # the serving pair itself
     reference = AlexNet(num_classes=engine.config.num_classes, width=args.width).eval()
     reference.load_state_dict(engine.state_dict())
@@ -66,8 +72,12 @@ def main() -> None:
 
     def model_infer(x):
         tensor = v2.ModelInferRequest.InferInputTensor(name="INPUT__0", datatype="FP32", shape=list(x.shape))
-        request = v2.ModelInferRequest(model_name="alexnet", inputs=[tensor], outputs=[top_1],
-                                       raw_input_contents=[x.numpy().astype("<f4").tobytes()])  # fmt: skip
+        request = v2.ModelInferRequest(
+            model_name="alexnet",
+            inputs=[tensor],
+            outputs=[top_1],
+            raw_input_contents=[x.numpy().astype("<f4").tobytes()],
+        )
         kserve.ModelInfer(request)
 
     def in_process(x):
@@ -93,20 +103,26 @@ def main() -> None:
                     times[name].append((time.perf_counter() - start) * 1000)
         return times
 
-    print(f"full network width {args.width}, {args.precision}, {args.threads} threads per path; p50 / p90 in ms over "
-          f"{args.requests} requests")  # fmt: skip
+    print(
+        f"full network width {args.width}, {args.precision}, {args.threads} threads per path; p50 / p90 in ms over "
+        f"{args.requests} requests"
+    )
     print(f"{'batch':>5}  " + "  ".join(f"{name:>17}" for name in paths) + "   engine/in-process  grpc/in-process")
     for batch in sizes:
         times = timed(paths, torch.randn(batch, 3, 227, 227))
         p50 = {name: statistics.median(t) for name, t in times.items()}
         cells = "  ".join(f"{p50[name]:8.1f} / {percentile(t, 0.9):6.1f}" for name, t in times.items())
-        print(f"{batch:>5}  {cells}   {p50['engine'] / p50['in-process']:17.2f}  {p50['grpc'] / p50['in-process']:15.2f}")
+        print(
+            f"{batch:>5}  {cells}   {p50['engine'] / p50['in-process']:17.2f}  {p50['grpc'] / p50['in-process']:15.2f}"
+        )
     ratios = []
     for _ in range(args.runs):
         times = timed({name: paths[name] for name in ("grpc", "kserve")}, torch.randn(1, 3, 227, 227))
         ratios.append(statistics.median(times["kserve"]) / statistics.median(times["grpc"]))
-    print(f"batch 1, kserve.v2 ModelInfer / alexnet.v1 Classify p50: {statistics.median(ratios):.3f} "
-          f"(median of {args.runs} runs: {', '.join(f'{r:.3f}' for r in ratios)})")  # fmt: skip
+    print(
+        f"batch 1, kserve.v2 ModelInfer / alexnet.v1 Classify p50: {statistics.median(ratios):.3f} "
+        f"(median of {args.runs} runs: {', '.join(f'{r:.3f}' for r in ratios)})"
+    )
     client.close()
     server.stop()
     ray.shutdown()

@@ -97,7 +97,9 @@ def main() -> None:
 
     def training_alone() -> float:
         """Images/s of the median pipelined step on the fixed batch (after one warm-up step)."""
-        return len(fixed.labels) / statistics.median(pipelined_steps(engine, fixed.crops, fixed.labels, args.steps + 1)[1:])
+        return len(fixed.labels) / statistics.median(
+            pipelined_steps(engine, fixed.crops, fixed.labels, args.steps + 1)[1:]
+        )
 
     runs = {"loader": [], "validation": [], "together": [], "early": []}
     training, beside_early = [], []
@@ -113,11 +115,17 @@ def main() -> None:
         print(f"pass {p + 1}/{args.passes}: " + "; ".join(f"{k} {v[-1]}" for k, v in runs.items()), flush=True)
     engine.shutdown()
 
-    loader, together, train_rate = median_pass(runs["loader"]), median_pass(runs["together"]), statistics.median(training)
+    loader, together, train_rate = (
+        median_pass(runs["loader"]),
+        median_pass(runs["together"]),
+        statistics.median(training),
+    )
     early = median_pass(runs["early"])
     print()
-    print(f"dataset: {train_dir}; training passes of {len(samples)} images, batch {args.batch}; "
-          f"validation passes of {len(dataset.val)} images; medians of {args.passes} passes")  # fmt: skip
+    print(
+        f"dataset: {train_dir}; training passes of {len(samples)} images, batch {args.batch}; "
+        f"validation passes of {len(dataset.val)} images; medians of {args.passes} passes"
+    )
     print(f"loader alone:           {loader}")
     print(f"validation loader:      {median_pass(runs['validation'])}")
     print(f"training alone:         {train_rate:6.1f} images/s")
@@ -125,8 +133,10 @@ def main() -> None:
     print(f"the same, started early: {early}")
     print(f"training beside an early start: {statistics.median(beside_early):6.1f} images/s")
     print(f"loader steady / training: {loader.steady / train_rate:.2f}x (target: at least 2x)")
-    print(f"training fed by the loader, whole pass: {together.whole / train_rate:.0%} of training alone; "
-          f"{early.whole / train_rate:.0%} started early")  # fmt: skip
+    print(
+        f"training fed by the loader, whole pass: {together.whole / train_rate:.0%} of training alone; "
+        f"{early.whole / train_rate:.0%} started early"
+    )
     ray.shutdown()
 
 

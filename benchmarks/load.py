@@ -39,6 +39,7 @@ import urllib.request
 from pathlib import Path
 
 import grpc
+
 from alexnet_api.v1 import alexnet_pb2 as pb  # the project as installed (make install), like every benchmark
 from alexnet_api.v1 import alexnet_pb2_grpc as rpc
 
@@ -193,8 +194,11 @@ class CpuWindow:
             group = groups[process_group(pid, cmdline, self.server, self.serving)]
             group[0] += user - user0
             group[1] += system - system0
-        by_group = "; ".join(f"{name} {u / seconds:.2f} user + {s / seconds:.2f} sys"
-                             for name, (u, s) in sorted(groups.items(), key=lambda g: -sum(g[1])) if u + s > 0.01 * seconds)  # fmt: skip
+        by_group = "; ".join(
+            f"{name} {u / seconds:.2f} user + {s / seconds:.2f} sys"
+            for name, (u, s) in sorted(groups.items(), key=lambda g: -sum(g[1]))
+            if u + s > 0.01 * seconds
+        )
         return f"CPU: {share}; pressure (some) {pressure:.0%}; cores busy per group: {by_group}"
 
 
@@ -230,9 +234,13 @@ def main() -> None:
     parser.add_argument("--max-queue", type=int, default=64)
     parser.add_argument("--overflow-images", type=int, default=8)
     parser.add_argument("--server-args", default="", help="more `serve` arguments, e.g. '--serving-share 0.5'")
-    parser.add_argument("--client-nice", type=int, default=0,
-                        help="run these load clients at this CPU niceness: on a small machine they take the cores "
-                             "that remote clients would not")  # fmt: skip
+    parser.add_argument(
+        "--client-nice",
+        type=int,
+        default=0,
+        help="run these load clients at this CPU niceness: on a small machine they take the cores "
+        "that remote clients would not",
+    )
     args = parser.parse_args()
 
     from client import AlexNetClient
@@ -241,10 +249,31 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp(prefix="alexnet-mp-load-"))
     data = generate(folder / "patterns", train_per_class=60, val_per_class=6)
     server = subprocess.Popen(
-        [sys.executable, "-m", "client.cli", "serve", "--port", "0", "--metrics-port", "0", "--width", str(args.width),
-         "--max-queue", str(args.max_queue), "--state-dir", "", "--data-root", str(folder), *args.server_args.split()],
-        cwd=ROOT, stdout=subprocess.PIPE, text=True, start_new_session=True, env={**os.environ, "COLUMNS": "500"},
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "client.cli",
+            "serve",
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--width",
+            str(args.width),
+            "--max-queue",
+            str(args.max_queue),
+            "--state-dir",
+            "",
+            "--data-root",
+            str(folder),
+            *args.server_args.split(),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, "COLUMNS": "500"},
+    )
     said, scraper = "", None
     try:
         while not (ports := re.search(r"gRPC on \S+?:(\d+)\D.*http://[^:\s]+:(\d+)/metrics", said, re.DOTALL)):
@@ -266,8 +295,11 @@ def main() -> None:
                 first, cpu, start = client.get(job.job_id).progress, CpuWindow(server.pid, serving), time.monotonic()
                 time.sleep(args.seconds / 2)
                 rate = training_rate(first, client.get(job.job_id).progress)
-                print(f"training alone, {when}: {rate:.1f} images/s (width {args.width}, batch {BATCH}); "
-                      f"{scraper.between(start, time.monotonic())}\n  {cpu.report()}", flush=True)  # fmt: skip
+                print(
+                    f"training alone, {when}: {rate:.1f} images/s (width {args.width}, batch {BATCH}); "
+                    f"{scraper.between(start, time.monotonic())}\n  {cpu.report()}",
+                    flush=True,
+                )
                 return rate
 
             def under(phase: str, clients: int, images: int, pause: float, before: float) -> tuple[float, list]:
@@ -276,12 +308,15 @@ def main() -> None:
                 latencies, codes = asyncio.run(hammer(target, clients, args.seconds, images, image, pause))
                 elapsed = time.monotonic() - start
                 rate = training_rate(first, client.get(job.job_id).progress)
-                print(f"{phase}: {clients} clients x {images} image(s), pause {pause:g} s, {elapsed:.0f} s: "
-                      f"{codes['OK'] / elapsed:.1f} OK requests/s, p50 {percentile(latencies, 0.5) * 1000:.0f} ms, "
-                      f"p99 {percentile(latencies, 0.99) * 1000:.0f} ms, max {max(latencies, default=0) * 1000:.0f} ms; "
-                      f"codes {dict(codes)}; {scraper.between(start, time.monotonic())}; training {rate:.1f} images/s "
-                      f"({rate / before:.0%} of the window before)\n  {cpu.report()}\n  server RSS "
-                      f"{memory_change(memory, server_memory(server.pid))}", flush=True)  # fmt: skip
+                print(
+                    f"{phase}: {clients} clients x {images} image(s), pause {pause:g} s, {elapsed:.0f} s: "
+                    f"{codes['OK'] / elapsed:.1f} OK requests/s, p50 {percentile(latencies, 0.5) * 1000:.0f} ms, "
+                    f"p99 {percentile(latencies, 0.99) * 1000:.0f} ms, max {max(latencies, default=0) * 1000:.0f} ms; "
+                    f"codes {dict(codes)}; {scraper.between(start, time.monotonic())}; training {rate:.1f} images/s "
+                    f"({rate / before:.0%} of the window before)\n  {cpu.report()}\n  server RSS "
+                    f"{memory_change(memory, server_memory(server.pid))}",
+                    flush=True,
+                )
                 return rate, latencies
 
             print(f"server pid {server.pid}; serving towers {sorted(serving)}", flush=True)
@@ -299,8 +334,11 @@ def main() -> None:
                     raise SystemExit(f"--loads: light or saturation, not {load!r}")
                 quiet.append(alone(f"after the {load} load"))
                 pace = statistics.mean(quiet[-2:])
-                print(f"=> {load}: training kept {rates[0] / pace:.0%} of its pace alone ({pace:.1f} images/s, the mean "
-                      f"of the windows either side)", flush=True)  # fmt: skip
+                print(
+                    f"=> {load}: training kept {rates[0] / pace:.0%} of its pace alone ({pace:.1f} images/s, the mean "
+                    f"of the windows either side)",
+                    flush=True,
+                )
             client.stop(job.job_id)
     finally:
         if scraper is not None:

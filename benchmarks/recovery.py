@@ -59,16 +59,28 @@ def main() -> None:
         elif event.kind == "recovered":
             rows.append((event.step_seconds, event.message))
 
-    print(f"demo recipe, snapshot_every {plan.snapshot_every}, width {plan.width}, batch {plan.batch_size}; "
-          f"kills after steps {kills_at}", flush=True)  # fmt: skip
+    print(
+        f"demo recipe, snapshot_every {plan.snapshot_every}, width {plan.width}, batch {plan.batch_size}; "
+        f"kills after steps {kills_at}",
+        flush=True,
+    )
     result = train(dataset, plan, on_event=on_event, engine=engine)
     engine.shutdown()
     print()
     for kill, (seconds, message) in zip(killed, rows):
-        after = f"next step done {kill['next'] - kill['at']:.1f} s later" if "next" in kill else "no step after it (validation)"
-        print(f"tower {kill['tower']} killed after step {kill['step']}: {after}; the recovery itself {seconds:.1f} s; {message}")
-    print(f"median step {statistics.median(steps):.2f} s; result: {result.state}, {result.steps} steps, "
-          f"{result.restarts} restarts, validation top-1 {result.top1:.1%}")  # fmt: skip
+        after = (
+            f"next step done {kill['next'] - kill['at']:.1f} s later"
+            if "next" in kill
+            else "no step after it (validation)"
+        )
+        print(
+            f"tower {kill['tower']} killed after step {kill['step']}: {after}; "
+            f"the recovery itself {seconds:.1f} s; {message}"
+        )
+    print(
+        f"median step {statistics.median(steps):.2f} s; result: {result.state}, {result.steps} steps, "
+        f"{result.restarts} restarts, validation top-1 {result.top1:.1%}"
+    )
     ray.shutdown()
 
 

@@ -35,9 +35,13 @@ def ring_allreduce_seconds(size: float, ranks: int, bandwidth: float, latency: f
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=128, help="images per group per step (the paper's 128)")
-    parser.add_argument("--tower-compute", type=float, default=0.0175,
-                        help="s of one tower's forward+backward at --batch on its own GPU (default: half the H200's, "
-                             "where two towers shared it; docs/performance.md, \"GPU\")")  # fmt: skip
+    parser.add_argument(
+        "--tower-compute",
+        type=float,
+        default=0.0175,
+        help="s of one tower's forward+backward at --batch on its own GPU (default: half the H200's, "
+        'where two towers shared it; docs/performance.md, "GPU")',
+    )
     parser.add_argument(
         "--old-overhead",
         type=float,
@@ -45,8 +49,12 @@ def main() -> None:
         help="s per step of Ray calls and host staging before the one-call step (default: the H200's step less its "
         'compute; docs/performance.md, "GPU")',
     )
-    parser.add_argument("--overhead", type=float, default=0.002,
-                        help="s per step the one-call step adds, predicted: nine NCCL collectives' latency, one synchronisation")
+    parser.add_argument(
+        "--overhead",
+        type=float,
+        default=0.002,
+        help="s per step the one-call step adds, predicted: nine NCCL collectives' latency, one synchronisation",
+    )
     args = parser.parse_args()
 
     config = NetConfig()
@@ -54,11 +62,19 @@ def main() -> None:
     fc_share = sum(s.parameter_count for s in config.shapes if s.layer.kind == "fc") / config.parameter_count()
     scale = args.batch / 128
     pair_bytes = 62.1e6 * scale  # both ways between the towers at batch 128 (docs/performance.md, "Exchanges")
-    print(f"per tower: {gradient_bytes / 1e6:.1f} MB of float32 gradients, {fc_share:.1%} of them the fc layers'; "
-          f"between the pair: {pair_bytes / 1e6:.1f} MB a step at batch {args.batch}")  # fmt: skip
-    print(f"tower compute {args.tower_compute * 1000:.1f} ms; overhead {args.old_overhead * 1000:.0f} ms a step before the "
-          f"one-call step, {args.overhead * 1000:.0f} ms with it\n")  # fmt: skip
-    print("| GPUs | groups | link | all-reduce ms | step ms, before | images/s | step ms, one-call step | images/s | all-reduce share |")
+    print(
+        f"per tower: {gradient_bytes / 1e6:.1f} MB of float32 gradients, {fc_share:.1%} of them the fc layers'; "
+        f"between the pair: {pair_bytes / 1e6:.1f} MB a step at batch {args.batch}"
+    )
+    print(
+        f"tower compute {args.tower_compute * 1000:.1f} ms; "
+        f"overhead {args.old_overhead * 1000:.0f} ms a step before the "
+        f"one-call step, {args.overhead * 1000:.0f} ms with it\n"
+    )
+    print(
+        "| GPUs | groups | link | all-reduce ms | step ms, before | images/s "
+        "| step ms, one-call step | images/s | all-reduce share |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for groups in (1, 2, 8, 32):
         for link, (bandwidth, latency) in LINKS.items():
@@ -68,8 +84,11 @@ def main() -> None:
             lean = args.tower_compute + pair + allreduce
             before, now = args.old_overhead + lean, args.overhead + lean
             images = args.batch * groups
-            print(f"| {2 * groups} | {groups} | {link if groups > 1 else '-'} | {allreduce * 1000:.1f} | {before * 1000:.0f} | {images / before:,.0f} "
-                  f"| {now * 1000:.1f} | {images / now:,.0f} | {allreduce / now:.0%} |")  # fmt: skip
+            print(
+                f"| {2 * groups} | {groups} | {link if groups > 1 else '-'} | {allreduce * 1000:.1f} "
+                f"| {before * 1000:.0f} | {images / before:,.0f} "
+                f"| {now * 1000:.1f} | {images / now:,.0f} | {allreduce / now:.0%} |"
+            )
             if groups == 1:
                 break  # one group: no all-reduce, the link does not matter
 

@@ -93,8 +93,12 @@ def batch_for(args, num_classes: int):
 
     rng = np.random.default_rng(0)
     size = args.image_size
-    crops = crops_of(rng.integers(0, 256, (args.batch, size, size, 3), dtype=np.uint8),
-                     rng.normal(0, 5, (args.batch, 3)), (123.68, 116.779, 103.939), (58.393, 57.12, 57.375))  # fmt: skip
+    crops = crops_of(
+        rng.integers(0, 256, (args.batch, size, size, 3), dtype=np.uint8),
+        rng.normal(0, 5, (args.batch, 3)),
+        (123.68, 116.779, 103.939),
+        (58.393, 57.12, 57.375),
+    )
     labels = torch.as_tensor(rng.integers(0, num_classes, args.batch))
     return crops, crops.to_tensor(), labels
 
@@ -116,10 +120,18 @@ def main() -> None:
     parser.add_argument("--input", choices=("crops", "float"), default="crops", help="what the engine is fed")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="the reference's device")
     parser.add_argument("--transport", default="auto", help="the engine's: auto, gloo or nccl")
-    parser.add_argument("--precision", choices=("float32", "bfloat16"), default="float32",
-                        help="the engine's arithmetic; with bfloat16, plain PyTorch runs under torch.autocast(bfloat16)")
-    parser.add_argument("--replicas", type=int, default=1,
-                        help="the engine's data-parallel groups of two towers (each gets --batch / replicas images)")  # fmt: skip
+    parser.add_argument(
+        "--precision",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="the engine's arithmetic; with bfloat16, plain PyTorch runs under torch.autocast(bfloat16)",
+    )
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="the engine's data-parallel groups of two towers (each gets --batch / replicas images)",
+    )
     parser.add_argument(
         "--tf32", action="store_true", help="CUDA only: TensorFloat-32 matmuls and convolutions on both sides"
     )
@@ -140,8 +152,14 @@ def main() -> None:
     # More towers than threads: each tower still gets a thread, and the towers share the cores. The
     # local Ray a user or the server gets: its workers, the towers, at the driver's CPU priority.
     ensure_ray(num_cpus=max(args.threads, towers))
-    engine = ModelParallelAlexNet(**net, cpus_per_tower=max(1, args.threads // towers), tf32=args.tf32,
-                                  transport=args.transport, replicas=args.replicas, precision=args.precision)  # fmt: skip
+    engine = ModelParallelAlexNet(
+        **net,
+        cpus_per_tower=max(1, args.threads // towers),
+        tf32=args.tf32,
+        transport=args.transport,
+        replicas=args.replicas,
+        precision=args.precision,
+    )
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=args.precision == "bfloat16")
     # The same float32 arithmetic on both sides (PyTorch's own default has TF32 convolutions, not matmuls).
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = args.tf32
@@ -181,11 +199,22 @@ def main() -> None:
             times["reference"] += reference_steps(n)
         solo = [statistics.median(s) for s in engine.solo_step_seconds(engine_input, labels, args.solo_steps)]
         engine_s, reference_s = statistics.median(times["engine"]), statistics.median(times["reference"])
-        runs.append({"engine": engine_s, "reference": reference_s, "solo": max(solo), "solo_sum": sum(solo),
-                     "floor": engine_s - max(solo), "ratio": reference_s / engine_s})  # fmt: skip
-        print(f"run {run + 1}/{args.runs}: engine {engine_s:.4f} s/step, plain PyTorch {reference_s:.4f}, "
-              f"{reference_s / engine_s:.3f}x; solo towers {', '.join(f'{s:.4f}' for s in solo)}; "
-              f"floor {engine_s - max(solo):.4f} s", flush=True)  # fmt: skip
+        runs.append(
+            {
+                "engine": engine_s,
+                "reference": reference_s,
+                "solo": max(solo),
+                "solo_sum": sum(solo),
+                "floor": engine_s - max(solo),
+                "ratio": reference_s / engine_s,
+            }
+        )
+        print(
+            f"run {run + 1}/{args.runs}: engine {engine_s:.4f} s/step, plain PyTorch {reference_s:.4f}, "
+            f"{reference_s / engine_s:.3f}x; solo towers {', '.join(f'{s:.4f}' for s in solo)}; "
+            f"floor {engine_s - max(solo):.4f} s",
+            flush=True,
+        )
     stats = engine.take_stats()
     steps = args.runs * args.steps
     median = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
@@ -198,48 +227,75 @@ def main() -> None:
 
     print()
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; torch {torch.__version__}")
-    print(f"towers: {engine.placement.kind}, on {', '.join(t['device'] for t in engine.towers)}, exchanging over "
-          f"{engine.transport}; reference on {device}; the engine fed {args.input}")  # fmt: skip
-    print(f"precision: {args.precision}" + (f" (bf16 by {engine.towers[0]['bf16']}; plain PyTorch under torch.autocast)"
-                                            if args.precision == "bfloat16" else ""))  # fmt: skip
+    print(
+        f"towers: {engine.placement.kind}, on {', '.join(t['device'] for t in engine.towers)}, exchanging over "
+        f"{engine.transport}; reference on {device}; the engine fed {args.input}"
+    )
+    print(
+        f"precision: {args.precision}"
+        + (
+            f" (bf16 by {engine.towers[0]['bf16']}; plain PyTorch under torch.autocast)"
+            if args.precision == "bfloat16"
+            else ""
+        )
+    )
     if device == "cuda":
         print(f"TF32 {'on' if args.tf32 else 'off'} on both sides")
-    print(f"batch {args.batch} at {args.image_size} px, width {args.width}, {args.runs} run(s) of {args.steps} timed steps, "
-          f"{args.threads} threads per side" + (f"; {args.replicas} replica groups of {args.batch // args.replicas} images"
-                                                if args.replicas > 1 else ""))  # fmt: skip
+    print(
+        f"batch {args.batch} at {args.image_size} px, width {args.width}, "
+        f"{args.runs} run(s) of {args.steps} timed steps, "
+        f"{args.threads} threads per side"
+        + (f"; {args.replicas} replica groups of {args.batch // args.replicas} images" if args.replicas > 1 else "")
+    )
     label = f"median of {args.runs} runs' medians" if args.runs > 1 else "median"
     print(f"engine    {engine_s:7.4f} s/step  {args.batch / engine_s:8.1f} images/s  ({label})")
     print(f"reference {reference_s:7.4f} s/step  {args.batch / reference_s:8.1f} images/s")
     print(f"speed-up (reference / engine): {median['ratio']:.3f}x")
     print(f"solo: slowest tower {median['solo']:.4f} s/step, the towers' sum {median['solo_sum']:.4f} s")
-    print(f"floor (engine - slowest solo tower): {median['floor'] * 1000:.1f} ms/step"
-          f"; engine / sum of solo towers: {engine_s / median['solo_sum']:.2f}")  # fmt: skip
+    print(
+        f"floor (engine - slowest solo tower): {median['floor'] * 1000:.1f} ms/step"
+        f"; engine / sum of solo towers: {engine_s / median['solo_sum']:.2f}"
+    )
     print(f"Ray calls per step: {stats['tower_calls'] / steps:g} (one per tower; the coordinator is not on the path)")
     print()
     print(f"sgemm: {one_thread / 1e9:.0f} GFLOP/s on 1 thread, {all_threads / 1e9:.0f} GFLOP/s on {args.threads}")
     if gpu:
-        print(f"GPU float32 matmul{' (TF32)' if args.tf32 else ''}: {gpu / 1e12:.1f} TFLOP/s; engine reaches "
-              f"{flops / engine_s / gpu:.1%} of it, the reference {flops / reference_s / gpu:.1%}")  # fmt: skip
+        print(
+            f"GPU float32 matmul{' (TF32)' if args.tf32 else ''}: {gpu / 1e12:.1f} TFLOP/s; engine reaches "
+            f"{flops / engine_s / gpu:.1%} of it, the reference {flops / reference_s / gpu:.1%}"
+        )
     against_cpu = ""
     if engine.placement.kind == "cpu":  # GPU towers are measured against the GPU's rate above
         limit = one_thread * args.threads
-        against_cpu = (f" = {flops / engine_s / limit:.0%} of {args.threads} x single-thread sgemm, "
-                       f"{flops / engine_s / all_threads:.0%} of {args.threads}-thread sgemm")  # fmt: skip
-    print(f"training: {flops / 1e9:.1f} GFLOP per step; engine {flops / engine_s / 1e9:.0f} GFLOP/s{against_cpu}; "
-          f"reference {flops / reference_s / 1e9:.0f} GFLOP/s")  # fmt: skip
+        against_cpu = (
+            f" = {flops / engine_s / limit:.0%} of {args.threads} x single-thread sgemm, "
+            f"{flops / engine_s / all_threads:.0%} of {args.threads}-thread sgemm"
+        )
+    print(
+        f"training: {flops / 1e9:.1f} GFLOP per step; engine {flops / engine_s / 1e9:.0f} GFLOP/s{against_cpu}; "
+        f"reference {flops / reference_s / 1e9:.0f} GFLOP/s"
+    )
 
     print()
     print("per step, seconds (compute forward/backward per stage, the update, then the waits in exchanges):")
     for t, tower in enumerate(stats["towers"]):
         compute = tower["compute_seconds"]
         stages = dict.fromkeys(stage for stage, _ in compute)
-        row = "  ".join(f"{stage} {compute.get((stage, 'forward'), 0) / steps:.4f}/{compute.get((stage, 'backward'), 0) / steps:.4f}"
-                        for stage in stages)  # fmt: skip
+        row = "  ".join(
+            f"{stage} {compute.get((stage, 'forward'), 0) / steps:.4f}"
+            f"/{compute.get((stage, 'backward'), 0) / steps:.4f}"
+            for stage in stages
+        )
         wait = sum(tower["exchange_seconds"].values()) / steps
-        allreduce = (f"  all-reduce {tower['allreduce_seconds'] / steps:.4f} s, {tower['allreduce_bytes'] / steps / 1e6:.1f} MB"
-                     if args.replicas > 1 else "")  # fmt: skip
-        print(f"  tower {t}: {row}  update {tower['update_seconds'] / steps:.4f} | compute "
-              f"{(sum(compute.values()) + tower['update_seconds']) / steps:.4f}  exchange wait {wait:.4f}{allreduce}")  # fmt: skip
+        allreduce = (
+            f"  all-reduce {tower['allreduce_seconds'] / steps:.4f} s, {tower['allreduce_bytes'] / steps / 1e6:.1f} MB"
+            if args.replicas > 1
+            else ""
+        )
+        print(
+            f"  tower {t}: {row}  update {tower['update_seconds'] / steps:.4f} | compute "
+            f"{(sum(compute.values()) + tower['update_seconds']) / steps:.4f}  exchange wait {wait:.4f}{allreduce}"
+        )
 
     measured = defaultdict(int)
     for tower in stats["towers"]:

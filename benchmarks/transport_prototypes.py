@@ -41,7 +41,9 @@ def exchanged_shapes(batch: int) -> list[tuple[int, ...]]:
     for segment in config.segments[:-1]:
         last = segment[-1]
         size = last.out_size
-        shapes.append((batch, last.out_split[0], size, size) if last.layer.kind == "conv" else (batch, last.out_split[0]))
+        shapes.append(
+            (batch, last.out_split[0], size, size) if last.layer.kind == "conv" else (batch, last.out_split[0])
+        )
     return shapes
 
 
@@ -126,7 +128,9 @@ class Coordinator:
             ray.get([tw.last.remote(outs) for tw in t])
             parts = [tw.os_backward.options(num_returns=2).remote(points - 1, []) for tw in t]
             for k in range(points - 2, -1, -1):
-                parts = [tw.os_backward.options(num_returns=2).remote(k, [p[i] for p in parts]) for i, tw in enumerate(t)]
+                parts = [
+                    tw.os_backward.options(num_returns=2).remote(k, [p[i] for p in parts]) for i, tw in enumerate(t)
+                ]
             ray.get([tw.last.remote([p[i] for p in parts]) for i, tw in enumerate(t)])
         elif kind == "ray_direct":
             outs = [tw.rdt_forward.remote(0) for tw in t]
@@ -144,7 +148,9 @@ class Coordinator:
             ray.get(outs)
             parts = [tw.pg_backward.options(num_returns=2).remote(points - 1, []) for tw in t]
             for k in range(points - 2, -2, -1):
-                parts = [tw.pg_backward.options(num_returns=2).remote(k, [p[i] for p in parts]) for i, tw in enumerate(t)]
+                parts = [
+                    tw.pg_backward.options(num_returns=2).remote(k, [p[i] for p in parts]) for i, tw in enumerate(t)
+                ]
             ray.get([p[0] for p in parts])
         return time.perf_counter() - start
 
@@ -171,8 +177,10 @@ def main() -> None:
     base = statistics.median(times["object_store"])
     for kind in kinds:
         median = statistics.median(times[kind])
-        print(f"{kind:13s} median {median * 1000:7.1f} ms/round  ({base / median:.2f}x the object store's speed)  all: "
-              + ", ".join(f"{t * 1000:.0f}" for t in times[kind]))
+        print(
+            f"{kind:13s} median {median * 1000:7.1f} ms/round  ({base / median:.2f}x the object store's speed)  all: "
+            + ", ".join(f"{t * 1000:.0f}" for t in times[kind])
+        )
     ray.shutdown()
 
 

@@ -1,10 +1,10 @@
 """The user's side: a Python client for the alexnet-mp gRPC service.
 
-    from client import AlexNetClient
-    with AlexNetClient("127.0.0.1:50051") as c:
-        job = c.train(builtin=True, preset="demo")
-        for event in c.watch(job.job_id): ...
-        print(c.classify(["cat.jpg"], top_k=5))
+from client import AlexNetClient
+with AlexNetClient("127.0.0.1:50051") as c:
+    job = c.train(builtin=True, preset="demo")
+    for event in c.watch(job.job_id): ...
+    print(c.classify(["cat.jpg"], top_k=5))
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInter
     def intercept_unary_stream(self, continuation, details, request):
         return continuation(self._with_token(details), request)
 
+
 __all__ = ["AlexNetClient", "DEFAULT_TARGET", "pb"]
 
 
@@ -73,8 +74,16 @@ class AlexNetClient:
     (PEM) the channel speaks TLS and trusts that CA; `tls_cert` and `tls_key` add a client
     certificate, for servers that ask for one (mutual TLS)."""
 
-    def __init__(self, target: str = DEFAULT_TARGET, timeout: Optional[float] = None, *, token: Optional[str] = None,
-                 tls_ca: Optional[str] = None, tls_cert: Optional[str] = None, tls_key: Optional[str] = None):  # fmt: skip
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        timeout: Optional[float] = None,
+        *,
+        token: Optional[str] = None,
+        tls_ca: Optional[str] = None,
+        tls_cert: Optional[str] = None,
+        tls_key: Optional[str] = None,
+    ):
         self.target, self.timeout = target, timeout
         options = [("grpc.max_receive_message_length", 64 << 20)]
         # The channel is made when the client is: create clients after any fork, never before.

@@ -37,8 +37,13 @@ def overrides(args) -> dict:
 # --- client commands -----------------------------------------------------------------------------
 def connect(args) -> AlexNetClient:
     """A client for --target, with the token and TLS files the global options name."""
-    return AlexNetClient(args.target, token=read_token(args.token_file), tls_ca=args.tls_ca, tls_cert=args.client_cert,
-                         tls_key=args.client_key)  # fmt: skip
+    return AlexNetClient(
+        args.target,
+        token=read_token(args.token_file),
+        tls_ca=args.tls_ca,
+        tls_cert=args.client_cert,
+        tls_key=args.client_key,
+    )
 
 
 def cmd_train(args) -> int:
@@ -219,29 +224,58 @@ def add_serve_arguments(parser: argparse.ArgumentParser, port: int, metrics_port
     parser.add_argument("--port", type=int, default=port, help="gRPC port (0: any free port)")
     parser.add_argument("--metrics-port", type=int, default=metrics_port, help="Prometheus /metrics port (-1: none)")
     parser.add_argument("--max-batch", type=int, default=32, help="images per served batch")
-    parser.add_argument("--max-delay-ms", type=float, default=1.0, help="how long a lone request waits for a batch to fill")
-    parser.add_argument("--max-queue", type=int, default=256, help="images waiting to be classified, at most (beyond: RESOURCE_EXHAUSTED)")
-    parser.add_argument("--serving-share", type=share, default=0.25, metavar="(0-1]",
-                        help="while a job trains, classification computes at most this share of the time: a light "
-                             "load is answered at once, a heavy one waits in batches and training keeps the rest "
-                             "(default 0.25; 1: no limit)")  # fmt: skip
-    parser.add_argument("--serving-nice", type=int, default=0, choices=range(20), metavar="0-19",
-                        help="run the serving towers this many CPU priority steps below training (default 0: the "
-                             "same; a higher value slows classification under load for a little more training)")  # fmt: skip
+    parser.add_argument(
+        "--max-delay-ms", type=float, default=1.0, help="how long a lone request waits for a batch to fill"
+    )
+    parser.add_argument(
+        "--max-queue",
+        type=int,
+        default=256,
+        help="images waiting to be classified, at most (beyond: RESOURCE_EXHAUSTED)",
+    )
+    parser.add_argument(
+        "--serving-share",
+        type=share,
+        default=0.25,
+        metavar="(0-1]",
+        help="while a job trains, classification computes at most this share of the time: a light "
+        "load is answered at once, a heavy one waits in batches and training keeps the rest "
+        "(default 0.25; 1: no limit)",
+    )
+    parser.add_argument(
+        "--serving-nice",
+        type=int,
+        default=0,
+        choices=range(20),
+        metavar="0-19",
+        help="run the serving towers this many CPU priority steps below training (default 0: the "
+        "same; a higher value slows classification under load for a little more training)",
+    )
     parser.add_argument("--width", type=float, default=1.0, help="network width (1.0 is the paper's)")
-    parser.add_argument("--transport", default="auto",
-                        help="the backend of the serving towers' exchanges: auto (NCCL with a GPU each, else Gloo, "
-                             "and shared memory between towers on one host), gloo or nccl")  # fmt: skip
-    parser.add_argument("--precision", default="float32",
-                        help="the serving towers' arithmetic: float32, or bfloat16 (bf16 layers over float32 weights; "
-                             "needs AMX or AVX512-BF16 on a CPU, or a GPU with bf16)")  # fmt: skip
+    parser.add_argument(
+        "--transport",
+        default="auto",
+        help="the backend of the serving towers' exchanges: auto (NCCL with a GPU each, else Gloo, "
+        "and shared memory between towers on one host), gloo or nccl",
+    )
+    parser.add_argument(
+        "--precision",
+        default="float32",
+        help="the serving towers' arithmetic: float32, or bfloat16 (bf16 layers over float32 weights; "
+        "needs AMX or AVX512-BF16 on a CPU, or a GPU with bf16)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="alexnet-mp", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="alexnet-mp", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--target", default=DEFAULT_TARGET, help="server address for client commands")
-    parser.add_argument("--token-file", help="bearer token for client commands (default: $ALEXNET_MP_TOKEN_FILE, "
-                        "else $ALEXNET_MP_TOKEN); never on the command line itself")  # fmt: skip
+    parser.add_argument(
+        "--token-file",
+        help="bearer token for client commands (default: $ALEXNET_MP_TOKEN_FILE, "
+        "else $ALEXNET_MP_TOKEN); never on the command line itself",
+    )
     parser.add_argument("--tls-ca", help="speak TLS to the server, trusting this CA certificate (PEM)")
     parser.add_argument("--client-cert", help="client certificate (PEM), for a server with --tls-client-ca")
     parser.add_argument("--client-key", help="the client certificate's key (PEM)")
@@ -250,26 +284,60 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the gRPC server (a Ray driver)")
     add_serve_arguments(serve, 50051, 9464)
-    serve.add_argument("--state-dir", help="job records and model versions kept across restarts "
-                       "(default: $XDG_DATA_HOME/alexnet-mp/state, else ~/.local/share/alexnet-mp/state; '' keeps nothing)")  # fmt: skip
-    serve.add_argument("--log-root", help="jobs' TensorBoard logs, a folder per job (default: $ALEXNET_MP_LOGS, "
-                       "else <state-dir>/tensorboard, else ~/.cache/alexnet-mp/tensorboard)")  # fmt: skip
-    serve.add_argument("--max-exports", type=int, default=2, help="ExportModel calls running at once, at most "
-                       "(each holds copies of the weights; beyond: RESOURCE_EXHAUSTED)")  # fmt: skip
+    serve.add_argument(
+        "--state-dir",
+        help="job records and model versions kept across restarts "
+        "(default: $XDG_DATA_HOME/alexnet-mp/state, else ~/.local/share/alexnet-mp/state; '' keeps nothing)",
+    )
+    serve.add_argument(
+        "--log-root",
+        help="jobs' TensorBoard logs, a folder per job (default: $ALEXNET_MP_LOGS, "
+        "else <state-dir>/tensorboard, else ~/.cache/alexnet-mp/tensorboard)",
+    )
+    serve.add_argument(
+        "--max-exports",
+        type=int,
+        default=2,
+        help="ExportModel calls running at once, at most "
+        "(each holds copies of the weights; beyond: RESOURCE_EXHAUSTED)",
+    )
     serve.add_argument("--keep-versions", type=int, default=5, help="model versions kept in the state dir")
-    serve.add_argument("--pin-version", type=int, action="append", default=[], dest="pinned_versions", metavar="N",
-                       help="keep version N in the state dir whatever its age (repeatable)")  # fmt: skip
-    serve.add_argument("--auth-token-file", help="tokens clients must send, one per line, optionally 'read:' or "
-                       "'train:' first (default: $ALEXNET_MP_AUTH_TOKEN_FILE; none: no authentication)")  # fmt: skip
+    serve.add_argument(
+        "--pin-version",
+        type=int,
+        action="append",
+        default=[],
+        dest="pinned_versions",
+        metavar="N",
+        help="keep version N in the state dir whatever its age (repeatable)",
+    )
+    serve.add_argument(
+        "--auth-token-file",
+        help="tokens clients must send, one per line, optionally 'read:' or "
+        "'train:' first (default: $ALEXNET_MP_AUTH_TOKEN_FILE; none: no authentication)",
+    )
     serve.add_argument("--tls-cert", help="serve TLS with this certificate (PEM; needs --tls-key)")
     serve.add_argument("--tls-key", help="the certificate's private key (PEM)")
     serve.add_argument("--tls-client-ca", help="require client certificates signed by this CA (mutual TLS)")
-    serve.add_argument("--data-root", action="append", dest="data_roots", metavar="DIR",
-                       help="a folder requests may train on (repeatable; default: your home on loopback, else none)")  # fmt: skip
-    serve.add_argument("--checkpoint-root", action="append", dest="checkpoint_roots", metavar="DIR",
-                       help="a folder requests may checkpoint to and resume from (repeatable; default as --data-root)")  # fmt: skip
-    serve.add_argument("--insecure-no-auth", action="store_true",
-                       help="allow a non-loopback --host without tokens (only on a network you trust)")  # fmt: skip
+    serve.add_argument(
+        "--data-root",
+        action="append",
+        dest="data_roots",
+        metavar="DIR",
+        help="a folder requests may train on (repeatable; default: your home on loopback, else none)",
+    )
+    serve.add_argument(
+        "--checkpoint-root",
+        action="append",
+        dest="checkpoint_roots",
+        metavar="DIR",
+        help="a folder requests may checkpoint to and resume from (repeatable; default as --data-root)",
+    )
+    serve.add_argument(
+        "--insecure-no-auth",
+        action="store_true",
+        help="allow a non-loopback --host without tokens (only on a network you trust)",
+    )
     serve.set_defaults(run=cmd_serve)
 
     train = sub.add_parser("train", help="start a training job")
@@ -278,17 +346,29 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--builtin", action="store_true", help="the built-in pattern dataset")
     train.add_argument("--val", help="held-out validation folder (default: hold out a share of --data)")
     train.add_argument("--classes", help="class names file: lines like 'n01440764 tench'")
-    train.add_argument("--preset", choices=("demo", "paper"), help="the recipe (default demo; a resumed run keeps its own)")
+    train.add_argument(
+        "--preset", choices=("demo", "paper"), help="the recipe (default demo; a resumed run keeps its own)"
+    )
     train.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="override a recipe field")
     train.add_argument("--checkpoint-dir", help="write checkpoints here after every epoch")
-    train.add_argument("--resume", metavar="JOB|CHECKPOINT",
-                       help="go on with an earlier run exactly where it stopped: a job id, a checkpoint file, or a checkpoint folder (its latest)")  # fmt: skip
-    train.add_argument("--init-from", metavar="FILE|JOB|version:N",
-                       help="start from these weights instead of random ones (fine-tuning): a checkpoint or "
-                            "safetensors file, a job's latest checkpoint, or a model version; another class count "
-                            "starts fc8 afresh")  # fmt: skip
-    train.add_argument("--log-dir", help="write the job's TensorBoard log here (default: a folder of its own "
-                       "under the server's --log-root; GetTraining shows it)")  # fmt: skip
+    train.add_argument(
+        "--resume",
+        metavar="JOB|CHECKPOINT",
+        help="go on with an earlier run exactly where it stopped: a job id, a checkpoint file, "
+        "or a checkpoint folder (its latest)",
+    )
+    train.add_argument(
+        "--init-from",
+        metavar="FILE|JOB|version:N",
+        help="start from these weights instead of random ones (fine-tuning): a checkpoint or "
+        "safetensors file, a job's latest checkpoint, or a model version; another class count "
+        "starts fc8 afresh",
+    )
+    train.add_argument(
+        "--log-dir",
+        help="write the job's TensorBoard log here (default: a folder of its own "
+        "under the server's --log-root; GetTraining shows it)",
+    )
     train.add_argument("--follow", action="store_true", help="show a live progress bar until the job ends")
     train.set_defaults(run=cmd_train)
 
@@ -319,9 +399,12 @@ def build_parser() -> argparse.ArgumentParser:
     kernels.set_defaults(run=cmd_kernels)
 
     export = sub.add_parser("export", help="write a model as ONNX, a torch.export program, or safetensors")
-    export.add_argument("source", nargs="?", metavar="JOB|CHECKPOINT",
-                        help="a job (its latest checkpoint) or a checkpoint file here (default: the version served "
-                             "now)")  # fmt: skip
+    export.add_argument(
+        "source",
+        nargs="?",
+        metavar="JOB|CHECKPOINT",
+        help="a job (its latest checkpoint) or a checkpoint file here (default: the version served now)",
+    )
     export.add_argument("--version", type=int, help="a model version the server serves or keeps")
     export.add_argument("--format", required=True, choices=("onnx", "torch-export", "safetensors"))
     export.add_argument("-o", "--output", required=True, help="the file to write")
@@ -342,7 +425,9 @@ def main(argv=None) -> int:
         if bad:
             console.print(f"[red]--set takes NAME=VALUE, got {', '.join(bad)}")
             return 2
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     try:
         return args.run(args)
     except grpc.RpcError as exc:

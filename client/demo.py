@@ -19,9 +19,9 @@ import sys
 import time
 from pathlib import Path
 
-from alexnet_api.v1 import alexnet_pb2 as pb
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
+from alexnet_api.v1 import alexnet_pb2 as pb
 from client import AlexNetClient
 from client.views import colour_lines, console, follow, pct, predictions_table
 
@@ -42,15 +42,20 @@ RAY_LOGS = "/tmp/ray/session_latest/logs"  # where a local Ray keeps its process
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 
 
+def shown(path: Path) -> str:
+    """A path as the user would type it: relative where it lies under the current folder."""
+    return os.path.relpath(path) if path.is_relative_to(Path.cwd()) else str(path)
+
+
 def observability_commands(metrics_port: int) -> list[str]:
     """How to watch this server: Prometheus on the shipped config (which scrapes :9464), and the dashboard."""
-    shown = lambda path: os.path.relpath(path) if path.is_relative_to(Path.cwd()) else str(path)
     config = DEPLOY / "prometheus" / "prometheus.yml"
     edit = "" if metrics_port == 9464 else f" (edit its target, localhost:9464, to localhost:{metrics_port})"
     return [
         f"watch it in Prometheus, alerts included{edit}:",
         f"  prometheus --config.file={shown(config)} --storage.tsdb.path=/tmp/alexnet-mp-prometheus",
-        f"then in Grafana, add that Prometheus (http://localhost:9090) and import {shown(DEPLOY / 'grafana' / 'alexnet-mp.json')}",
+        "then in Grafana, add that Prometheus (http://localhost:9090) "
+        f"and import {shown(DEPLOY / 'grafana' / 'alexnet-mp.json')}",
     ]
 
 
@@ -158,9 +163,15 @@ def run_demo(options, preset: str = "demo", overrides: dict | None = None) -> in
             info = client.info()
             towers = ", ".join(f"tower {t.index} on {t.device}" for t in info.towers)
             console.print(f"serving: {towers}")
-            console.print(f"arithmetic: {info.precision}" + (" (bf16 layers over float32 weights: this machine computes "
-                          "bf16; --precision float32 for the paper's arithmetic)" if info.precision != "float32" else
-                          " (this machine has no bf16 arithmetic)"))  # fmt: skip
+            console.print(
+                f"arithmetic: {info.precision}"
+                + (
+                    " (bf16 layers over float32 weights: this machine computes "
+                    "bf16; --precision float32 for the paper's arithmetic)"
+                    if info.precision != "float32"
+                    else " (this machine has no bf16 arithmetic)"
+                )
+            )
             job = client.train(builtin=True, preset=preset, overrides=overrides)
             console.print(f"training job {job.job_id}: preset {preset}, full-size AlexNet on two towers")
             job = follow(client, job.job_id)
@@ -198,8 +209,10 @@ def run_demo(options, preset: str = "demo", overrides: dict | None = None) -> in
             console.print(f"the paper's Figure 3, each tower's conv1 kernels (tower 0 above tower 1): {figure_path}")
             console.print(colour_lines(figure), highlight=False)
             tensorboard = Path(sys.executable).with_name("tensorboard")
-            console.print(f"TensorBoard (curves, kernels every epoch, weight histograms): {tensorboard} --logdir "
-                          f"{job.log_dir}", highlight=False)  # fmt: skip
+            console.print(
+                f"TensorBoard (curves, kernels every epoch, weight histograms): {tensorboard} --logdir {job.log_dir}",
+                highlight=False,
+            )
             if metrics:
                 console.print(f"metrics: {metrics} (training, towers, exchanges, serving, gRPC)")
             console.print(f"the server's log: {log_path}; Ray's own logs: {RAY_LOGS}")

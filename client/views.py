@@ -24,7 +24,9 @@ def follow(client, job_id: str) -> pb.TrainingJob:
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}  top-1 {task.fields[top1]}  {task.fields[rate]} img/s  lr {task.fields[lr]}"),
+        TextColumn(
+            "loss {task.fields[loss]}  top-1 {task.fields[top1]}  {task.fields[rate]} img/s  lr {task.fields[lr]}"
+        ),
         TextColumn("{task.fields[skipped]}"),
         TimeElapsedColumn(),
     )
@@ -83,7 +85,14 @@ def jobs_table(jobs) -> Table:
 
 
 def predictions_table(names, response: pb.ClassifyResponse) -> Table:
-    table = Table("image", "rank", "class", "label", "probability", title=f"model version {response.model_version}: {response.model_note}")
+    table = Table(
+        "image",
+        "rank",
+        "class",
+        "label",
+        "probability",
+        title=f"model version {response.model_version}: {response.model_note}",
+    )
     table.columns[0].overflow = "fold"  # a long path wraps rather than losing its file name
     for name, result in zip(names, response.results):
         for rank, p in enumerate(result.top, 1):
@@ -110,12 +119,21 @@ def show_model(info: pb.ModelInfo) -> None:
     towers = Table("role", "group", "tower", "device", "host", "node", "parameters")
     for role, listed in (("classify", info.towers), ("training", info.training_towers)):
         for tower in listed:
-            towers.add_row(role, str(tower.replica), str(tower.index), tower.device, tower.host, tower.node[:12],
-                           f"{tower.parameters:,}")  # fmt: skip
+            towers.add_row(
+                role,
+                str(tower.replica),
+                str(tower.index),
+                tower.device,
+                tower.host,
+                tower.node[:12],
+                f"{tower.parameters:,}",
+            )
     console.print(towers)
     if info.training_replicas:
-        console.print(f"the running job trains {info.training_replicas} data-parallel group(s) of "
-                      f"{len(info.training_towers) // info.training_replicas} towers")  # fmt: skip
+        console.print(
+            f"the running job trains {info.training_replicas} data-parallel group(s) of "
+            f"{len(info.training_towers) // info.training_replicas} towers"
+        )
     console.print(
         f"{info.parameters:,} parameters, {len(info.classes)} classes, input {info.image_size}px, "
         f"{info.precision or 'float32'} arithmetic, exchanges over {info.transport}; "

@@ -40,12 +40,15 @@ def smoke_config(onprem: dict, *, user: str, key: str, token: str, ports: dict, 
     config["setup_commands"] = replace_once(config["setup_commands"], "TORCH_SPEC=torch", f"TORCH_SPEC={torch_spec}")
     head_flags = (
         f"--port={ports['ray']} --dashboard-port={ports['dashboard']} --ray-client-server-port={ports['client']}"
-        f" --dashboard-agent-listen-port={ports['agent']} --num-cpus={NUM_CPUS} --object-store-memory={OBJECT_STORE_BYTES}"
+        f" --dashboard-agent-listen-port={ports['agent']} --num-cpus={NUM_CPUS}"
+        f" --object-store-memory={OBJECT_STORE_BYTES}"
     )
     head = replace_once(config["head_start_ray_commands"], "--port=6379", head_flags)
     # This machine is shared and busy: at Ray's default niceness (15) the towers starve behind
     # everyone else's processes; a node of your own has no one to yield to.
-    head = replace_once(head, "RAY_AUTH_MODE=token ray start --head", "RAY_worker_niceness=0 RAY_AUTH_MODE=token ray start --head")
+    head = replace_once(
+        head, "RAY_AUTH_MODE=token ray start --head", "RAY_worker_niceness=0 RAY_AUTH_MODE=token ray start --head"
+    )
     server_env = f"ALEXNET_MP_PORT={ports['grpc']} ALEXNET_MP_METRICS_PORT={ports['metrics']}"
     script = "~/alexnet-mp/deploy/start-server.sh"
     config["head_start_ray_commands"] = replace_once(head, script, f"{server_env} {script} -- --width {SERVE_WIDTH}")
@@ -61,13 +64,22 @@ def main(argv=None) -> int:
     parser.add_argument("--token", required=True)
     parser.add_argument("--ssh-port", type=int, default=22)
     parser.add_argument("--torch-spec", default="torch==2.13.0")
-    parser.add_argument("--port", action="append", default=[], metavar="NAME=PORT", help="ray, dashboard, client, agent, grpc, metrics")
+    parser.add_argument(
+        "--port", action="append", default=[], metavar="NAME=PORT", help="ray, dashboard, client, agent, grpc, metrics"
+    )
     args = parser.parse_args(argv)
     ports = {name: int(port) for name, port in (item.split("=", 1) for item in args.port)}
     with open(args.onprem) as file:
         onprem = yaml.safe_load(file)
-    config = smoke_config(onprem, user=args.user, key=args.key, token=args.token, ports=ports, ssh_port=args.ssh_port,
-                          torch_spec=args.torch_spec)  # fmt: skip
+    config = smoke_config(
+        onprem,
+        user=args.user,
+        key=args.key,
+        token=args.token,
+        ports=ports,
+        ssh_port=args.ssh_port,
+        torch_spec=args.torch_spec,
+    )
     yaml.safe_dump(config, sys.stdout, sort_keys=False, width=200)
     return 0
 

@@ -32,10 +32,28 @@ def main(workdir: Path) -> None:
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False)
     data = generate(workdir / "patterns", train_per_class=8, val_per_class=2)
-    plan = recipe("demo", {"width": "0.125", "batch_size": "8", "epochs": "2", "snapshot_every": "2",
-                           "publish_every": "1000", "replicas": "2", "init": "pytorch"})  # fmt: skip
-    engine = ModelParallelAlexNet(num_classes=10, dropout=plan.dropout, lr=plan.lr, seed=plan.seed, init=plan.init,
-                                  width=plan.width, image_size=227, replicas=2)  # fmt: skip
+    plan = recipe(
+        "demo",
+        {
+            "width": "0.125",
+            "batch_size": "8",
+            "epochs": "2",
+            "snapshot_every": "2",
+            "publish_every": "1000",
+            "replicas": "2",
+            "init": "pytorch",
+        },
+    )
+    engine = ModelParallelAlexNet(
+        num_classes=10,
+        dropout=plan.dropout,
+        lr=plan.lr,
+        seed=plan.seed,
+        init=plan.init,
+        width=plan.width,
+        image_size=227,
+        replicas=2,
+    )
     before = [dict(tower) for tower in engine.towers]
 
     def coordinator_node() -> str:
@@ -53,16 +71,22 @@ def main(workdir: Path) -> None:
             threading.Thread(target=cluster.remove_node, args=(group1_node,), daemon=True).start()
 
     result = train(data / "train", plan, engine=engine, on_event=on_event, checkpoint_dir=workdir / "checkpoints")
-    print(json.dumps({
-        "before": [{"node": t["node"], "tower": t["tower"]} for t in before],
-        "after": [{"node": t["node"], "tower": t["tower"]} for t in engine.towers],
-        "removed": removed,
-        "driver_node": ray.get_runtime_context().get_node_id(),
-        "coordinator_nodes": [coordinator_before, coordinator_node()],
-        "events": events,
-        "checksums": engine.replica_checksums(),
-        "state": result.state, "steps": result.steps, "restarts": result.restarts,
-    }))
+    print(
+        json.dumps(
+            {
+                "before": [{"node": t["node"], "tower": t["tower"]} for t in before],
+                "after": [{"node": t["node"], "tower": t["tower"]} for t in engine.towers],
+                "removed": removed,
+                "driver_node": ray.get_runtime_context().get_node_id(),
+                "coordinator_nodes": [coordinator_before, coordinator_node()],
+                "events": events,
+                "checksums": engine.replica_checksums(),
+                "state": result.state,
+                "steps": result.steps,
+                "restarts": result.restarts,
+            }
+        )
+    )
     engine.shutdown()
     ray.shutdown()
     cluster.shutdown()

@@ -40,8 +40,16 @@ def run(ray_session, tmp_path_factory):
     """A short run with a TensorBoard log, and its towers' conv1 kernels at the end."""
     root = generate(tmp_path_factory.mktemp("patterns") / "p", train_per_class=8, val_per_class=2)
     dataset = open_dataset(root / "train", root / "val")
-    plan = recipe("demo", {"width": WIDTH, "epochs": EPOCHS, "batch_size": 8, "steps_per_epoch": STEPS_PER_EPOCH,
-                           "publish_every": PUBLISH_EVERY})  # fmt: skip
+    plan = recipe(
+        "demo",
+        {
+            "width": WIDTH,
+            "epochs": EPOCHS,
+            "batch_size": 8,
+            "steps_per_epoch": STEPS_PER_EPOCH,
+            "publish_every": PUBLISH_EVERY,
+        },
+    )
     log_dir = tmp_path_factory.mktemp("runs") / "first"
     engine = ModelParallelAlexNet(num_classes=dataset.num_classes, width=WIDTH, init="kaiming")
     try:
@@ -110,8 +118,17 @@ def test_the_tensorboard_server_serves_the_runs_loss_curve(run):
     """The real `tensorboard` command on loopback, read through its HTTP API as its web page does."""
     result, _, log_dir, events = run
     port = free_port()
-    command = [str(Path(sys.executable).with_name("tensorboard")), "--logdir", str(log_dir.parent), "--host",
-               "127.0.0.1", "--port", str(port), "--load_fast", "false"]  # fmt: skip
+    command = [
+        str(Path(sys.executable).with_name("tensorboard")),
+        "--logdir",
+        str(log_dir.parent),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--load_fast",
+        "false",
+    ]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         base = f"http://127.0.0.1:{port}"

@@ -12,7 +12,6 @@ import torch
 from PIL import Image
 
 from coordinator.data import DatasetError, batches, open_dataset
-from coordinator.data.loader import EarlyStart
 from coordinator.data.images import (
     CROP,
     STORED,
@@ -24,6 +23,7 @@ from coordinator.data.images import (
     random_crop_and_flip,
     ten_crops,
 )
+from coordinator.data.loader import EarlyStart
 from coordinator.data.patterns import KINDS, draw, generate
 
 
@@ -236,7 +236,9 @@ def test_a_pass_started_early_has_its_first_batch_before_it_is_read_and_the_same
         started_early = list(early)
     plain = list(one_pass())
     assert [len(b.labels) for b in started_early] == [8, 8, 8, 6]
-    assert all(torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels) for a, b in zip(started_early, plain))
+    assert all(
+        torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels) for a, b in zip(started_early, plain)
+    )
 
 
 def test_a_pass_started_early_can_be_closed_unread_or_midway_and_reports_its_errors(ray_session, tmp_path):

@@ -18,10 +18,33 @@ def test_the_demo_runs_end_to_end_and_ray_speaks_only_in_the_servers_log(tmp_pat
     env = {**os.environ, "HOME": str(tmp_path), "ALEXNET_MP_DATA": str(tmp_path / "patterns"), "COLUMNS": "300"}
     env.pop("RAY_AUTH_MODE", None)
     demo = subprocess.run(
-        [sys.executable, "-m", "client.cli", "demo", "--port", "0", "--metrics-port", "0", "--width", "0.125",
-         "--set", "width=0.125", "--set", "epochs=1", "--set", "steps_per_epoch=3", "--set", "val_images=20"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "client.cli",
+            "demo",
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--width",
+            "0.125",
+            "--set",
+            "width=0.125",
+            "--set",
+            "epochs=1",
+            "--set",
+            "steps_per_epoch=3",
+            "--set",
+            "val_images=20",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     said = demo.stdout + demo.stderr
     assert demo.returncode == 0, said[-3000:]
     assert re.search(r"held-out accuracy through gRPC: [\d.]+% top-1 on 600 images", said)

@@ -90,7 +90,9 @@ def start_script(tmp_path, *args, **env) -> str:
     server.write_text(f"#!{sys.executable}\n{RECORD_THEN_STAY}")
     server.chmod(0o755)
     environment = {**os.environ, "ALEXNET_MP_RUN_DIR": str(tmp_path), "ALEXNET_MP_BIN": str(server), **env}
-    return subprocess.run(["bash", str(START), *args], env=environment, capture_output=True, text=True, check=True).stdout
+    return subprocess.run(
+        ["bash", str(START), *args], env=environment, capture_output=True, text=True, check=True
+    ).stdout
 
 
 def parsed_arguments(tmp_path) -> dict:
@@ -115,16 +117,36 @@ def running(pid: int) -> bool:
 def test_the_start_script_defaults_to_loopback_passes_the_security_settings_and_replaces_its_server(tmp_path):
     start_script(tmp_path)
     defaults = parsed_arguments(tmp_path)
-    assert (defaults["ray_address"], defaults["host"], defaults["port"], defaults["metrics_port"]) == ("auto", "127.0.0.1", 50051, 9464)
+    assert (defaults["ray_address"], defaults["host"], defaults["port"], defaults["metrics_port"]) == (
+        "auto",
+        "127.0.0.1",
+        50051,
+        9464,
+    )
     assert defaults["auth_token_file"] is None and defaults["tls_cert"] is None
     first = int((tmp_path / "serve.pid").read_text())
     (tmp_path / "bin" / "alexnet-mp.args").unlink()
 
-    output = start_script(tmp_path, "--", "--width", "0.5", ALEXNET_MP_HOST="0.0.0.0", ALEXNET_MP_AUTH_TOKEN_FILE="/t",
-                          ALEXNET_MP_TLS_CERT="/c", ALEXNET_MP_TLS_KEY="/k", ALEXNET_MP_DATA_ROOTS="/d1:/d2", ALEXNET_MP_PORT="1")  # fmt: skip
+    output = start_script(
+        tmp_path,
+        "--",
+        "--width",
+        "0.5",
+        ALEXNET_MP_HOST="0.0.0.0",
+        ALEXNET_MP_AUTH_TOKEN_FILE="/t",
+        ALEXNET_MP_TLS_CERT="/c",
+        ALEXNET_MP_TLS_KEY="/k",
+        ALEXNET_MP_DATA_ROOTS="/d1:/d2",
+        ALEXNET_MP_PORT="1",
+    )
     exposed = parsed_arguments(tmp_path)
     assert (exposed["host"], exposed["port"], exposed["auth_token_file"], exposed["tls_cert"], exposed["tls_key"]) == (
-        "0.0.0.0", 1, "/t", "/c", "/k")  # fmt: skip
+        "0.0.0.0",
+        1,
+        "/t",
+        "/c",
+        "/k",
+    )
     assert exposed["data_roots"] == ["/d1", "/d2"] and exposed["width"] == 0.5
     second = int((tmp_path / "serve.pid").read_text())
     assert f"stopped the server (pid {first})" in output and not running(first) and running(second)  # idempotent

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import SMALL, relative_error
-from equivalence import clear_pool_winners
 
+from conftest import SMALL, relative_error
 from coordinator import ModelParallelAlexNet, Placement
+from equivalence import clear_pool_winners
 from towers import AlexNet, paper_sgd
 from towers.inputs import crops_of
 
@@ -91,7 +91,7 @@ def test_forward_loss_and_every_gradient_match_the_reference(small_engine, small
 def test_three_sgd_steps_match_the_reference(small_engine, small_reference):
     optimizer = paper_sgd(small_reference, lr=0.01, momentum=0.9, weight_decay=5e-4)
     first_seed = 100
-    for step in range(3):
+    for _ in range(3):
         images, first_seed = clear_pool_winners(small_reference, batch=4, first_seed=first_seed + 1)
         labels = torch.randint(0, 10, (4,), generator=torch.Generator().manual_seed(first_seed))
         reference_grads(small_reference, images, labels)
@@ -224,7 +224,8 @@ def test_towers_reuse_freed_blocks_instead_of_faulting_in_fresh_pages():
 def test_placement_follows_the_devices():
     assert Placement.plan(2, resources={"GPU": 8, "CPU": 64}) == Placement("gpu", {"num_gpus": 1, "num_cpus": 1})
     assert Placement.plan(2, resources={"GPU": 1, "CPU": 16}) == Placement(
-        "shared-gpu", {"num_gpus": 0.25, "num_cpus": 1}  # room for a serving pair beside a training pair
+        "shared-gpu",
+        {"num_gpus": 0.25, "num_cpus": 1},  # room for a serving pair beside a training pair
     )
     assert Placement.plan(2, resources={"CPU": 2}) == Placement("cpu", {"num_cpus": 1})
     with pytest.raises(RuntimeError, match="need 2 CPUs"):
@@ -318,8 +319,12 @@ def test_crops_reach_the_towers_as_the_very_pixels_they_stand_for(small_engine, 
     """The batch travels as uint8 crops and colour offsets, made float on each tower: the step is
     bit for bit the step on the float pixels the data pipeline would have made."""
     gen = np.random.default_rng(4)
-    crops = crops_of(gen.integers(0, 256, (4, 99, 99, 3), dtype=np.uint8), gen.normal(0, 5, (4, 3)),
-                     (123.68, 116.779, 103.939), (58.4, 57.1, 57.4))  # fmt: skip
+    crops = crops_of(
+        gen.integers(0, 256, (4, 99, 99, 3), dtype=np.uint8),
+        gen.normal(0, 5, (4, 3)),
+        (123.68, 116.779, 103.939),
+        (58.4, 57.1, 57.4),
+    )
     pixels = crops.to_tensor()
     labels = torch.tensor([1, 2, 3, 4])
     assert pixels.dtype == torch.float32 and pixels.is_contiguous(memory_format=torch.channels_last)

@@ -29,8 +29,15 @@ TIMEOUT = 3.0  # seconds a collective waits for a peer in these tests
 
 def plan_for(towers: int, channels: int = 4, size: int = 5, classes=(3, 2, 2)) -> ExchangePlan:
     """One exchange point "p" of feature maps, then the logits (each tower's classes)."""
-    return ExchangePlan(points=("p",), stages=("before", "after"), piece=(channels * size * size,),
-                        classes=tuple(classes[:towers]), towers=towers, backend="gloo", timeout=TIMEOUT)  # fmt: skip
+    return ExchangePlan(
+        points=("p",),
+        stages=("before", "after"),
+        piece=(channels * size * size,),
+        classes=tuple(classes[:towers]),
+        towers=towers,
+        backend="gloo",
+        timeout=TIMEOUT,
+    )
 
 
 @ray.remote(num_cpus=0)
@@ -256,7 +263,12 @@ group.close()
 
 
 def test_shared_memory_without_room_says_so_instead_of_crashing():
-    run = subprocess.run([sys.executable, "-c", _NO_ROOM], cwd=Path(__file__).resolve().parent.parent,
-                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    run = subprocess.run(
+        [sys.executable, "-c", _NO_ROOM],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     assert "no room for 8 MB of exchange buffers in" in run.stdout and "or use transport gloo" in run.stdout

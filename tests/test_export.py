@@ -86,10 +86,15 @@ def test_the_torch_export_program_gives_the_same_in_a_fresh_process(world, tmp_p
     x = images(8, seed=1)
     np.save(tmp_path / "x.npy", x)
     expected, _ = classified(client, x)
-    script = ("import sys, numpy as np, torch; p = torch.export.load(sys.argv[1]).module(); "
-              "np.save(sys.argv[3], p(torch.from_numpy(np.load(sys.argv[2]))).detach().numpy())")  # fmt: skip
-    subprocess.run([sys.executable, "-c", script, str(tmp_path / "alexnet.pt2"), str(tmp_path / "x.npy"),
-                    str(tmp_path / "y.npy")], check=True, timeout=300)  # fmt: skip
+    script = (
+        "import sys, numpy as np, torch; p = torch.export.load(sys.argv[1]).module(); "
+        "np.save(sys.argv[3], p(torch.from_numpy(np.load(sys.argv[2]))).detach().numpy())"
+    )
+    subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "alexnet.pt2"), str(tmp_path / "x.npy"), str(tmp_path / "y.npy")],
+        check=True,
+        timeout=300,
+    )
     assert np.abs(np.load(tmp_path / "y.npy") - expected).max() < 1e-4
 
 
@@ -109,13 +114,27 @@ def test_safetensors_round_trips_bit_exact_into_the_reference_and_the_engine(wor
     # A job's checkpoint exports too, and from the CLI: the same weights as the version it published last.
     from client.cli import main
 
-    assert main(["--target", f"127.0.0.1:{srv.port}", "export", job.job_id, "--format", "safetensors",
-                 "-o", str(tmp_path / "job.safetensors")]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "--target",
+                f"127.0.0.1:{srv.port}",
+                "export",
+                job.job_id,
+                "--format",
+                "safetensors",
+                "-o",
+                str(tmp_path / "job.safetensors"),
+            ]
+        )
+        == 0
+    )
     from_job, _, _ = from_safetensors((tmp_path / "job.safetensors").read_bytes())
     assert all(torch.equal(from_job[key], value) for key, value in served.items())
     assert main(["export", job.checkpoint, "--format", "safetensors", "-o", str(tmp_path / "local.safetensors")]) == 0
     assert (tmp_path / "local.safetensors").read_bytes() != b"" and from_safetensors(
-        (tmp_path / "local.safetensors").read_bytes())[0].keys() == served.keys()  # fmt: skip
+        (tmp_path / "local.safetensors").read_bytes()
+    )[0].keys() == served.keys()
 
 
 def test_a_file_that_does_not_fit_names_the_first_mismatch():

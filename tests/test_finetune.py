@@ -37,8 +37,13 @@ def test_a_run_starts_from_the_files_layers_with_fc8_afresh(ray_session, source,
     start, renewed = fitted(source, NetConfig(num_classes=10, width=WIDTH))
     assert renewed and "fc8.weight" not in start and start.keys() == source.keys() - {"fc8.weight", "fc8.bias"}
     states = []
-    result = train(open_dataset(root / "train", root / "val"), plan, init_state=start, log_dir=tmp_path / "log",
-                   on_publish=lambda step, state: states.append(state))  # fmt: skip
+    result = train(
+        open_dataset(root / "train", root / "val"),
+        plan,
+        init_state=start,
+        log_dir=tmp_path / "log",
+        on_publish=lambda step, state: states.append(state),
+    )
     assert result.steps == 2 and states[-1]["fc8.weight"].shape == (10, 4096 * WIDTH)
     # The run's first Figure 3, drawn before its first step, is the file's conv1.
     events = EventAccumulator(str(tmp_path / "log"), size_guidance={"images": 0})

@@ -22,7 +22,11 @@ from towers import AlexNet
 from towers.portable import to_safetensors
 
 WIDTH, MAX_BATCH = 0.125, 4
-INVALID, DENIED, MISSING = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.NOT_FOUND
+INVALID, DENIED, MISSING = (
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.NOT_FOUND,
+)
 
 
 def png_header(width: int, height: int) -> bytes:
@@ -48,8 +52,16 @@ def pixels(fill: float) -> np.ndarray:
 def world(ray_session, tmp_path_factory):
     base = tmp_path_factory.getbasetemp()
     root = generate(tmp_path_factory.mktemp("hostile") / "patterns", train_per_class=8, val_per_class=2)
-    srv = Server(ServeOptions(port=0, metrics_port=-1, width=WIDTH, max_batch=MAX_BATCH, data_roots=[str(base)],
-                              checkpoint_roots=[str(base)])).start()  # fmt: skip
+    srv = Server(
+        ServeOptions(
+            port=0,
+            metrics_port=-1,
+            width=WIDTH,
+            max_batch=MAX_BATCH,
+            data_roots=[str(base)],
+            checkpoint_roots=[str(base)],
+        )
+    ).start()
     with AlexNetClient(f"127.0.0.1:{srv.port}", timeout=60) as client:
         yield srv, client, root
     srv.stop()
@@ -79,14 +91,26 @@ def cases(root, tmp):
         ("huge claimed PNG", "Classify", c(pb.Image(encoded=png_header(2**31 - 1, 2))), INVALID, "cannot be decoded"),
         ("tensor shape", "Classify", c(tensor(np.zeros((3, 100, 100)))), INVALID, "must be [3, 227, 227]"),
         ("tensor scalar", "Classify", c(tensor(np.float32(1))), INVALID, "tensor shape is []"),
-        ("tensor bytes", "Classify", c(pb.Image(tensor=pb.Tensor(shape=[3, 227, 227], data=b"\0" * 12))), INVALID, "holds 12 bytes"),
+        (
+            "tensor bytes",
+            "Classify",
+            c(pb.Image(tensor=pb.Tensor(shape=[3, 227, 227], data=b"\0" * 12))),
+            INVALID,
+            "holds 12 bytes",
+        ),
         ("tensor NaN", "Classify", c(tensor(pixels(np.nan))), INVALID, "NaN or infinite"),
         ("tensor inf", "Classify", c(tensor(pixels(np.inf))), INVALID, "NaN or infinite"),
         ("tensor extreme", "Classify", c(tensor(pixels(3e38))), INVALID, "send preprocessed pixels"),
         ("top_k 0", "Classify", c(pb.Image(encoded=jpeg_bytes()), top_k=0), INVALID, "top_k must be between 1 and"),
         ("top_k negative", "Classify", c(pb.Image(encoded=jpeg_bytes()), top_k=-3), INVALID, "top_k must be"),
         ("top_k huge", "Classify", c(pb.Image(encoded=jpeg_bytes()), top_k=10**6), INVALID, "top_k must be"),
-        ("too many images", "Classify", c(*[pb.Image(encoded=jpeg_bytes())] * (MAX_BATCH + 1)), INVALID, "split the request"),
+        (
+            "too many images",
+            "Classify",
+            c(*[pb.Image(encoded=jpeg_bytes())] * (MAX_BATCH + 1)),
+            INVALID,
+            "split the request",
+        ),
         ("not protobuf: Classify", "Classify", b"\xff\xff\xff\xff", INVALID, "not a valid Classify message"),
         ("not protobuf: model", "GetModelInfo", b"\x0a\xff", INVALID, "not a valid GetModelInfo message"),
         ("no dataset", "StartTraining", pb.TrainingSpec(), INVALID, "no dataset"),
@@ -97,9 +121,21 @@ def cases(root, tmp):
         ("dot-dot", "StartTraining", spec(data_dir=str(root / ".." / ".." / ".." / ".." / "etc")), DENIED, "outside"),
         ("proc", "StartTraining", spec(data_dir="/proc"), DENIED, "outside the server's data roots"),
         ("val outside", "StartTraining", spec(val_dir="/etc"), DENIED, "val_dir /etc is outside"),
-        ("names outside", "StartTraining", spec(class_names_file="/etc/passwd"), DENIED, "class_names_file /etc/passwd"),
+        (
+            "names outside",
+            "StartTraining",
+            spec(class_names_file="/etc/passwd"),
+            DENIED,
+            "class_names_file /etc/passwd",
+        ),
         ("checkpoints outside", "StartTraining", spec(checkpoint_dir="/tmp-not/ckpt"), DENIED, "checkpoint_dir"),
-        ("logs outside", "StartTraining", spec(log_dir="/etc/logs"), DENIED, "log_dir /etc/logs is outside the server's"),
+        (
+            "logs outside",
+            "StartTraining",
+            spec(log_dir="/etc/logs"),
+            DENIED,
+            "log_dir /etc/logs is outside the server's",
+        ),
         ("logs in a file", "StartTraining", spec(log_dir=str(tmp / "torn.pt")), INVALID, "is not a folder"),
         ("val with a class more", "StartTraining", spec(val_dir=str(val_extra)), INVALID, "lacks: unicorns"),
         ("names missing", "StartTraining", spec(class_names_file=str(tmp / "none.txt")), INVALID, "does not exist"),
@@ -114,16 +150,32 @@ def cases(root, tmp):
         ("resume nothing", "StartTraining", pb.TrainingSpec(resume_from=str(tmp / "none")), MISSING, "no checkpoint"),
         ("resume torn", "StartTraining", pb.TrainingSpec(resume_from=str(tmp / "torn.pt")), INVALID, "not a readable"),
         ("resume outside", "StartTraining", pb.TrainingSpec(resume_from="/etc/passwd"), DENIED, "resume_from"),
-        ("resume with preset", "StartTraining", pb.TrainingSpec(resume_from=str(tmp / "torn.pt"), preset="paper"), INVALID, "leave preset empty"),
+        (
+            "resume with preset",
+            "StartTraining",
+            pb.TrainingSpec(resume_from=str(tmp / "torn.pt"), preset="paper"),
+            INVALID,
+            "leave preset empty",
+        ),
         ("not protobuf: start", "StartTraining", b"\x0a\x05ab", INVALID, "not a valid StartTraining message"),
-        ("init and resume", "StartTraining", spec(init_from=str(tmp / "torn.pt"), resume_from="x"), INVALID,
-         "give one"),
+        (
+            "init and resume",
+            "StartTraining",
+            spec(init_from=str(tmp / "torn.pt"), resume_from="x"),
+            INVALID,
+            "give one",
+        ),
         ("init outside", "StartTraining", spec(init_from="/etc/passwd"), DENIED, "init_from /etc/passwd is outside"),
         ("init missing", "StartTraining", spec(init_from=str(tmp / "none.pt")), MISSING, "init_from: no checkpoint"),
         ("init torn", "StartTraining", spec(init_from=str(tmp / "torn.pt")), INVALID, "not a readable checkpoint"),
         ("init cut safetensors", "StartTraining", spec(init_from=str(tmp / "cut.safetensors")), INVALID, "truncated"),
-        ("init of another width", "StartTraining", spec(init_from=str(tmp / "narrow.safetensors")),
-         grpc.StatusCode.FAILED_PRECONDITION, "conv1.weight has shape [24, 3, 11, 11], this network needs [96, 3,"),
+        (
+            "init of another width",
+            "StartTraining",
+            spec(init_from=str(tmp / "narrow.safetensors")),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "conv1.weight has shape [24, 3, 11, 11], this network needs [96, 3,",
+        ),
         ("init version not a number", "StartTraining", spec(init_from="version:latest"), INVALID, "version:N takes"),
         ("init version unknown", "StartTraining", spec(init_from="version:4242"), MISSING, "model version 4242 is not"),
         ("bad UTF-8 in a string", "GetTraining", b"\x0a\x02\xff\xfe", INVALID, "not a valid GetTraining message"),
@@ -137,23 +189,49 @@ def cases(root, tmp):
         ("kernels: unknown job", "GetKernels", pb.GetKernelsRequest(job_id="nope"), MISSING, "no training job 'nope'"),
         ("kernels: empty job id", "GetKernels", pb.GetKernelsRequest(job_id=""), INVALID, "job_id is empty"),
         ("kernels: huge job id", "GetKernels", pb.GetKernelsRequest(job_id=long), MISSING, "no training job"),
-        ("kernels: unknown version", "GetKernels", pb.GetKernelsRequest(model_version=10**12), MISSING,
-         "model version 1000000000000 is not served now"),
-        ("kernels: negative version", "GetKernels", pb.GetKernelsRequest(model_version=-1), INVALID,
-         "model_version must be 0 or more"),
+        (
+            "kernels: unknown version",
+            "GetKernels",
+            pb.GetKernelsRequest(model_version=10**12),
+            MISSING,
+            "model version 1000000000000 is not served now",
+        ),
+        (
+            "kernels: negative version",
+            "GetKernels",
+            pb.GetKernelsRequest(model_version=-1),
+            INVALID,
+            "model_version must be 0 or more",
+        ),
         ("kernels: not protobuf", "GetKernels", b"\x12\xff", INVALID, "not a valid GetKernels message"),
         ("export: no format", "ExportModel", pb.ExportRequest(), INVALID, "format must be ONNX"),
         ("export: unknown format", "ExportModel", pb.ExportRequest(format=99), INVALID, "format must be ONNX"),
-        ("export: unknown job", "ExportModel", pb.ExportRequest(job_id="nope", format=pb.ONNX), MISSING, "no training job"),
-        ("export: unknown version", "ExportModel", pb.ExportRequest(model_version=77, format=pb.ONNX), MISSING,
-         "model version 77 is not served now"),
+        (
+            "export: unknown job",
+            "ExportModel",
+            pb.ExportRequest(job_id="nope", format=pb.ONNX),
+            MISSING,
+            "no training job",
+        ),
+        (
+            "export: unknown version",
+            "ExportModel",
+            pb.ExportRequest(model_version=77, format=pb.ONNX),
+            MISSING,
+            "model version 77 is not served now",
+        ),
         ("export: not protobuf", "ExportModel", b"\x18\xff", INVALID, "not a valid ExportModel message"),
         ("unknown method", "Explode", pb.JobRef(), grpc.StatusCode.UNIMPLEMENTED, ""),
     ]
 
 
-SERVICES = {"Classify": "InferenceService", "GetModelInfo": "ModelService", "GetKernels": "ModelService",
-            "ExportModel": "ModelService", "Explode": "TrainingService"}  # fmt: skip
+SERVICES = {
+    "Classify": "InferenceService",
+    "GetModelInfo": "ModelService",
+    "GetKernels": "ModelService",
+    "ExportModel": "ModelService",
+    "Explode": "TrainingService",
+}
 STREAMS = {"WatchTraining", "ExportModel"}
 
 
@@ -197,14 +275,19 @@ def test_hostile_requests_get_their_documented_status_and_change_nothing(world, 
         assert next(stream).kind == pb.TrainingEvent.STATE
     with pytest.raises(grpc.RpcError) as crowded:
         next(client.watch(job.job_id))
-    assert crowded.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "watch streams are open" in crowded.value.details()
+    assert (
+        crowded.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        and "watch streams are open" in crowded.value.details()
+    )
     watchers.pop().cancel()  # a client that leaves frees its slot
     wait_for(lambda: _watch_opens(client, job.job_id), timeout=30, every=0.2)
     for stream in watchers:
         stream.cancel()
     with pytest.raises(grpc.RpcError) as busy:  # a valid request, refused while the job runs, makes no folder
         client.train(root / "train", checkpoint_dir=tmp_path / "new" / "checkpoints", log_dir=tmp_path / "new" / "logs")
-    assert busy.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "train one job at a time" in busy.value.details()
+    assert (
+        busy.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "train one job at a time" in busy.value.details()
+    )
     assert set(p.name for p in tmp_path.iterdir()) == before and not (tmp_path / "none").exists()
     client.stop(job.job_id)
     wait_for(lambda: client.get(job.job_id).state == pb.STOPPED, timeout=120)
@@ -245,8 +328,10 @@ def test_the_classify_queue_is_bounded_and_an_expired_request_is_not_computed(wo
     image = pb.Image(encoded=jpeg_bytes())
     with held_batches(srv.classifier) as started:
         with AlexNetClient(f"127.0.0.1:{srv.port}") as c:
-            futures = [c.inference.Classify.future(pb.ClassifyRequest(images=[image] * MAX_BATCH, top_k=1), timeout=30)
-                       for _ in range(6)]  # fmt: skip
+            futures = [
+                c.inference.Classify.future(pb.ClassifyRequest(images=[image] * MAX_BATCH, top_k=1), timeout=30)
+                for _ in range(6)
+            ]
             codes = []
             for future in futures:
                 try:
@@ -293,8 +378,7 @@ def test_rpcs_beyond_the_concurrency_limit_are_refused_and_the_server_recovers_w
     srv, client, _ = world
     one = pb.ClassifyRequest(images=[pb.Image(encoded=jpeg_bytes())], top_k=1)
     limit = srv.options.threads * 4
-    with held_batches(srv.classifier, hold=10.0, max_queue=10 * limit), \
-            AlexNetClient(f"127.0.0.1:{srv.port}") as c:  # fmt: skip
+    with held_batches(srv.classifier, hold=10.0, max_queue=10 * limit), AlexNetClient(f"127.0.0.1:{srv.port}") as c:
         calls = [c.inference.Classify.future(one, timeout=60) for _ in range(limit + 12)]
         wait_for(lambda: sum(call.done() for call in calls) >= 12, timeout=10, every=0.05)
         time.sleep(1.0)  # any more refusals come in meanwhile

@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import relative_error
 
 import towers.kernels as kernels
+from conftest import relative_error
+from towers.inputs import crops_of
 from towers.kernels import NormBlock, fused_norm
 from towers.layers import LRN, MaxPool, ReLU
-from towers.inputs import crops_of
 from towers.ops import fuse_norm_blocks
 
 BLOCKS = [
@@ -141,8 +141,12 @@ def test_crops_become_the_same_float_pixels_in_the_c_kernel_as_in_pytorchs_add_a
     rest) and in the PyTorch fallback alike."""
     rng = np.random.default_rng(size)
     mean, std = (123.68, 116.779, 103.939), (58.393, 57.12, 57.375)
-    crops = crops_of(rng.integers(0, 256, (3, size, size, 3), dtype=np.uint8), rng.normal(0, 20, (3, 3)), mean,
-                     std if normalise else None)  # fmt: skip
+    crops = crops_of(
+        rng.integers(0, 256, (3, size, size, 3), dtype=np.uint8),
+        rng.normal(0, 20, (3, 3)),
+        mean,
+        std if normalise else None,
+    )
     # The data pipeline's arithmetic before the crops travelled: float32 add, then divide.
     expected = torch.from_numpy(crops.pixels).permute(0, 3, 1, 2).float()
     expected = expected.add_(torch.as_tensor(crops.offsets)[:, :, None, None])

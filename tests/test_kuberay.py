@@ -35,60 +35,128 @@ STRINGS, STRING_MAP = {"type": "array", "items": STRING}, {"type": "object", "ad
 QUANTITIES = {"type": "object", "additionalProperties": {"type": ["string", "integer"]}}  # "8", 32Gi, 1
 EXEC = {"type": "object", "properties": {"exec": {"type": "object", "properties": {"command": STRINGS}}}}
 CONTAINER = {
-    "type": "object", "required": ["name"],
+    "type": "object",
+    "required": ["name"],
     "properties": {
-        "name": STRING, "image": STRING, "command": STRINGS, "args": STRINGS, "imagePullPolicy": STRING,
-        "env": {"type": "array", "items": {"type": "object", "required": ["name"],
-                                           "properties": {"name": STRING, "value": STRING, "valueFrom": {"type": "object"}}}},
-        "ports": {"type": "array", "items": {"type": "object", "required": ["containerPort"],
-                                             "properties": {"containerPort": INT, "name": STRING, "protocol": STRING}}},
+        "name": STRING,
+        "image": STRING,
+        "command": STRINGS,
+        "args": STRINGS,
+        "imagePullPolicy": STRING,
+        "env": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["name"],
+                "properties": {"name": STRING, "value": STRING, "valueFrom": {"type": "object"}},
+            },
+        },
+        "ports": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["containerPort"],
+                "properties": {"containerPort": INT, "name": STRING, "protocol": STRING},
+            },
+        },
         "resources": {"type": "object", "properties": {"limits": QUANTITIES, "requests": QUANTITIES}},
         "lifecycle": {"type": "object", "properties": {"postStart": EXEC, "preStop": EXEC}},
-        "volumeMounts": {"type": "array", "items": {"type": "object", "required": ["name", "mountPath"],
-                                                    "properties": {"name": STRING, "mountPath": STRING, "readOnly": BOOL}}},
+        "volumeMounts": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["name", "mountPath"],
+                "properties": {"name": STRING, "mountPath": STRING, "readOnly": BOOL},
+            },
+        },
     },
-}  # fmt: skip
+}
 VOLUME = {
-    "type": "object", "required": ["name"],
+    "type": "object",
+    "required": ["name"],
     "properties": {
-        "name": STRING, "emptyDir": {"type": "object"},
+        "name": STRING,
+        "emptyDir": {"type": "object"},
         "secret": {"type": "object", "properties": {"secretName": STRING, "defaultMode": INT}},
         "persistentVolumeClaim": {"type": "object", "required": ["claimName"], "properties": {"claimName": STRING}},
     },
-}  # fmt: skip
+}
 POD_TEMPLATE = {
-    "type": "object", "required": ["spec"],
+    "type": "object",
+    "required": ["spec"],
     "properties": {
         "metadata": {"type": "object", "properties": {"labels": STRING_MAP, "annotations": STRING_MAP}},
-        "spec": {"type": "object", "required": ["containers"], "properties": {
-            "containers": {"type": "array", "minItems": 1, "items": CONTAINER},
-            "volumes": {"type": "array", "items": VOLUME},
-            "securityContext": {"type": "object", "properties": {"fsGroup": INT, "runAsUser": INT, "runAsGroup": INT}},
-            "nodeSelector": STRING_MAP,
-            "tolerations": {"type": "array", "items": {"type": "object", "properties": {
-                "key": STRING, "operator": {"enum": ["Exists", "Equal"]}, "value": STRING,
-                "effect": {"enum": ["NoSchedule", "PreferNoSchedule", "NoExecute"]}}}},
-        }},
+        "spec": {
+            "type": "object",
+            "required": ["containers"],
+            "properties": {
+                "containers": {"type": "array", "minItems": 1, "items": CONTAINER},
+                "volumes": {"type": "array", "items": VOLUME},
+                "securityContext": {
+                    "type": "object",
+                    "properties": {"fsGroup": INT, "runAsUser": INT, "runAsGroup": INT},
+                },
+                "nodeSelector": STRING_MAP,
+                "tolerations": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "properties": {
+                            "key": STRING,
+                            "operator": {"enum": ["Exists", "Equal"]},
+                            "value": STRING,
+                            "effect": {"enum": ["NoSchedule", "PreferNoSchedule", "NoExecute"]},
+                        },
+                    },
+                },
+            },
+        },
     },
-}  # fmt: skip
+}
 RAYCLUSTER = {
-    "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"],
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
     "properties": {
-        "apiVersion": {"const": "ray.io/v1"}, "kind": {"const": "RayCluster"},
-        "metadata": {"type": "object", "required": ["name"], "properties": {"name": STRING, "namespace": STRING,
-                                                                             "labels": STRING_MAP}},
-        "spec": {"type": "object", "required": ["headGroupSpec"], "properties": {
-            "rayVersion": STRING, "enableInTreeAutoscaling": BOOL, "suspend": BOOL,
-            "authOptions": {"type": "object", "properties": {"mode": {"enum": ["disabled", "token"]}}},
-            "headGroupSpec": {"type": "object", "required": ["template"], "properties": {
-                "serviceType": STRING, "rayStartParams": STRING_MAP, "template": POD_TEMPLATE}},
-            "workerGroupSpecs": {"type": "array", "items": {
-                "type": "object", "required": ["groupName", "template"],
-                "properties": {"groupName": STRING, "replicas": INT, "minReplicas": INT, "maxReplicas": INT,
-                               "numOfHosts": INT, "rayStartParams": STRING_MAP, "template": POD_TEMPLATE}}},
-        }},
+        "apiVersion": {"const": "ray.io/v1"},
+        "kind": {"const": "RayCluster"},
+        "metadata": {
+            "type": "object",
+            "required": ["name"],
+            "properties": {"name": STRING, "namespace": STRING, "labels": STRING_MAP},
+        },
+        "spec": {
+            "type": "object",
+            "required": ["headGroupSpec"],
+            "properties": {
+                "rayVersion": STRING,
+                "enableInTreeAutoscaling": BOOL,
+                "suspend": BOOL,
+                "authOptions": {"type": "object", "properties": {"mode": {"enum": ["disabled", "token"]}}},
+                "headGroupSpec": {
+                    "type": "object",
+                    "required": ["template"],
+                    "properties": {"serviceType": STRING, "rayStartParams": STRING_MAP, "template": POD_TEMPLATE},
+                },
+                "workerGroupSpecs": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["groupName", "template"],
+                        "properties": {
+                            "groupName": STRING,
+                            "replicas": INT,
+                            "minReplicas": INT,
+                            "maxReplicas": INT,
+                            "numOfHosts": INT,
+                            "rayStartParams": STRING_MAP,
+                            "template": POD_TEMPLATE,
+                        },
+                    },
+                },
+            },
+        },
     },
-}  # fmt: skip
+}
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +199,10 @@ def test_gpu_workers_ray_token_and_the_server_on_the_head(manifests):
     if env["ALEXNET_MP_HOST"] not in ("127.0.0.1", "localhost"):  # the server would refuse to start without
         assert env["ALEXNET_MP_AUTH_TOKEN_FILE"] and env["ALEXNET_MP_TLS_CERT"] and env["ALEXNET_MP_TLS_KEY"]
     mounted = {m["mountPath"] for m in head["volumeMounts"]}
-    assert all(any(env[name].startswith(path + "/") for path in mounted) for name in ("ALEXNET_MP_AUTH_TOKEN_FILE", "ALEXNET_MP_TLS_CERT"))
+    assert all(
+        any(env[name].startswith(path + "/") for path in mounted)
+        for name in ("ALEXNET_MP_AUTH_TOKEN_FILE", "ALEXNET_MP_TLS_CERT")
+    )
 
 
 def test_the_service_reaches_grpc_and_metrics_on_the_head(manifests):

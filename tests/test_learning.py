@@ -25,14 +25,14 @@ from contextlib import closing
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import relative_error
 
+from conftest import relative_error
 from coordinator import ModelParallelAlexNet
 from coordinator.data import open_dataset
 from coordinator.data.patterns import generate
 from coordinator.training import recipe, train
-from coordinator.training.loop import engine_for
 from coordinator.training.checkpoints import resume_recipe
+from coordinator.training.loop import engine_for
 from coordinator.training.passes import SkipLog, evaluate, training_pass, validation_pass
 from towers import AlexNet, paper_sgd
 from towers.precision import bf16_arithmetic, require_bf16
@@ -42,8 +42,9 @@ U = 2.0**-9  # bf16's unit roundoff
 needs_bf16 = pytest.mark.skipif(not bf16_arithmetic("cpu"), reason="this CPU has no bf16 arithmetic (AMX, AVX512-BF16)")
 # 16 epochs with a drop at 13: both precisions converge (86-87% held-out); at 12 epochs, before
 # converging, two runs that differ in their last bits end up to 12 points apart.
-PLAN = dict(width=0.125, epochs=16, batch_size=32, lr=0.003, dropout=0.0, lr_epochs="13", seed=0,
-            val_images=30)  # fmt: skip  (each epoch validates on 30 images; the tests evaluate on all 300)
+PLAN = dict(
+    width=0.125, epochs=16, batch_size=32, lr=0.003, dropout=0.0, lr_epochs="13", seed=0, val_images=30
+)  # each epoch validates on 30 images; the tests evaluate on all 300
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +66,9 @@ def run(patterns, engines, precision: str) -> dict:
     events, published = [], []
     plan = recipe("demo", {**PLAN, "precision": precision})
     engines[precision] = engine = engine_for(plan, patterns.num_classes)
-    result = train(patterns, plan, engine=engine, on_event=events.append, on_publish=lambda step, state: published.append(state))
+    result = train(
+        patterns, plan, engine=engine, on_event=events.append, on_publish=lambda step, state: published.append(state)
+    )
     # Each run evaluated as it trained, on every held-out image.
     top1, _ = evaluate(engine, validation_pass(patterns, dataclasses.replace(plan, val_images=0)), SkipLog())
     return {"result": result, "events": events, "state": published[-1], "top1": top1, "plan": plan}
@@ -101,7 +104,9 @@ def test_bf16_learns_as_well_as_float32_within_3_points(float32_run, bf16_run):
     print(f"held-out top-1: float32 {float32_run['top1']:.1%}, bfloat16 {bf16_run['top1']:.1%}")
     assert bf16_run["top1"] > 0.75
     assert abs(bf16_run["top1"] - float32_run["top1"]) <= 0.03
-    assert all(v.dtype == torch.float32 for v in bf16_run["state"].values())  # master weights: float32 leaves the towers
+    assert all(
+        v.dtype == torch.float32 for v in bf16_run["state"].values()
+    )  # master weights: float32 leaves the towers
 
 
 @needs_bf16
@@ -160,11 +165,17 @@ def test_bf16_gradients_point_where_float32_gradients_do(trained):
     engine.forward_backward(batch.crops, batch.labels, dropout_seed=0)
     bf16 = engine.gradients()
     engine.zero_grad()
-    cosines = {n: F.cosine_similarity(bf16[n].flatten().double(), p.grad.flatten().double(), dim=0).item()
-               for n, p in reference.named_parameters()}  # fmt: skip
+    cosines = {
+        n: F.cosine_similarity(bf16[n].flatten().double(), p.grad.flatten().double(), dim=0).item()
+        for n, p in reference.named_parameters()
+    }
     assert min(cosines.values()) >= 0.99, cosines
     stats = engine.take_stats()["towers"][0]["exchange_bytes"]
-    piece = len(batch.labels) * reference.config.segments[0][-1].out_split[0] * reference.config.segments[0][-1].out_size**2
+    piece = (
+        len(batch.labels)
+        * reference.config.segments[0][-1].out_split[0]
+        * reference.config.segments[0][-1].out_size ** 2
+    )
     assert stats[("conv3", "forward")] == piece * 2  # bf16: two bytes a value, half of float32's
 
 
@@ -190,7 +201,9 @@ def test_three_bf16_sgd_steps_stay_with_the_reference_under_autocast(trained, fl
 
 def test_bf16_is_refused_where_nothing_computes_it_and_a_resume_may_change_precision(monkeypatch):
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": False, "amx_bf16": False})
-    with pytest.raises(ValueError, match="precision bfloat16 needs bf16 arithmetic, which this CPU .* lacks: use precision float32"):
+    with pytest.raises(
+        ValueError, match="precision bfloat16 needs bf16 arithmetic, which this CPU .* lacks: use precision float32"
+    ):
         require_bf16("cpu")
     with pytest.raises(ValueError, match="unknown precision 'float16': choose one of float32, bfloat16"):
         ModelParallelAlexNet(num_classes=10, width=0.125, precision="float16")

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+
 from conftest import SMALL, relative_error
 from equivalence import towers_in_process
-
 from towers import ALEXNET_2012, LRN, AlexNet, Layer, MaxPool, NetConfig, ReLU, Tower, split_state_dict, with_lrn
 from towers.ops import apply_then
 
@@ -32,7 +32,13 @@ def test_spatial_sizes_after_each_stage_are_55_27_13_6():
     assert sizes["conv2 block"] == 13
     assert sizes["conv3 block"] == sizes["conv4 block"] == 13
     assert sizes["conv5 block"] == 6
-    assert [(s.layer_size, s.out_size) for s in model.config.shapes[:5]] == [(55, 27), (27, 13), (13, 13), (13, 13), (13, 6)]
+    assert [(s.layer_size, s.out_size) for s in model.config.shapes[:5]] == [
+        (55, 27),
+        (27, 13),
+        (13, 13),
+        (13, 13),
+        (13, 6),
+    ]
 
 
 def test_state_dict_is_canonical_order_and_grouped_shapes():

@@ -62,9 +62,11 @@ class Prometheus:
 
     def __init__(self, metrics_port: int, folder: Path):
         config = (PROMETHEUS_DIR / "prometheus.yml").read_text()
-        for old, new in [('"localhost:9464"', f'"127.0.0.1:{metrics_port}"'),
-                         ("scrape_interval: 15s", f"scrape_interval: {SCRAPE_SECONDS}s"),
-                         ("evaluation_interval: 15s", f"evaluation_interval: {SCRAPE_SECONDS}s")]:  # fmt: skip
+        for old, new in [
+            ('"localhost:9464"', f'"127.0.0.1:{metrics_port}"'),
+            ("scrape_interval: 15s", f"scrape_interval: {SCRAPE_SECONDS}s"),
+            ("evaluation_interval: 15s", f"evaluation_interval: {SCRAPE_SECONDS}s"),
+        ]:
             assert config.count(old) == 1, f"prometheus.yml no longer says {old}"
             config = config.replace(old, new)
         (folder / "prometheus.yml").write_text(config)
@@ -72,10 +74,16 @@ class Prometheus:
         self.url = f"http://127.0.0.1:{free_port()}"
         self.log = open(folder / "prometheus.log", "wb")
         self.process = subprocess.Popen(
-            [PROMETHEUS, f"--config.file={folder / 'prometheus.yml'}", f"--storage.tsdb.path={folder / 'data'}",
-             f"--web.listen-address={self.url[len('http://'):]}", "--log.level=warn"],
-            stdout=self.log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            [
+                PROMETHEUS,
+                f"--config.file={folder / 'prometheus.yml'}",
+                f"--storage.tsdb.path={folder / 'data'}",
+                f"--web.listen-address={self.url[len('http://') :]}",
+                "--log.level=warn",
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
         wait_for(self._ready, timeout=60)
 
     def _ready(self) -> bool:
@@ -110,15 +118,22 @@ def observed(ray_session, tmp_path_factory):
     folder = tmp_path_factory.mktemp("observability")
     dataset = generate(folder / "patterns", train_per_class=4, val_per_class=1)
     roots = [str(folder)]
-    server = Server(ServeOptions(port=0, metrics_port=0, width=WIDTH, max_queue=MAX_QUEUE, data_roots=roots,
-                                 checkpoint_roots=roots)).start()  # fmt: skip
+    server = Server(
+        ServeOptions(port=0, metrics_port=0, width=WIDTH, max_queue=MAX_QUEUE, data_roots=roots, checkpoint_roots=roots)
+    ).start()
     prometheus, seen = None, {"before": metric_totals(server)}
     try:
         prometheus = Prometheus(server.metrics_port, folder) if PROMETHEUS else None
         with AlexNetClient(f"127.0.0.1:{server.port}", timeout=60) as client:
             client.wait_ready()
-            overrides = {"width": str(WIDTH), "epochs": "1000", "batch_size": "8", "steps_per_epoch": "4",
-                         "val_images": "10", "publish_every": "4"}  # fmt: skip
+            overrides = {
+                "width": str(WIDTH),
+                "epochs": "1000",
+                "batch_size": "8",
+                "steps_per_epoch": "4",
+                "val_images": "10",
+                "publish_every": "4",
+            }
             job = client.train(str(dataset / "train"), overrides=overrides)
             wait_for(lambda: client.get(job.job_id).progress.step >= 1)
             started = time.time()
@@ -187,9 +202,15 @@ def test_every_alert_rule_evaluates(observed):
     _, prometheus, _ = observed
     rules = [rule for group in prometheus.api("rules")["groups"] for rule in group["rules"]]
     assert {rule["name"] for rule in rules} == {
-        "AlexNetTrainingStalled", "AlexNetTrainingLossNaN", "AlexNetTrainingLossRising", "AlexNetTowerRestarts",
-        "AlexNetClassifyErrorRatio", "AlexNetClassifyLatencyP99", "AlexNetClassifyQueueNearFull", "AlexNetMetricsDown",
-    }  # fmt: skip
+        "AlexNetTrainingStalled",
+        "AlexNetTrainingLossNaN",
+        "AlexNetTrainingLossRising",
+        "AlexNetTowerRestarts",
+        "AlexNetClassifyErrorRatio",
+        "AlexNetClassifyLatencyP99",
+        "AlexNetClassifyQueueNearFull",
+        "AlexNetMetricsDown",
+    }
     assert [(r["name"], r.get("lastError")) for r in rules if r["health"] != "ok"] == []
     for rule in rules:
         prometheus.query(rule["query"])  # raises on an error
@@ -226,15 +247,21 @@ def test_promtool_checks_the_config_and_the_alert_rules_unit_tests():
 
 def shipped_metric_names() -> set[str]:
     """Every alexnet_* name the dashboard and the alert rules read."""
-    text = DASHBOARD.read_text() + (PROMETHEUS_DIR / "alerts.yml").read_text() + (PROMETHEUS_DIR / "alerts_test.yml").read_text()
+    text = (
+        DASHBOARD.read_text()
+        + (PROMETHEUS_DIR / "alerts.yml").read_text()
+        + (PROMETHEUS_DIR / "alerts_test.yml").read_text()
+    )
     return set(re.findall(r"\balexnet_[a-z0-9_]+", text))
 
 
 def test_the_dashboard_and_rules_read_only_metrics_the_server_exports():
     """A misspelt name would show an empty panel, or an alert that never fires: caught here without Prometheus."""
     exported = {s.name for family in Metrics().registry.collect() for s in family.samples} | {
-        f"{family.name}{suffix}" for family in Metrics().registry.collect() for suffix in ("_bucket", "_sum", "_count", "_total")
-    }  # fmt: skip
+        f"{family.name}{suffix}"
+        for family in Metrics().registry.collect()
+        for suffix in ("_bucket", "_sum", "_count", "_total")
+    }
     assert shipped_metric_names() - exported == set()
 
 
@@ -254,16 +281,27 @@ def test_the_dashboard_is_generated_and_imports_cleanly():
         grid = panel["gridPos"]
         assert grid["x"] + grid["w"] <= 24 and grid["h"] > 0, panel["title"]
         if panel["type"] != "row":
-            assert panel["targets"] and all(t["expr"] and t["datasource"]["uid"] == "${datasource}" for t in panel["targets"])
+            assert panel["targets"] and all(
+                t["expr"] and t["datasource"]["uid"] == "${datasource}" for t in panel["targets"]
+            )
     # What the issue asks for: heatmaps of latency, queue and batch size; the served version; per-tower stacked compute.
     heatmaps = {re.search(r"alexnet_\w+_bucket", queries[p["title"]]).group() for p in panels if p["type"] == "heatmap"}
-    assert heatmaps == {"alexnet_classify_latency_seconds_bucket", "alexnet_classify_queue_seconds_bucket",
-                        "alexnet_classify_batch_size_bucket"}  # fmt: skip
+    assert heatmaps == {
+        "alexnet_classify_latency_seconds_bucket",
+        "alexnet_classify_queue_seconds_bucket",
+        "alexnet_classify_batch_size_bucket",
+    }
     [compute] = [p for p in panels if "alexnet_tower_compute_seconds_total" in queries[p["title"]]]
     assert compute["repeat"] == "tower" and compute["fieldConfig"]["defaults"]["custom"]["stacking"]["mode"] == "normal"
-    assert {"alexnet_training_loss", "alexnet_validation_top1_accuracy", "alexnet_training_images_per_second",
-            "alexnet_exchange_duration_seconds_sum", "alexnet_exchange_bytes_total", "alexnet_model_version",
-            "alexnet_grpc_server_handled_total"} <= shipped_metric_names()  # fmt: skip
+    assert {
+        "alexnet_training_loss",
+        "alexnet_validation_top1_accuracy",
+        "alexnet_training_images_per_second",
+        "alexnet_exchange_duration_seconds_sum",
+        "alexnet_exchange_bytes_total",
+        "alexnet_model_version",
+        "alexnet_grpc_server_handled_total",
+    } <= shipped_metric_names()
 
 
 def test_the_demo_prints_the_prometheus_command_and_the_dashboard(tmp_path, monkeypatch):
@@ -323,7 +361,9 @@ def test_metrics_are_answered_within_a_second_while_their_server_cannot_run_and_
         finally:
             os.kill(owner.pid, signal.SIGCONT)
         # Running again: fresh figures (its counter moves once its loop wakes from the sleep it was stopped in)
-        fresh = wait_for(lambda: (t := scrape_text(port)[0]) and sample(t, "alexnet_training_steps_total") > steps and t, timeout=10)
+        fresh = wait_for(
+            lambda: (t := scrape_text(port)[0]) and sample(t, "alexnet_training_steps_total") > steps and t, timeout=10
+        )
         assert sample(fresh, "alexnet_metrics_snapshot_age_seconds") < 0.5
         owner.kill()
         owner.wait()

@@ -5,10 +5,10 @@ import json
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from alexnet_api.v1 import alexnet_pb2 as pb
 
@@ -18,8 +18,11 @@ PROTO = ROOT / "proto"
 PROTOS = {
     "alexnet_api/v1/alexnet.proto": ("alexnet_pb2.py", "alexnet_pb2.pyi", "alexnet_pb2_grpc.py"),
     "alexnet_api/inference_v2/open_inference_grpc.proto": (
-        "open_inference_grpc_pb2.py", "open_inference_grpc_pb2.pyi", "open_inference_grpc_pb2_grpc.py"),
-}  # fmt: skip
+        "open_inference_grpc_pb2.py",
+        "open_inference_grpc_pb2.pyi",
+        "open_inference_grpc_pb2_grpc.py",
+    ),
+}
 
 
 @pytest.mark.parametrize("proto", PROTOS)
@@ -29,8 +32,15 @@ def test_regenerating_from_proto_changes_nothing(tmp_path, proto):
     source.mkdir(parents=True)
     shutil.copy(PROTO / proto, source)
     well_known = Path(protoc.__file__).parent / "_proto"
-    args = ["protoc", f"-I{tmp_path}", f"-I{well_known}", f"--python_out={tmp_path}", f"--pyi_out={tmp_path}",
-            f"--grpc_python_out={tmp_path}", proto]  # fmt: skip
+    args = [
+        "protoc",
+        f"-I{tmp_path}",
+        f"-I{well_known}",
+        f"--python_out={tmp_path}",
+        f"--pyi_out={tmp_path}",
+        f"--grpc_python_out={tmp_path}",
+        proto,
+    ]
     assert protoc.main(args) == 0
     for name in PROTOS[proto]:
         fresh = (source / name).read_text()
@@ -43,7 +53,9 @@ def test_regenerating_from_proto_changes_nothing(tmp_path, proto):
 WIRE_SHAPE = """
 import json, sys
 def fields(message):
-    out = {f.name: [f.number, f.type, f.label, f.message_type.full_name if f.message_type else ""] for f in message.fields}
+    out = {
+        f.name: [f.number, f.type, f.label, f.message_type.full_name if f.message_type else ""] for f in message.fields
+    }
     for nested in message.nested_types:
         out.update({f"{nested.name}.{k}": v for k, v in fields(nested).items()})
     return out
@@ -61,8 +73,14 @@ print(json.dumps({"service": service.full_name,
 def wire_shape(module: str, *selection: str) -> dict:
     """The service and messages of a generated module, read in a process of its own (two modules
     defining the package `inference` cannot share one)."""
-    run = subprocess.run([sys.executable, "-c", WIRE_SHAPE, module, *selection], capture_output=True, text=True,
-                         cwd=ROOT, check=True, timeout=60)  # fmt: skip
+    run = subprocess.run(
+        [sys.executable, "-c", WIRE_SHAPE, module, *selection],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=True,
+        timeout=60,
+    )
     return json.loads(run.stdout)
 
 

@@ -18,11 +18,11 @@ import grpc
 import pytest
 import torch
 from grpc_health.v1 import health_pb2
+
 from alexnet_api.v1 import alexnet_pb2 as pb
 from coordinator.data.patterns import generate
+from coordinator.service import ServeOptions, Server
 from test_service import client, jpeg_bytes, wait_for  # noqa: F401 (client: the fixture, on this module's server)
-
-from coordinator.service import Server, ServeOptions
 from towers import AlexNet
 
 WIDTH = 0.125
@@ -31,8 +31,11 @@ WIDTH = 0.125
 @pytest.fixture(scope="module")
 def server(ray_session, tmp_path_factory):
     roots = [str(tmp_path_factory.getbasetemp())]
-    srv = Server(ServeOptions(port=0, metrics_port=0, width=WIDTH, max_batch=8, max_delay_ms=2, data_roots=roots,
-                              checkpoint_roots=roots)).start()  # fmt: skip
+    srv = Server(
+        ServeOptions(
+            port=0, metrics_port=0, width=WIDTH, max_batch=8, max_delay_ms=2, data_roots=roots, checkpoint_roots=roots
+        )
+    ).start()
     yield srv
     srv.stop()
 
@@ -119,8 +122,11 @@ def test_a_training_tower_killed_mid_job_is_replaced_and_the_job_finishes(server
     for as "Unhandled error", which an operator would take for a second failure."""
     data = generate(tmp_path / "patterns", train_per_class=8, val_per_class=2)
     before, restarted = tower_pids(), restarts(server, "training")  # the serving pair, and actors still exiting
-    job = client.train(data_dir=data / "train", val_dir=data / "val", overrides={
-        "width": WIDTH, "epochs": 2, "batch_size": 8, "snapshot_every": 2, "publish_every": 100})  # fmt: skip
+    job = client.train(
+        data_dir=data / "train",
+        val_dir=data / "val",
+        overrides={"width": WIDTH, "epochs": 2, "batch_size": 8, "snapshot_every": 2, "publish_every": 100},
+    )
     events, killed = [], []
     for event in client.watch(job.job_id):
         events.append(event)
@@ -144,8 +150,11 @@ def test_a_training_tower_killed_mid_job_is_replaced_and_the_job_finishes(server
 def test_a_job_out_of_restarts_fails_with_one_readable_line(server, client, tmp_path):
     data = generate(tmp_path / "patterns", train_per_class=8, val_per_class=2)
     before = tower_pids()
-    job = client.train(data_dir=data / "train", val_dir=data / "val", overrides={
-        "width": WIDTH, "epochs": 2, "batch_size": 8, "max_restarts": 0, "publish_every": 100})  # fmt: skip
+    job = client.train(
+        data_dir=data / "train",
+        val_dir=data / "val",
+        overrides={"width": WIDTH, "epochs": 2, "batch_size": 8, "max_restarts": 0, "publish_every": 100},
+    )
     for event in client.watch(job.job_id):
         if event.kind == pb.TrainingEvent.STEP and event.progress.step == 2:
             pid = sorted(tower_pids() - before)[1]  # one of the job's two towers
@@ -153,6 +162,9 @@ def test_a_job_out_of_restarts_fails_with_one_readable_line(server, client, tmp_
             break
     final = wait_for(lambda: (j := client.get(job.job_id)).state == pb.FAILED and j, timeout=120)
     assert final.restarts == 0
-    assert re.match(rf"RuntimeError: tower ([01]) \(died; pid {pid} on .*\) lost after 0 recoveries already \(max_restarts\): "
-                    r"TowerFailure: tower \1 died during the step", final.error), final.error
+    assert re.match(
+        rf"RuntimeError: tower ([01]) \(died; pid {pid} on .*\) lost after 0 recoveries already \(max_restarts\): "
+        r"TowerFailure: tower \1 died during the step",
+        final.error,
+    ), final.error
     assert "\n" not in final.error and "\x1b[" not in final.error  # no traceback, no terminal colours

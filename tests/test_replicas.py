@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SMALL, relative_error
 from test_engine import reference_grads
 
+from conftest import SMALL, relative_error
 from coordinator import ModelParallelAlexNet
 from towers import AlexNet, paper_sgd
 from towers.ops import dropout_mask
@@ -22,8 +22,10 @@ BATCH = 8  # 4 per group
 def batches(steps: int):
     gen = torch.Generator().manual_seed(11)
     for _ in range(steps):
-        yield (torch.randn(BATCH, 3, SMALL["image_size"], SMALL["image_size"], generator=gen, dtype=torch.float64),
-               torch.randint(0, SMALL["num_classes"], (BATCH,), generator=gen))  # fmt: skip
+        yield (
+            torch.randn(BATCH, 3, SMALL["image_size"], SMALL["image_size"], generator=gen, dtype=torch.float64),
+            torch.randint(0, SMALL["num_classes"], (BATCH,), generator=gen),
+        )
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +83,9 @@ def test_three_sgd_steps_equal_the_reference_and_the_groups_never_drift_apart(pa
 def test_a_batch_that_does_not_split_evenly_is_refused(pair):
     engine, _ = pair
     images, labels = next(batches(1))
-    with pytest.raises(ValueError, match="does not split evenly among 2 replica groups: use a batch size that is a multiple of 2"):
+    with pytest.raises(
+        ValueError, match="does not split evenly among 2 replica groups: use a batch size that is a multiple of 2"
+    ):
         engine.train_step(images[:7], labels[:7])
     with pytest.raises(ValueError, match="replicas must be a whole number of at least 1"):
         ModelParallelAlexNet(**SMALL, replicas=0)
@@ -127,7 +131,9 @@ def test_a_run_whose_towers_leave_no_cpu_for_loading_is_refused_not_left_waiting
     holder = Holder.options(num_cpus=free).remote()  # as towers of many replica groups would
     ray_session.get(holder.ready.remote())
     try:
-        with pytest.raises(RuntimeError, match="loading images needs half a CPU beside them: train with fewer replicas"):
+        with pytest.raises(
+            RuntimeError, match="loading images needs half a CPU beside them: train with fewer replicas"
+        ):
             check_room_for_loading(wait=0.5)
     finally:
         ray_session.kill(holder)

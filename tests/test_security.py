@@ -54,8 +54,9 @@ def certificate(tmp_path, name, issuer=None, server=False):
         builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
     cert = builder.sign(issuer[0] if issuer else key, hashes.SHA256())
     key_path, cert_path = tmp_path / f"{name}.key", tmp_path / f"{name}.pem"
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))  # fmt: skip
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return (key, cert), str(key_path), str(cert_path)
 
@@ -67,7 +68,9 @@ def pki(tmp_path_factory):
     _, server_key, server_pem = certificate(folder, "server", issuer=ca, server=True)
     _, client_key, client_pem = certificate(folder, "client", issuer=ca)
     _, rogue_key, rogue_pem = certificate(folder, "impostor")
-    return dict(ca=ca_pem, server=(server_pem, server_key), client=(client_pem, client_key), rogue=(rogue_pem, rogue_key))
+    return dict(
+        ca=ca_pem, server=(server_pem, server_key), client=(client_pem, client_key), rogue=(rogue_pem, rogue_key)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -126,14 +129,18 @@ def test_tokens_and_roles(token_server):
     assert "no token: send 'authorization: Bearer <token>'" in refused.value.details()
 
     channel = grpc.insecure_channel(f"127.0.0.1:{token_server.port}")  # another scheme than Bearer
-    classify = channel.unary_unary("/alexnet.v1.InferenceService/Classify", pb.ClassifyRequest.SerializeToString,
-                                   pb.ClassifyResponse.FromString)  # fmt: skip
+    classify = channel.unary_unary(
+        "/alexnet.v1.InferenceService/Classify", pb.ClassifyRequest.SerializeToString, pb.ClassifyResponse.FromString
+    )
     with pytest.raises(grpc.RpcError) as refused:
         classify(CLASSIFY, metadata=[("authorization", f"Basic {READ}")], timeout=30)
     assert refused.value.code() == unauthenticated
     channel.close()
     with AlexNetClient(f"127.0.0.1:{token_server.port}", timeout=30, token="") as client:  # health stays open
-        assert client.health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == health_pb2.HealthCheckResponse.SERVING
+        assert (
+            client.health.Check(health_pb2.HealthCheckRequest(), timeout=10).status
+            == health_pb2.HealthCheckResponse.SERVING
+        )
 
 
 GRPCURL = str(Path(sys.executable).parent / "grpcurl")  # the unmodified grpcurl binary, from the test extra
@@ -142,8 +149,15 @@ GRPCURL = str(Path(sys.executable).parent / "grpcurl")  # the unmodified grpcurl
 def grpcurl(server, *args, token=None, plaintext=True, data=None):
     """Run grpcurl against the server, args being its flags then the method (or `list`): (exit status, output)."""
     *flags, method = args
-    command = [GRPCURL, *(["-plaintext"] if plaintext else []), *(["-H", f"authorization: Bearer {token}"] if token else []),
-               *(["-d", json.dumps(data)] if data is not None else []), *flags, f"127.0.0.1:{server.port}", method]  # fmt: skip
+    command = [
+        GRPCURL,
+        *(["-plaintext"] if plaintext else []),
+        *(["-H", f"authorization: Bearer {token}"] if token else []),
+        *(["-d", json.dumps(data)] if data is not None else []),
+        *flags,
+        f"127.0.0.1:{server.port}",
+        method,
+    ]
     ran = subprocess.run(command, capture_output=True, text=True, timeout=60)
     return ran.returncode, ran.stdout + ran.stderr
 
@@ -151,7 +165,11 @@ def grpcurl(server, *args, token=None, plaintext=True, data=None):
 def test_grpcurl_lists_checks_health_and_classifies_with_a_token(token_server):
     """What a user's first look with grpcurl meets: reflection and health open, the rest behind tokens."""
     status, listed = grpcurl(token_server, "list")
-    assert status == 0 and {"alexnet.v1.InferenceService", "alexnet.v1.TrainingService", "grpc.health.v1.Health"} <= set(listed.split())
+    assert status == 0 and {
+        "alexnet.v1.InferenceService",
+        "alexnet.v1.TrainingService",
+        "grpc.health.v1.Health",
+    } <= set(listed.split())
     status, health = grpcurl(token_server, "grpc.health.v1.Health/Check")
     assert status == 0 and json.loads(health) == {"status": "SERVING"}
     classify = {"images": [{"encoded": base64.b64encode(jpeg_bytes()).decode()}], "top_k": 2}
@@ -180,7 +198,10 @@ def test_the_inference_protocol_needs_a_read_token_but_for_its_probes(token_serv
 
         infer, model = encoded(jpeg_bytes()), v2.ModelMetadataRequest(name="alexnet")
         assert [code("ModelInfer", infer, token) for token in ("", READ, TRAIN)] == [
-            grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.OK, grpc.StatusCode.PERMISSION_DENIED]  # fmt: skip
+            grpc.StatusCode.UNAUTHENTICATED,
+            grpc.StatusCode.OK,
+            grpc.StatusCode.PERMISSION_DENIED,
+        ]
         assert code("ModelMetadata", model, "") == grpc.StatusCode.UNAUTHENTICATED
         assert code("ServerReady", v2.ServerReadyRequest(), "") == grpc.StatusCode.OK  # probes stay open, like health
         assert stub.ServerLive(v2.ServerLiveRequest(), timeout=30).live
@@ -190,10 +211,15 @@ def test_the_inference_protocol_needs_a_read_token_but_for_its_probes(token_serv
 
 def test_mutual_tls(ray_session, pki):
     cert, key = pki["server"]
-    srv = Server(ServeOptions(port=0, metrics_port=-1, width=WIDTH, tls_cert=cert, tls_key=key, tls_client_ca=pki["ca"])).start()
+    srv = Server(
+        ServeOptions(port=0, metrics_port=-1, width=WIDTH, tls_cert=cert, tls_key=key, tls_client_ca=pki["ca"])
+    ).start()
     try:
         client_cert, client_key = pki["client"]
-        assert code_of(srv, "", "Classify", CLASSIFY, tls_ca=pki["ca"], tls_cert=client_cert, tls_key=client_key) == grpc.StatusCode.OK
+        assert (
+            code_of(srv, "", "Classify", CLASSIFY, tls_ca=pki["ca"], tls_cert=client_cert, tls_key=client_key)
+            == grpc.StatusCode.OK
+        )
         refused = [
             code_of(srv, "", "Classify", CLASSIFY),  # plaintext
             code_of(srv, "", "Classify", CLASSIFY, tls_ca=pki["ca"]),  # TLS, but no client certificate
@@ -224,7 +250,9 @@ def test_a_network_address_without_tokens_is_refused_before_anything_listens(tmp
     with pytest.raises(SecurityError, match="TLS needs both --tls-cert and --tls-key"):
         Server(ServeOptions(port=0, metrics_port=-1, tls_cert=str(tmp_path / "x.pem"))).start()
     with pytest.raises(SecurityError, match="--log-root /etc/tensorboard is outside the server's checkpoints roots"):
-        Server(ServeOptions(port=0, metrics_port=-1, log_root="/etc/tensorboard", checkpoint_roots=[str(tmp_path)])).start()
+        Server(
+            ServeOptions(port=0, metrics_port=-1, log_root="/etc/tensorboard", checkpoint_roots=[str(tmp_path)])
+        ).start()
     assert main(["serve", "--port", "0", "--state-dir", "", "--log-root", "/etc/tensorboard"]) == 2
     assert "--checkpoint-root" in capsys.readouterr().out
     short = tmp_path / "short"
@@ -244,9 +272,10 @@ def _write(path, text):
 
 
 def test_every_path_a_request_names_must_lie_in_the_roots(tmp_path):
+    from test_training import saved_by
+
     from coordinator.service.errors import InvalidRequest, PermissionDenied
     from coordinator.service.requests import Roots, TrainingRequest, check_request
-    from test_training import saved_by
 
     inside, outside = tmp_path / "inside", tmp_path / "outside"
     (inside / "data" / "a").mkdir(parents=True)
@@ -286,11 +315,20 @@ def test_the_local_ray_a_server_starts_keeps_its_token_private_and_its_workers_a
     import sys
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | {"HOME": str(tmp_path)}
-    script = ("import os, ray; from coordinator.engine import ensure_ray; from coordinator.engine.placement import "
-              "worker_niceness; ensure_ray(num_cpus=1); nice = ray.remote(lambda: os.getpriority(os.PRIO_PROCESS, 0)); "
-              "print('workers at', ray.get(nice.remote()), 'believed', worker_niceness()); ray.shutdown()")  # fmt: skip
-    ran = subprocess.run([sys.executable, "-c", script], env=env, cwd=Path(__file__).parents[1], check=True, timeout=120,
-                         capture_output=True, text=True)  # fmt: skip
+    script = (
+        "import os, ray; from coordinator.engine import ensure_ray; from coordinator.engine.placement import "
+        "worker_niceness; ensure_ray(num_cpus=1); nice = ray.remote(lambda: os.getpriority(os.PRIO_PROCESS, 0)); "
+        "print('workers at', ray.get(nice.remote()), 'believed', worker_niceness()); ray.shutdown()"
+    )
+    ran = subprocess.run(
+        [sys.executable, "-c", script],
+        env=env,
+        cwd=Path(__file__).parents[1],
+        check=True,
+        timeout=120,
+        capture_output=True,
+        text=True,
+    )
     assert "workers at 0 believed 0" in ran.stdout
     token = tmp_path / ".ray" / "auth_token"
     assert token.is_file() and stat.S_IMODE(token.stat().st_mode) == 0o600
@@ -304,7 +342,9 @@ def test_every_method_the_server_answers_has_a_declared_role(token_server):
     assert listed.returncode == 0 and "alexnet.v1.ModelService" in services and "grpc.health.v1.Health" in services
     methods = []
     for service in services:
-        ran = subprocess.run([GRPCURL, "-plaintext", address, "list", service], capture_output=True, text=True, timeout=60)
+        ran = subprocess.run(
+            [GRPCURL, "-plaintext", address, "list", service], capture_output=True, text=True, timeout=60
+        )
         methods += ["/" + line.strip().replace(f"{service}.", f"{service}/") for line in ran.stdout.split()]
     assert "/alexnet.v1.ModelService/ExportModel" in methods and "/grpc.health.v1.Health/Check" in methods
     assert sorted(methods) == sorted(token_server.roles)  # a role for each, and each role for a method
@@ -319,8 +359,12 @@ def test_a_service_registered_without_a_role_for_each_method_stops_the_server():
     server._grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
     try:
         with pytest.raises(RuntimeError, match="no role declared for alexnet.v1.ModelService: GetKernels, ExportModel"):
-            server._add(rpc.add_ModelServiceServicer_to_server, None, pb.DESCRIPTOR.services_by_name["ModelService"],
-                        GetModelInfo=READ_ROLE)  # fmt: skip
+            server._add(
+                rpc.add_ModelServiceServicer_to_server,
+                None,
+                pb.DESCRIPTOR.services_by_name["ModelService"],
+                GetModelInfo=READ_ROLE,
+            )
         assert server.roles == {}  # nothing of it registered
     finally:
         server._grpc.stop(None)

@@ -22,8 +22,14 @@ from coordinator.data.patterns import generate
 from test_service import jpeg_bytes, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
-PLAN = {"width": "0.125", "epochs": "3", "batch_size": "16", "steps_per_epoch": "6", "publish_every": "2",
-        "checkpoint_every": "3"}  # fmt: skip
+PLAN = {
+    "width": "0.125",
+    "epochs": "3",
+    "batch_size": "16",
+    "steps_per_epoch": "6",
+    "publish_every": "2",
+    "checkpoint_every": "3",
+}
 
 
 class ServerProcess:
@@ -32,10 +38,30 @@ class ServerProcess:
     def __init__(self, state_dir: Path, log: Path):
         self.log = log.open("a")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "client.cli", "serve", "--port", "0", "--metrics-port", "-1", "--width", "0.125",
-             "--state-dir", str(state_dir), "--data-root", str(state_dir.parent), "--checkpoint-root", str(state_dir.parent)],  # fmt: skip
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=self.log, text=True, start_new_session=True,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "client.cli",
+                "serve",
+                "--port",
+                "0",
+                "--metrics-port",
+                "-1",
+                "--width",
+                "0.125",
+                "--state-dir",
+                str(state_dir),
+                "--data-root",
+                str(state_dir.parent),
+                "--checkpoint-root",
+                str(state_dir.parent),
+            ],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+            start_new_session=True,
+        )
         line = self.process.stdout.readline()  # printed once it serves
         match = re.search(r"serving gRPC on [\d.]+:(\d+)", line)
         assert match, f"the server did not start: {line!r}; see {log}"
@@ -116,8 +142,8 @@ def test_the_state_dir_keeps_the_last_versions_and_passes_over_what_it_cannot_re
     from coordinator.service.jobs import JobManager, JobState
     from coordinator.service.metrics import Metrics
     from coordinator.service.requests import TrainingRequest
-    from coordinator.service.versions import ModelVersion
     from coordinator.service.state import StateStore
+    from coordinator.service.versions import ModelVersion
 
     store = StateStore(tmp_path, keep_versions=2, pinned=[1])
     for number in range(1, 6):
@@ -128,8 +154,19 @@ def test_the_state_dir_keeps_the_last_versions_and_passes_over_what_it_cannot_re
     latest = store.latest_version()
     assert latest.version == 4 and latest.state["w"].tolist() == [4.0] * 3 and latest.stats == ColourStats.imagenet()
 
-    running = {"job_id": "a1", "state": "RUNNING", "request": {"builtin": True}, "progress": None, "top1": 0.5,
-               "top5": 0.9, "error": "", "model_version": 3, "created": 1.0, "ended": 0.0, "saved": 2.0}  # fmt: skip
+    running = {
+        "job_id": "a1",
+        "state": "RUNNING",
+        "request": {"builtin": True},
+        "progress": None,
+        "top1": 0.5,
+        "top5": 0.9,
+        "error": "",
+        "model_version": 3,
+        "created": 1.0,
+        "ended": 0.0,
+        "saved": 2.0,
+    }
     store.save_job(running)
     (store.jobs_dir / "b2.json").write_text('{"job_id": "b2", "state": "NO SUCH STATE"')  # torn mid-write
     (store.jobs_dir / "c3.json").write_text('{"job_id": "c3", "state": "NO SUCH STATE"}')  # from another version
@@ -148,10 +185,10 @@ def test_a_resume_request_is_checked_before_it_is_accepted(tmp_path):
 
     import torch
     from PIL import Image
+    from test_training import saved_by
 
     from coordinator.service.errors import InvalidRequest, NotFound, PreconditionFailed
     from coordinator.service.requests import TrainingRequest, check_request
-    from test_training import saved_by
 
     saved_by(tmp_path / "ckpt", [(4, 0.5), (8, 0.6)], keep=3)  # classes a and b, with the demo recipe
     for name in ("a", "b", "c"):
@@ -170,8 +207,14 @@ def test_a_resume_request_is_checked_before_it_is_accepted(tmp_path):
     plan = check(data_dir=str(tmp_path / "ab"), overrides={"epochs": "9"})
     assert plan.resume["step"] == 8 and plan.recipe.epochs == 9 and plan.recipe.lr == 0.003  # the latest, the demo's lr
     assert plan.checkpoint_dir == tmp_path / "ckpt" and plan.request.checkpoint_dir == str(tmp_path / "ckpt")
-    assert check_request(TrainingRequest(resume_from=str(tmp_path / "ckpt" / "checkpoint-step0000004.pt"),
-                                         data_dir=str(tmp_path / "ab"))).resume["step"] == 4  # fmt: skip
+    assert (
+        check_request(
+            TrainingRequest(
+                resume_from=str(tmp_path / "ckpt" / "checkpoint-step0000004.pt"), data_dir=str(tmp_path / "ab")
+            )
+        ).resume["step"]
+        == 4
+    )
     refusals = [
         (dict(data_dir=str(tmp_path / "ac")), PreconditionFailed, "class folders are not the checkpoint's"),
         (dict(data_dir=str(tmp_path / "ab"), overrides={"width": "2"}), PreconditionFailed, "network's shape differs"),
@@ -181,7 +224,11 @@ def test_a_resume_request_is_checked_before_it_is_accepted(tmp_path):
         (dict(resume_from=str(tmp_path / "nowhere")), NotFound, "no checkpoint file or folder at"),
         (dict(resume_from=str(tmp_path / "ab")), NotFound, "holds no checkpoint"),
         (dict(resume_from=str(tmp_path / "torn.pt")), InvalidRequest, "is not a readable checkpoint"),
-        (dict(resume_from=str(tmp_path / "pickled.pt")), InvalidRequest, "is not a readable checkpoint"),  # no code runs
+        (
+            dict(resume_from=str(tmp_path / "pickled.pt")),
+            InvalidRequest,
+            "is not a readable checkpoint",
+        ),  # no code runs
     ]
     for fields, error, message in refusals:
         with pytest.raises(error, match=message):

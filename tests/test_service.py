@@ -1,9 +1,9 @@
 """The gRPC service end to end: a real server on a free loopback port, a real client, real images."""
 
 import io
-import re
 import math
 import os
+import re
 import threading
 import time
 import urllib.request
@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from alexnet_api.v1 import alexnet_pb2 as pb
 from client import AlexNetClient
 from coordinator.data.patterns import generate
-from coordinator.service import Server, ServeOptions
+from coordinator.service import ServeOptions, Server
 from coordinator.service.requests import TrainingRequest
 from coordinator.service.serving_policy import ServingShare
 from towers.figures import figure3_layout
@@ -36,8 +36,18 @@ def dataset(tmp_path_factory):
 def server(ray_session, tmp_path_factory):
     roots = [str(tmp_path_factory.getbasetemp())]  # every test's files are under it
     # Serving without a share of its own: a test below times classification against a training step.
-    srv = Server(ServeOptions(port=0, metrics_port=0, width=WIDTH, max_batch=16, max_delay_ms=2, data_roots=roots,
-                              checkpoint_roots=roots, serving_share=1.0)).start()  # fmt: skip
+    srv = Server(
+        ServeOptions(
+            port=0,
+            metrics_port=0,
+            width=WIDTH,
+            max_batch=16,
+            max_delay_ms=2,
+            data_roots=roots,
+            checkpoint_roots=roots,
+            serving_share=1.0,
+        )
+    ).start()
     with AlexNetClient(f"127.0.0.1:{srv.port}", timeout=60) as first:
         first.wait_ready()  # the answer before any job has trained, whichever test runs first
         srv.first_answer = first.classify([jpeg_bytes()], top_k=3)
@@ -190,12 +200,19 @@ def test_unknown_and_empty_jobs(client, call):
         (dict(data_dir="DATA", overrides={"epochs": "many"}), "epochs='many' is not a valid int"),
         (dict(data_dir="DATA", overrides={"learning_rate": "0.1"}), "unknown override learning_rate"),
         (dict(data_dir="DATA", overrides={"transport": "pigeon"}), "transport must be one of auto, gloo, nccl"),
-        (dict(data_dir="DATA", overrides={"batch_size": "8", "replicas": "3"}), "batch_size (8) must be a multiple of replicas (3)"),
+        (
+            dict(data_dir="DATA", overrides={"batch_size": "8", "replicas": "3"}),
+            "batch_size (8) must be a multiple of replicas (3)",
+        ),
     ],
 )
 def test_bad_training_specs_get_invalid_argument(client, dataset, tmp_path, spec, message):
     (tmp_path / "empty").mkdir()
-    folders = {"DATA": str(dataset / "train"), "EMPTY": str(tmp_path / "empty"), "MISSING": str(tmp_path / "no-such-folder")}
+    folders = {
+        "DATA": str(dataset / "train"),
+        "EMPTY": str(tmp_path / "empty"),
+        "MISSING": str(tmp_path / "no-such-folder"),
+    }
     if "data_dir" in spec:
         spec["data_dir"] = folders.get(spec["data_dir"], spec["data_dir"])
     request = pb.TrainingSpec(**{k: v for k, v in spec.items()})
@@ -223,7 +240,10 @@ def test_full_lifecycle_watch_to_the_end(client, server, dataset, tmp_path):
     final = client.get(job.job_id)
     assert final.state == pb.FINISHED and final.ended_unix >= final.created_unix
     assert final.model_version == published[-1]
-    assert sorted(p.name for p in tmp_path.glob("checkpoint-*.pt")) == ["checkpoint-step0000008.pt", "checkpoint-step0000016.pt"]
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*.pt")) == [
+        "checkpoint-step0000008.pt",
+        "checkpoint-step0000016.pt",
+    ]
     # The served model is now this job's last version, and says so.
     response = client.classify([jpeg_bytes()], top_k=2)
     assert response.model_version == final.model_version
@@ -252,8 +272,11 @@ def test_one_job_at_a_time_stop_and_list(client, server, dataset, tmp_path):
     assert info.training_replicas == 2
     assert [(t.replica, t.index) for t in info.training_towers] == [(0, 0), (0, 1), (1, 0), (1, 1)]
     assert all(t.node and t.host and t.device == "cpu" for t in info.training_towers)
-    allreduced = {dict(labels)["replica"]: value for (name, labels), value in scrape(server).items()
-                  if name == "alexnet_allreduce_bytes_total" and dict(labels)["tower"] == "1"}  # fmt: skip
+    allreduced = {
+        dict(labels)["replica"]: value
+        for (name, labels), value in scrape(server).items()
+        if name == "alexnet_allreduce_bytes_total" and dict(labels)["tower"] == "1"
+    }
     assert set(allreduced) == {"0", "1"} and min(allreduced.values()) > 0
     with pytest.raises(grpc.RpcError) as caught:
         client.train(str(dataset / "train"), overrides=TINY)
@@ -395,16 +418,26 @@ def test_one_scrape_shows_every_metric(client, server, dataset):
     unobserved = [name for name, family in shown.items() if not observed(samples, family)]
     assert [name for name in unobserved if name not in RESTING_METRICS] == []
     assert 0 <= samples[("alexnet_validation_top1_accuracy", ())] <= 1
-    labels = {dict(l)["tower"] for n, l in samples if n == "alexnet_tower_compute_seconds_total"}
+    labels = {dict(labels_of)["tower"] for n, labels_of in samples if n == "alexnet_tower_compute_seconds_total"}
     assert labels == {"0", "1"}  # within each replica group, whatever the number of groups
-    replicas = {dict(l)["replica"] for n, l in samples if n == "alexnet_tower_compute_seconds_total"}
+    replicas = {dict(labels_of)["replica"] for n, labels_of in samples if n == "alexnet_tower_compute_seconds_total"}
     assert "0" in replicas
-    points = {(dict(l)["point"], dict(l)["direction"]) for n, l in samples if n == "alexnet_exchange_bytes_total"}
+    points = {
+        (dict(labels_of)["point"], dict(labels_of)["direction"])
+        for n, labels_of in samples
+        if n == "alexnet_exchange_bytes_total"
+    }
     # The four exchange points, and the logits' all-gather (forward only: its backward needs no exchange).
-    assert points == {(p, d) for p in ("conv3", "fc6", "fc7", "fc8") for d in ("forward", "backward")} | {("logits", "forward")}
-    codes = {dict(l)["code"] for n, l in samples if n == "alexnet_classify_requests_total"}
+    assert points == {(p, d) for p in ("conv3", "fc6", "fc7", "fc8") for d in ("forward", "backward")} | {
+        ("logits", "forward")
+    }
+    codes = {dict(labels_of)["code"] for n, labels_of in samples if n == "alexnet_classify_requests_total"}
     assert {"OK", "INVALID_ARGUMENT"} <= codes
-    handled = {(dict(l)["method"], dict(l)["code"]) for n, l in samples if n == "alexnet_grpc_server_handled_total"}
+    handled = {
+        (dict(labels_of)["method"], dict(labels_of)["code"])
+        for n, labels_of in samples
+        if n == "alexnet_grpc_server_handled_total"
+    }
     assert ("/alexnet.v1.InferenceService/Classify", "OK") in handled
     assert ("/alexnet.v1.TrainingService/GetTraining", "NOT_FOUND") in handled
     assert samples[("alexnet_model_version", ())] >= 1
@@ -455,8 +488,20 @@ def test_cli_info_and_classify_print_readable_tables(server, client, capsys, tmp
 
 
 def test_cli_train_follow_status_and_errors(server, client, capsys, dataset):
-    code, out = run_cli(server, capsys, "train", "--data", str(dataset / "train"), "--set", "width=0.25",
-                        "--set", "epochs=1", "--set", "batch_size=8", "--follow")  # fmt: skip
+    code, out = run_cli(
+        server,
+        capsys,
+        "train",
+        "--data",
+        str(dataset / "train"),
+        "--set",
+        "width=0.25",
+        "--set",
+        "epochs=1",
+        "--set",
+        "batch_size=8",
+        "--follow",
+    )
     assert code == 0 and "started job" in out and "FINISHED" in out and "validation top-1" in out
     job_id = re.search(r"started job (\w+)", out).group(1)
     code, out = run_cli(server, capsys, "status", job_id)

@@ -13,8 +13,8 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import SMALL, relative_error
 
+from conftest import SMALL, relative_error
 from coordinator import ModelParallelAlexNet
 from coordinator.engine import TowerFailure
 from towers import AlexNet
@@ -24,7 +24,9 @@ TIMEOUT = 2.0  # the engine's exchange timeout in these tests
 
 @pytest.fixture(params=["auto", "gloo"])
 def engine(request, ray_session):
-    engine = ModelParallelAlexNet(**SMALL, dropout=0.0, init="pytorch", transport=request.param, exchange_timeout=TIMEOUT)
+    engine = ModelParallelAlexNet(
+        **SMALL, dropout=0.0, init="pytorch", transport=request.param, exchange_timeout=TIMEOUT
+    )
     yield engine
     engine.shutdown()
 
@@ -93,7 +95,10 @@ def test_a_hung_tower_fails_an_inference_pass_after_the_exchange_timeout_naming_
     os.kill(pid, signal.SIGSTOP)
     try:
         start = time.monotonic()
-        with pytest.raises(TowerFailure, match=r"tower 0 did not answer within 10 s .*tower 1: the all-gather at conv3 timed out after 2 s"):
+        with pytest.raises(
+            TowerFailure,
+            match=r"tower 0 did not answer within 10 s .*tower 1: the all-gather at conv3 timed out after 2 s",
+        ):
             engine.predict(images)
         assert time.monotonic() - start < 30  # the exchange timeout, then the probe
     finally:

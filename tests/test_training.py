@@ -11,9 +11,9 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from coordinator import ModelParallelAlexNet
 from coordinator.data import Batch, open_dataset
 from coordinator.data.patterns import generate
-from coordinator import ModelParallelAlexNet
 from coordinator.training import PRESETS, PlateauSchedule, StepSchedule, recipe, train
 from coordinator.training.passes import SkipLog, class_probabilities, evaluate, validation_pass
 from towers.inputs import crops_of
@@ -47,7 +47,8 @@ def test_overrides_are_converted_and_checked():
     with pytest.raises(ValueError, match="transport must be one of auto, gloo, nccl, got 'pigeon'"):
         recipe("demo", {"transport": "pigeon"})
     assert recipe("demo", {"transport": "gloo"}).transport == "gloo"
-    # A transport retired with the one-call step still reads, as saved recipes and checkpoints name it (the engine maps it).
+    # A transport retired with the one-call step still reads, as saved recipes and checkpoints name it
+    # (the engine maps it).
     assert recipe("demo", {"transport": "object_store"}).transport == "object_store"
 
 
@@ -88,8 +89,17 @@ def test_stop_ends_at_a_step_boundary_with_a_checkpoint(ray_session, patterns, t
 
     result = train(
         patterns,
-        recipe("demo", {"width": 0.125, "epochs": 50, "batch_size": 16, "publish_every": 2, "transport": "gloo",
-                        "checkpoint_every": 2}),  # fmt: skip
+        recipe(
+            "demo",
+            {
+                "width": 0.125,
+                "epochs": 50,
+                "batch_size": 16,
+                "publish_every": 2,
+                "transport": "gloo",
+                "checkpoint_every": 2,
+            },
+        ),
         on_event=on_event,
         stop=stop,
         on_publish=lambda step, state: published.append((step, state)),
@@ -107,7 +117,9 @@ def test_stop_ends_at_a_step_boundary_with_a_checkpoint(ray_session, patterns, t
     assert len(checkpoint["optimizer"]) == 2  # each tower's momentum buffers
     from coordinator.training.checkpoints import read_index
 
-    assert sorted(v["step"] for v in read_index(tmp_path).values()) == sorted({2, result.steps})  # every 2 steps, and on stop
+    assert sorted(v["step"] for v in read_index(tmp_path).values()) == sorted(
+        {2, result.steps}
+    )  # every 2 steps, and on stop
 
 
 def test_a_diverging_run_fails_with_advice(ray_session, patterns):
@@ -124,9 +136,13 @@ class MeanColourClassifier:
 
 def test_ten_crop_probabilities_average_each_images_ten_softmaxes():
     pixels = np.random.default_rng(0).integers(0, 256, (4 * 10, 8, 8, 3), dtype=np.uint8)  # ten views of 4 images
-    views = Batch(crops_of(pixels, np.zeros((40, 3)), (100.0, 110.0, 120.0)), torch.zeros(4, dtype=torch.long), [], views=10)
+    views = Batch(
+        crops_of(pixels, np.zeros((40, 3)), (100.0, 110.0, 120.0)), torch.zeros(4, dtype=torch.long), [], views=10
+    )
     probs = class_probabilities(MeanColourClassifier(), views)
-    by_hand = torch.stack([torch.stack([(v.mean(dim=(1, 2)) * 5).softmax(0) for v in image]).mean(0) for image in views.images])
+    by_hand = torch.stack(
+        [torch.stack([(v.mean(dim=(1, 2)) * 5).softmax(0) for v in image]).mean(0) for image in views.images]
+    )
     assert torch.allclose(probs, by_hand, atol=1e-6)
     centre = Batch(views.crops[4::10], views.labels, [])
     assert not torch.allclose(probs, class_probabilities(MeanColourClassifier(), centre), atol=1e-3)
@@ -151,7 +167,9 @@ def test_a_tower_killed_mid_run_is_replaced_and_the_run_ends_as_if_nothing_happe
     plan = recipe("demo", {"width": 0.125, "epochs": 2, "batch_size": 16, "steps_per_epoch": 8, "snapshot_every": 3})
     engine = ModelParallelAlexNet(num_classes=patterns.num_classes, width=0.125, init="kaiming")
     untouched = []
-    straight = train(patterns, plan, on_publish=lambda step, state: untouched.append(state), log_dir=tmp_path / "straight")
+    straight = train(
+        patterns, plan, on_publish=lambda step, state: untouched.append(state), log_dir=tmp_path / "straight"
+    )
     events, killed = [], []
 
     def on_event(event):
@@ -161,8 +179,14 @@ def test_a_tower_killed_mid_run_is_replaced_and_the_run_ends_as_if_nothing_happe
             os.kill(killed[0], signal.SIGKILL)
 
     try:
-        result = train(patterns, plan, on_event=on_event, engine=engine, on_publish=lambda step, state: None,
-                       log_dir=tmp_path / "killed")  # fmt: skip
+        result = train(
+            patterns,
+            plan,
+            on_event=on_event,
+            engine=engine,
+            on_publish=lambda step, state: None,
+            log_dir=tmp_path / "killed",
+        )
         assert killed[0] not in [t["pid"] for t in engine.towers]  # a new process hosts tower 1
         weights = engine.state_dict()
     finally:
@@ -192,8 +216,10 @@ def test_a_replica_group_that_loses_a_tower_takes_a_healthy_groups_weights_and_l
     """Two replica groups; kill -9 of group 1's tower 0 mid-step: group 1 is rebuilt from group 0's
     weights and momentum, only the failed step is redone (no snapshot), and the run ends with the
     weights of one that was never interrupted."""
-    plan = recipe("demo", {"width": 0.125, "epochs": 1, "batch_size": 16, "steps_per_epoch": 8, "snapshot_every": 3,
-                           "replicas": 2})  # fmt: skip
+    plan = recipe(
+        "demo",
+        {"width": 0.125, "epochs": 1, "batch_size": 16, "steps_per_epoch": 8, "snapshot_every": 3, "replicas": 2},
+    )
     untouched = []
     straight = train(patterns, plan, on_publish=lambda step, state: untouched.append(state))
     engine = ModelParallelAlexNet(num_classes=patterns.num_classes, width=0.125, init="kaiming", replicas=2)
@@ -213,7 +239,10 @@ def test_a_replica_group_that_loses_a_tower_takes_a_healthy_groups_weights_and_l
         engine.shutdown()
     [recovered] = [e for e in events if e.kind == "recovered"]
     assert f"replaced group 1 tower 0 (died; pid {killed[0]}" in recovered.message
-    assert "every group took group 0's weights and momentum: no step lost, 1 failed step(s) to redo from step 5" in recovered.message
+    assert (
+        "every group took group 0's weights and momentum: no step lost, 1 failed step(s) to redo from step 5"
+        in recovered.message
+    )
     steps = [e.step for e in events if e.kind == "step"]
     assert steps[steps.index(5) + 1] == 6  # the run went on from where it was, not from the snapshot at step 3
     assert result.state == "finished" and result.restarts == 1 and result.steps == straight.steps == 8
@@ -237,14 +266,24 @@ def test_a_stopped_run_resumed_from_its_checkpoint_ends_exactly_as_a_straight_ru
     plan = recipe("demo", {"width": 0.125, "epochs": 3, "batch_size": 16, "steps_per_epoch": 3, "schedule": "plateau"})
     straight_weights, resumed_weights, stop = [], [], threading.Event()
     straight = train(patterns, plan, on_publish=lambda step, state: straight_weights.append(state))
-    first = train(patterns, plan, stop=stop, checkpoint_dir=tmp_path,
-                  on_event=lambda e: e.kind == "step" and e.step == 5 and stop.set())  # fmt: skip
+    first = train(
+        patterns,
+        plan,
+        stop=stop,
+        checkpoint_dir=tmp_path,
+        on_event=lambda e: e.kind == "step" and e.step == 5 and stop.set(),
+    )
     payload = load_checkpoint(tmp_path)  # the folder means its latest
     assert first.state == "stopped" and payload["step"] == first.steps in (5, 6)  # mid-way through the second epoch
     assert (payload["epochs_done"], payload["position"]) == (1, first.steps - 3)
     assert payload["schedule"]["best"] < 1 and payload["engine_steps"] == first.steps
-    second = train(patterns, resume_recipe(payload, {"epochs": "3"}), resume=tmp_path, checkpoint_dir=tmp_path,
-                   on_publish=lambda step, state: resumed_weights.append(state))  # fmt: skip
+    second = train(
+        patterns,
+        resume_recipe(payload, {"epochs": "3"}),
+        resume=tmp_path,
+        checkpoint_dir=tmp_path,
+        on_publish=lambda step, state: resumed_weights.append(state),
+    )
     assert second.state == "finished" and second.steps == straight.steps == 9 and second.epochs_done == 3
     assert second.top1 == straight.top1 and second.loss == pytest.approx(straight.loss, rel=1e-5)
     assert_same_weights(resumed_weights[-1], straight_weights[-1])
@@ -279,11 +318,12 @@ def saved_by(folder, steps_and_top1, keep, megabytes=1):
 
     from coordinator.data import ColourStats
     from coordinator.training.checkpoints import save_checkpoint
-
     from coordinator.training.recipe import StepSchedule
     from coordinator.training.recovery import take_snapshot
 
-    dataset = SimpleNamespace(classes=["a", "b"], labels=["a", "b"], stats=ColourStats.imagenet(), fingerprint=lambda: "f")
+    dataset = SimpleNamespace(
+        classes=["a", "b"], labels=["a", "b"], stats=ColourStats.imagenet(), fingerprint=lambda: "f"
+    )
     for step, top1 in steps_and_top1:
         snapshot = take_snapshot(WeightsOnly(megabytes, step), step, 0, step, StepSchedule(0.01, [1]), top1, math.nan)
         save_checkpoint(folder, snapshot, dataset, recipe("demo"), keep=keep)

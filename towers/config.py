@@ -23,7 +23,9 @@ class NetConfig:
 
     def __post_init__(self):
         if self.num_classes < self.towers:
-            raise ValueError(f"num_classes must be at least the number of towers ({self.towers}), got {self.num_classes}")
+            raise ValueError(
+                f"num_classes must be at least the number of towers ({self.towers}), got {self.num_classes}"
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.width <= 0:
@@ -34,7 +36,7 @@ class NetConfig:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
         if not self.layers or self.layers[0].sees != "image":
             raise ValueError("the first layer of the table must see the image")
-        self.shapes  # resolves every size now, so a bad table or image size fails here
+        _ = self.shapes  # resolves every size now, so a bad table or image size fails here
 
     @cached_property
     def shapes(self) -> tuple["LayerShape", ...]:

@@ -31,8 +31,9 @@ class Figure3Layout:
     origins: tuple[tuple[tuple[int, int], ...], ...]  # per tower, per kernel
 
 
-def figure3_layout(kernels_per_tower: Sequence[int], kernel_size: int, columns: int = COLUMNS,
-                   scale: int = SCALE) -> Figure3Layout:  # fmt: skip
+def figure3_layout(
+    kernels_per_tower: Sequence[int], kernel_size: int, columns: int = COLUMNS, scale: int = SCALE
+) -> Figure3Layout:
     """The grid for towers of that many kernels: each tower a block of rows of `columns`, top to bottom."""
     cell = kernel_size * scale
     across = max(1, min(columns, max(kernels_per_tower)))
@@ -41,8 +42,9 @@ def figure3_layout(kernels_per_tower: Sequence[int], kernel_size: int, columns: 
     for index, count in enumerate(kernels_per_tower):
         if index:
             top += TOWER_GAP
-        origins.append(tuple((top + GAP + (k // across) * (cell + GAP), GAP + (k % across) * (cell + GAP))
-                             for k in range(count)))  # fmt: skip
+        origins.append(
+            tuple((top + GAP + (k // across) * (cell + GAP), GAP + (k % across) * (cell + GAP)) for k in range(count))
+        )
         top += GAP + math.ceil(count / across) * (cell + GAP)
     return Figure3Layout(top, width, cell, tuple(origins))
 

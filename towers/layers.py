@@ -82,6 +82,4 @@ ALEXNET_2012: tuple[Layer, ...] = (
 
 def with_lrn(layers: tuple[Layer, ...], lrn: LRN) -> tuple[Layer, ...]:
     """The same table with every LRN replaced, e.g. Caffe's variant: with_lrn(ALEXNET_2012, LRN(k=1))."""
-    return tuple(
-        replace(row, then=tuple(lrn if isinstance(op, LRN) else op for op in row.then)) for row in layers
-    )
+    return tuple(replace(row, then=tuple(lrn if isinstance(op, LRN) else op for op in row.then)) for row in layers)

@@ -109,8 +109,10 @@ def check_fits(tensors: dict, config: NetConfig) -> None:
                 if name not in tensors:
                     raise ShapeMismatch(f"the file has no {name}: it is not this network's ({_described(config)})")
                 if tuple(tensors[name].shape) != needed:
-                    raise ShapeMismatch(f"{name} has shape {list(tensors[name].shape)}, the network needs "
-                                        f"{list(needed)} ({_described(config)})")  # fmt: skip
+                    raise ShapeMismatch(
+                        f"{name} has shape {list(tensors[name].shape)}, the network needs "
+                        f"{list(needed)} ({_described(config)})"
+                    )
 
 
 def _described(config: NetConfig) -> str:
@@ -131,8 +133,10 @@ def _read(data: bytes) -> tuple[dict, dict]:
             f"a safetensors file, but not one of alexnet-mp's (its metadata names no {FORMAT!r} format)"
         )
     if header.get("format_version") != FORMAT_VERSION:
-        raise PortableError(f"alexnet-mp safetensors format {str(header.get('format_version'))[:20]}: this version "
-                            f"reads {FORMAT_VERSION}")  # fmt: skip
+        raise PortableError(
+            f"alexnet-mp safetensors format {str(header.get('format_version'))[:20]}: this version "
+            f"reads {FORMAT_VERSION}"
+        )
     return tensors, header
 
 
@@ -176,8 +180,15 @@ def to_onnx(net: nn.Module, meta: dict) -> bytes:
     `probabilities` [batch, classes]; `meta` goes into its metadata_props as JSON values."""
     model = Classifier(net).eval()
     example = torch.zeros(2, 3, net.config.image_size, net.config.image_size)
-    program = torch.onnx.export(model, (example,), dynamic_shapes=_batch_dim(), input_names=["images"],
-                                output_names=["probabilities"], dynamo=True, verbose=False)  # fmt: skip
+    program = torch.onnx.export(
+        model,
+        (example,),
+        dynamic_shapes=_batch_dim(),
+        input_names=["images"],
+        output_names=["probabilities"],
+        dynamo=True,
+        verbose=False,
+    )
     proto = program.model_proto
     for name, value in {"format": FORMAT, **meta}.items():
         proto.metadata_props.add(key=name, value=value if isinstance(value, str) else json.dumps(value))

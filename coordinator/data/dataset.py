@@ -84,7 +84,9 @@ def open_dataset(
         train = [s for s, out in zip(samples, held_out) if not out]
         val = [s for s, out in zip(samples, held_out) if out]
         if not val or not train:
-            raise DatasetError(f"{train_dir} has too few images ({len(samples)}) to hold out {val_fraction:.0%} for validation")
+            raise DatasetError(
+                f"{train_dir} has too few images ({len(samples)}) to hold out {val_fraction:.0%} for validation"
+            )
     if stats not in ("auto", "imagenet", "compute"):
         raise DatasetError(f"stats must be auto, imagenet or compute, got {stats!r}")
     dataset = Dataset(train_dir, classes, read_class_names(class_names, classes), train, val)

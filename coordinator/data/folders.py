@@ -47,8 +47,10 @@ def check_folder(root: Path) -> list[str]:
                 return [f.name for f in folders]
             seen += len(files) + len(subfolders)
             if seen >= CHECK_BUDGET:
-                raise DatasetError(f"no image among the first {CHECK_BUDGET} entries under {str(root)[:200]}: "
-                                   "expected the ImageFolder layout root/<class>/<image>")  # fmt: skip
+                raise DatasetError(
+                    f"no image among the first {CHECK_BUDGET} entries under {str(root)[:200]}: "
+                    "expected the ImageFolder layout root/<class>/<image>"
+                )
     raise _no_images(root)
 
 

@@ -74,7 +74,9 @@ def load_image(source) -> np.ndarray:
             with Image.open(source) as img:
                 img.draft("RGB", (STORED, STORED))  # JPEG: let the decoder downscale by 2/4/8 where it can
                 if img.width * img.height > MAX_PIXELS:
-                    raise ValueError(f"{img.width}x{img.height} pixels, more than the {MAX_PIXELS // 10**6} million allowed")
+                    raise ValueError(
+                        f"{img.width}x{img.height} pixels, more than the {MAX_PIXELS // 10**6} million allowed"
+                    )
                 img = ImageOps.exif_transpose(img)
                 img = _to_rgb(img)
                 scale = STORED / min(img.size)

@@ -114,9 +114,11 @@ def check_room_for_loading(wait: float = 10.0) -> None:
     while (free := ray.available_resources().get("CPU", 0.0)) < 0.5 and time.monotonic() < deadline:
         time.sleep(0.2)
     if free < 0.5:
-        raise RuntimeError(f"the towers hold every CPU Ray has ({ray.cluster_resources().get('CPU', 0):g}), and "
-                           "loading images needs half a CPU beside them: train with fewer replicas, or give "
-                           "Ray more CPUs (ray start --num-cpus, or more nodes)")  # fmt: skip
+        raise RuntimeError(
+            f"the towers hold every CPU Ray has ({ray.cluster_resources().get('CPU', 0):g}), and "
+            "loading images needs half a CPU beside them: train with fewer replicas, or give "
+            "Ray more CPUs (ray start --num-cpus, or more nodes)"
+        )
 
 
 class EarlyStart:

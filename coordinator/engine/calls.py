@@ -207,8 +207,14 @@ def _same(a: float, b: float) -> bool:
 
 
 def no_stats() -> dict:
-    return {"compute_seconds": {}, "exchange_seconds": {}, "exchange_bytes": {}, "allreduce_seconds": 0.0,
-            "allreduce_bytes": 0, "update_seconds": 0.0}  # fmt: skip
+    return {
+        "compute_seconds": {},
+        "exchange_seconds": {},
+        "exchange_bytes": {},
+        "allreduce_seconds": 0.0,
+        "allreduce_bytes": 0,
+        "update_seconds": 0.0,
+    }
 
 
 def add_stats(total: dict, stats: dict) -> None:

@@ -99,9 +99,22 @@ class Coordinator:
         if self.replicas > 1:
             links += [("replicas", list(column)) for column in zip(*in_groups(self.towers, self.config.towers))]
         addresses = ray.get([members[0].host_link.remote(name) for name, members in links], timeout=JOIN_TIMEOUT)
-        joins = [(name, tower.join_link.remote(name, address, rank, len(members), self.generation, self.plan,
-                                               self.plan.shared_memory and len({node[m] for m in members}) == 1))
-                 for (name, members), address in zip(links, addresses) for rank, tower in enumerate(members)]  # fmt: skip
+        joins = [
+            (
+                name,
+                tower.join_link.remote(
+                    name,
+                    address,
+                    rank,
+                    len(members),
+                    self.generation,
+                    self.plan,
+                    self.plan.shared_memory and len({node[m] for m in members}) == 1,
+                ),
+            )
+            for (name, members), address in zip(links, addresses)
+            for rank, tower in enumerate(members)
+        ]
         kinds = ray.get([join for _, join in joins], timeout=JOIN_TIMEOUT)
         self.kinds = {}
         for (name, _), kind in zip(joins, kinds):

@@ -67,8 +67,15 @@ class StepExchange:
     """One call of a tower: its exchanges with its pair, its gradients' average with its
     replicas, and where its time went. Made by `exchanges`, which also ends it."""
 
-    def __init__(self, plan: ExchangePlan, pair: Link, replicas: Link, tower: int, device: torch.device,
-                 dtype: torch.dtype = torch.float32):  # fmt: skip
+    def __init__(
+        self,
+        plan: ExchangePlan,
+        pair: Link,
+        replicas: Link,
+        tower: int,
+        device: torch.device,
+        dtype: torch.dtype = torch.float32,
+    ):
         self.plan, self.pair, self.replicas, self.tower = plan, pair, replicas, tower
         self.dtype = dtype  # what the pair's exchanges carry (bf16 in bfloat16: towers.precision)
         self.clock = StepClock(device)
@@ -78,9 +85,14 @@ class StepExchange:
         self.other = defaultdict(float)  # the replicas' all-reduce and the update: s, bytes
 
     def stats(self) -> dict:
-        return {"compute_seconds": dict(self.compute), "exchange_seconds": dict(self.waited),
-                "exchange_bytes": dict(self.moved), "allreduce_seconds": self.other["allreduce_seconds"],
-                "allreduce_bytes": int(self.other["allreduce_bytes"]), "update_seconds": self.other["update_seconds"]}  # fmt: skip
+        return {
+            "compute_seconds": dict(self.compute),
+            "exchange_seconds": dict(self.waited),
+            "exchange_bytes": dict(self.moved),
+            "allreduce_seconds": self.other["allreduce_seconds"],
+            "allreduce_bytes": int(self.other["allreduce_bytes"]),
+            "update_seconds": self.other["update_seconds"],
+        }
 
     # --- what the tower calls -------------------------------------------------------------------
     def gather(self, point: str, x: torch.Tensor) -> torch.Tensor:
@@ -192,9 +204,20 @@ class _GatherLogits(torch.autograd.Function):
 
 
 @contextmanager
-def exchanges(plan: ExchangePlan, pair: Link, replicas: Link, tower: int, device: torch.device, *, batch: int = 0,
-              dtype: torch.dtype = torch.float32, gradients: torch.dtype = torch.float32, backward: bool = False,
-              update: bool = False, parameters: int = 0) -> Iterator[StepExchange]:  # fmt: skip
+def exchanges(
+    plan: ExchangePlan,
+    pair: Link,
+    replicas: Link,
+    tower: int,
+    device: torch.device,
+    *,
+    batch: int = 0,
+    dtype: torch.dtype = torch.float32,
+    gradients: torch.dtype = torch.float32,
+    backward: bool = False,
+    update: bool = False,
+    parameters: int = 0,
+) -> Iterator[StepExchange]:
     """One call's exchanges. `batch` samples through the pair (0: none), as `dtype`, backward too if
     asked; with `update`, an all-reduce of `parameters` gradient values (as `gradients`) among the
     replicas. A call that fails plays out the rest of its collectives, flag raised, so its peers

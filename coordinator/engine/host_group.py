@@ -101,8 +101,12 @@ class HostGroup:
         """`send` is `size` rows, one for each member: the sum over the members of this one's row."""
         slot = self._exchange(send)
         width = send.numel() // self.size
-        rows = [send.view(self.size, -1)[self.rank] if r == self.rank else self._slot(r, slot, send).view(self.size, -1)[self.rank]
-                for r in range(self.size)]  # fmt: skip
+        rows = [
+            send.view(self.size, -1)[self.rank]
+            if r == self.rank
+            else self._slot(r, slot, send).view(self.size, -1)[self.rank]
+            for r in range(self.size)
+        ]
         out = rows[0].to(_wider(send.dtype), copy=True)
         for row in rows[1:]:
             out += row  # in rank order: the same sum on every run; bf16 pieces summed in float32, rounded once
@@ -166,12 +170,15 @@ class HostGroup:
         path, size = self._file(self.rank, self.version), 2 * self.capacity
         with open(path, "w+b") as file:
             try:
-                # Reserve the pages now: a full tmpfs then fails here, where touching them would kill the process (SIGBUS).
+                # Reserve the pages now: a full tmpfs then fails here, where touching them would kill the
+                # process (SIGBUS).
                 os.posix_fallocate(file.fileno(), 0, size) if hasattr(os, "posix_fallocate") else file.truncate(size)
             except OSError as error:
                 path.unlink(missing_ok=True)
-                raise NoRoom(f"no room for {size / 1e6:.0f} MB of exchange buffers in {self.dir} ({error.strerror}): "
-                                     "give it more (a container's /dev/shm is 64 MB unless set), or use transport gloo") from None  # fmt: skip
+                raise NoRoom(
+                    f"no room for {size / 1e6:.0f} MB of exchange buffers in {self.dir} ({error.strerror}): "
+                    "give it more (a container's /dev/shm is 64 MB unless set), or use transport gloo"
+                ) from None
             self.own = mmap.mmap(file.fileno(), size)
 
     def _slot(self, rank: int, slot: int, like: torch.Tensor) -> torch.Tensor:

@@ -79,7 +79,9 @@ class ModelParallelAlexNet:
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
         if check_precision(precision) == "bfloat16" and dtype == torch.float64:
-            raise ValueError("precision bfloat16 computes in bf16 over float32 weights: it takes dtype float32, not float64")
+            raise ValueError(
+                "precision bfloat16 computes in bf16 over float32 weights: it takes dtype float32, not float64"
+            )
         check_transport(transport)
         if not (isinstance(replicas, int) and replicas >= 1):
             raise ValueError(f"replicas must be a whole number of at least 1, got {replicas!r}")
@@ -131,8 +133,10 @@ class ModelParallelAlexNet:
         # beside the driver, so that losing a node of towers does not take it too. Not soft: Ray
         # 2.60 places a soft-pinned actor of no CPUs elsewhere, and the driver's node always fits it.
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        self._coordinator = ray.remote(Coordinator).options(num_cpus=0, scheduling_strategy=here).remote(
-            self._towers, self.config, self.backend, self.exchange_timeout, self.replicas
+        self._coordinator = (
+            ray.remote(Coordinator)
+            .options(num_cpus=0, scheduling_strategy=here)
+            .remote(self._towers, self.config, self.backend, self.exchange_timeout, self.replicas)
         )
         self._link()  # surfaces towers that could not be linked
 
@@ -165,7 +169,9 @@ class ModelParallelAlexNet:
             if replaced or self.calls.relink:
                 self._link(self._towers)
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as error:
-            replaced.append(f"the coordinator ({'died' if isinstance(error, ray.exceptions.RayActorError) else 'hung'})")
+            replaced.append(
+                f"the coordinator ({'died' if isinstance(error, ray.exceptions.RayActorError) else 'hung'})"
+            )
             ray.kill(self._coordinator)
             self._start_coordinator()
         return replaced
@@ -205,8 +211,10 @@ class ModelParallelAlexNet:
         if dropout_seed is None:
             dropout_seed = derive_seed(self.seed, "step", self.steps)
         if len(images) % self.replicas:
-            raise ValueError(f"a batch of {len(images)} images does not split evenly among {self.replicas} replica "
-                             f"groups: use a batch size that is a multiple of {self.replicas}")  # fmt: skip
+            raise ValueError(
+                f"a batch of {len(images)} images does not split evenly among {self.replicas} replica "
+                f"groups: use a batch size that is a multiple of {self.replicas}"
+            )
         per = len(images) // self.replicas
         shards = [self._put(images[g * per : (g + 1) * per]) for g in range(self.replicas)]
         return shards, list(np.split(labels, self.replicas)), dropout_seed
@@ -216,7 +224,9 @@ class ModelParallelAlexNet:
         return self._step("forward_backward", images, labels, dropout_seed).result()
 
     def apply_update(self) -> None:
-        self.calls.submit([(t, (self.lr,)) for t in self._towers], "apply_update", lambda results: None, stats=lambda r: r).result()
+        self.calls.submit(
+            [(t, (self.lr,)) for t in self._towers], "apply_update", lambda results: None, stats=lambda r: r
+        ).result()
         self.steps += 1
 
     def zero_grad(self) -> None:
@@ -242,9 +252,11 @@ class ModelParallelAlexNet:
         """One call per tower: each group's towers get its shard, and its first sample's place."""
         shards, labels, dropout_seed = self._batch(images, labels, dropout_seed)
         firsts = np.cumsum([0] + [len(shard) for shard in labels[:-1]])
-        calls = [(tower, (shard, group_labels, dropout_seed, int(first), *extra))
-                 for group, shard, group_labels, first in zip(self._by_group(self._towers), shards, labels, firsts)
-                 for tower in group]  # fmt: skip
+        calls = [
+            (tower, (shard, group_labels, dropout_seed, int(first), *extra))
+            for group, shard, group_labels, first in zip(self._by_group(self._towers), shards, labels, firsts)
+            for tower in group
+        ]
 
         def loss(results: list):
             value = agreed_loss([loss for loss, _ in results], self.config.towers)
@@ -255,7 +267,9 @@ class ModelParallelAlexNet:
     def predict(self, images) -> torch.Tensor:
         """Logits in eval mode (no dropout): one call to each tower of group 0."""
         ref = self._put(self._check_images(images))
-        logits = self.calls.submit([(t, (ref,)) for t in self._group(0)], "infer", lambda results: results[0][0]).result()
+        logits = self.calls.submit(
+            [(t, (ref,)) for t in self._group(0)], "infer", lambda results: results[0][0]
+        ).result()
         return torch.from_numpy(np.array(logits))
 
     def solo_step_seconds(self, images, labels, steps: int = 5) -> list[list[float]]:
@@ -277,7 +291,10 @@ class ModelParallelAlexNet:
     # Weights travel as numpy arrays, which Ray's object store holds without pickling.
     def gradients(self) -> OrderedDict:
         """The gradients that forward_backward left, of the whole batch: the mean of the groups'."""
-        groups = [merge_state_dicts([_tensors(g) for g in group], self.config) for group in self._by_group(self._gather("gradients"))]
+        groups = [
+            merge_state_dicts([_tensors(g) for g in group], self.config)
+            for group in self._by_group(self._gather("gradients"))
+        ]
         return OrderedDict((name, sum(g[name] for g in groups) / self.replicas) for name in groups[0])
 
     def state_dict(self, group: int = 0) -> OrderedDict:

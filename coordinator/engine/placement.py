@@ -30,7 +30,9 @@ def ensure_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) ->
         # Ray here starts them at 0 instead: serving can then be put anywhere below training (serve
         # --serving-nice), the full 19 steps, rather than the 4 left above 15.
         system_config = {} if RAY_NICENESS_ENV in os.environ else {"worker_niceness": LOCAL_WORKER_NICENESS}
-        ray.init(num_cpus=num_cpus or max(os.cpu_count() or 1, 8), include_dashboard=False, _system_config=system_config)
+        ray.init(
+            num_cpus=num_cpus or max(os.cpu_count() or 1, 8), include_dashboard=False, _system_config=system_config
+        )
         global _started_here
         _started_here = True
         private_ray_token()

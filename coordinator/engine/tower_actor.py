@@ -144,8 +144,19 @@ class TowerActor:
         if self.plan is None:
             raise RuntimeError(f"tower {self.index} has not been linked to its peers (the coordinator links them)")
         parameters = sum(p.numel() for p in self.tower.parameters()) if update else 0
-        return exchanges(self.plan, self.pair, self.replicas, self.index, self.device, batch=batch, dtype=self.exchange_dtype,
-                         gradients=self.dtype, backward=backward, update=update, parameters=parameters)  # fmt: skip
+        return exchanges(
+            self.plan,
+            self.pair,
+            self.replicas,
+            self.index,
+            self.device,
+            batch=batch,
+            dtype=self.exchange_dtype,
+            gradients=self.dtype,
+            backward=backward,
+            update=update,
+            parameters=parameters,
+        )
 
     def _forward_backward(self, step, batch, labels, dropout_seed, first_sample) -> float:
         self.tower.train()

@@ -137,7 +137,9 @@ def classify_items(images, image_size: int) -> list:
                 raise InvalidRequest(
                     f"image {i}: tensor data holds {len(image.tensor.data)} bytes, {shape} float32 needs {4 * count}"
                 )
-            values = torch.from_numpy(np.frombuffer(image.tensor.data, dtype="<f4").astype(np.float32)).reshape(expected)
+            values = torch.from_numpy(np.frombuffer(image.tensor.data, dtype="<f4").astype(np.float32)).reshape(
+                expected
+            )
             items.append(tensor_item(i, values))
         else:
             raise InvalidRequest(f"image {i} is empty: set `encoded` or `tensor`")
@@ -157,8 +159,10 @@ def tensor_item(i: int, values: torch.Tensor) -> tuple:
     if not torch.isfinite(values).all():
         raise InvalidRequest(f"image {i}: tensor holds NaN or infinite values")
     if values.abs().max() > MAX_PIXEL_VALUE:  # finite, but far enough out to overflow the network to NaN
-        raise InvalidRequest(f"image {i}: tensor values reach {values.abs().max().item():.3g}; send preprocessed "
-                             f"pixels (0..255 minus the mean, or normalised), within +-{MAX_PIXEL_VALUE:g}")  # fmt: skip
+        raise InvalidRequest(
+            f"image {i}: tensor values reach {values.abs().max().item():.3g}; send preprocessed "
+            f"pixels (0..255 minus the mean, or normalised), within +-{MAX_PIXEL_VALUE:g}"
+        )
     return "tensor", values
 
 
@@ -176,8 +180,14 @@ def classify_response(top: list[list[Prediction]], version: ModelVersion) -> pb.
 def tower_infos(towers: list[dict], per_group: int) -> list[pb.TowerInfo]:
     """An engine's towers (ModelParallelAlexNet.towers, group-major) as TowerInfo messages."""
     return [
-        pb.TowerInfo(index=t["tower"], device=t["device"], host=t["host"], parameters=t["parameters"],
-                     replica=i // per_group, node=t.get("node", ""))  # fmt: skip
+        pb.TowerInfo(
+            index=t["tower"],
+            device=t["device"],
+            host=t["host"],
+            parameters=t["parameters"],
+            replica=i // per_group,
+            node=t.get("node", ""),
+        )
         for i, t in enumerate(towers)
     ]
 
@@ -212,7 +222,9 @@ def model_info(engine, version: ModelVersion, training: Optional[tuple[list[dict
         model_note=version.note,
         image_size=config.image_size,
         transport=engine.transport,
-        precision=engine.precision if engine.precision == "float32" else f"{engine.precision} ({engine.towers[0]['bf16']})",
+        precision=engine.precision
+        if engine.precision == "float32"
+        else f"{engine.precision} ({engine.towers[0]['bf16']})",
     )
 
 

@@ -55,8 +55,10 @@ class Exporter:
     def acquire(self) -> None:
         """Take a slot (release() gives it back), or ResourceExhausted when all are taken."""
         if not self._slots.acquire(blocking=False):
-            raise ResourceExhausted(f"{self.max_running} exports are running, the most this server allows "
-                                    "(serve --max-exports): retry when one has finished")  # fmt: skip
+            raise ResourceExhausted(
+                f"{self.max_running} exports are running, the most this server allows "
+                "(serve --max-exports): retry when one has finished"
+            )
 
     def release(self) -> None:
         self._slots.release()

@@ -23,5 +23,12 @@ def drawn(model: NamedModel) -> KernelsFigure:
     per_tower = model.conv1_per_tower()
     picture = figure3(per_tower)
     colours = tuple(colour_specialisation(weight) for weight in per_tower)
-    return KernelsFigure(png_bytes(picture), picture.shape[1], picture.shape[0], tuple(len(w) for w in per_tower),
-                         colours, model.version, model.source)  # fmt: skip
+    return KernelsFigure(
+        png_bytes(picture),
+        picture.shape[1],
+        picture.shape[0],
+        tuple(len(w) for w in per_tower),
+        colours,
+        model.version,
+        model.source,
+    )

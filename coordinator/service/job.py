@@ -67,8 +67,13 @@ class Job:
     HISTORY = 4096
     SAVE_EVERY = 10.0  # seconds between saved records while only steps happen
 
-    def __init__(self, request: TrainingRequest, plan: Optional[JobPlan], on_change: Callable[[dict], None] = None,
-                 job_id: str = ""):  # fmt: skip
+    def __init__(
+        self,
+        request: TrainingRequest,
+        plan: Optional[JobPlan],
+        on_change: Callable[[dict], None] = None,
+        job_id: str = "",
+    ):
         self.id = job_id or new_job_id()
         self.request, self.plan = request, plan  # plan: None for a job restored from its record
         self.on_change, self._saved = on_change, 0.0  # on_change(record): the server keeps it
@@ -91,18 +96,36 @@ class Job:
             except (CheckpointError, OSError):
                 pass  # none written yet
         with self._cv:
-            return JobStatus(self.id, self.state, self.request, self.progress, self.top1, self.top5, self.error,
-                             self.model_version, self.created, self.ended, checkpoint,
-                             self.request.log_dir)  # fmt: skip
+            return JobStatus(
+                self.id,
+                self.state,
+                self.request,
+                self.progress,
+                self.top1,
+                self.top5,
+                self.error,
+                self.model_version,
+                self.created,
+                self.ended,
+                checkpoint,
+                self.request.log_dir,
+            )
 
     def record(self) -> dict:
         """The job as plain values, for the server's state dir (caller holds the lock)."""
         return {
-            "job_id": self.id, "state": self.state.name, "request": dataclasses.asdict(self.request),
-            "progress": dataclasses.asdict(self.progress) if self.progress else None, "top1": self.top1,
-            "top5": self.top5, "error": self.error, "model_version": self.model_version, "created": self.created,
-            "ended": self.ended, "saved": time.time(),
-        }  # fmt: skip
+            "job_id": self.id,
+            "state": self.state.name,
+            "request": dataclasses.asdict(self.request),
+            "progress": dataclasses.asdict(self.progress) if self.progress else None,
+            "top1": self.top1,
+            "top5": self.top5,
+            "error": self.error,
+            "model_version": self.model_version,
+            "created": self.created,
+            "ended": self.ended,
+            "saved": time.time(),
+        }
 
     @classmethod
     def restored(cls, record: dict) -> "Job":
@@ -115,9 +138,11 @@ class Job:
         if job.state in ACTIVE:
             step = job.progress.step if job.progress else 0
             job.state, job.ended = JobState.INTERRUPTED, record["saved"]
-            job.error = (f"the server stopped while this job ran (last seen at step {step}); "
-                         + (f"resume it: alexnet-mp train --resume {job.id}" if job.request.checkpoint_dir
-                            else "it wrote no checkpoints (no checkpoint_dir), so it cannot be resumed"))  # fmt: skip
+            job.error = f"the server stopped while this job ran (last seen at step {step}); " + (
+                f"resume it: alexnet-mp train --resume {job.id}"
+                if job.request.checkpoint_dir
+                else "it wrote no checkpoints (no checkpoint_dir), so it cannot be resumed"
+            )
         with job._cv:
             job._append("state", "restored from the server's state dir")
         return job
@@ -175,7 +200,7 @@ class Job:
                 return
         while is_active():
             with self._cv:
-                self._cv.wait_for(lambda: self._seq > last, timeout=1.0)
+                self._cv.wait_for(lambda seen=last: self._seq > seen, timeout=1.0)
                 fresh = [(seq, event) for seq, event in self._events if seq > last]
             for seq, event in fresh:
                 last = seq

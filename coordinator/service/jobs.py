@@ -20,8 +20,8 @@ from coordinator.service.job import ACTIVE, Job, JobState, new_job_id
 from coordinator.service.metrics import Metrics
 from coordinator.service.priority import ThreadStarter
 from coordinator.service.requests import OPEN, Roots, TrainingRequest, check_request, make_output_dirs
-from coordinator.service.versions import ModelVersion
 from coordinator.service.state import StateStore
+from coordinator.service.versions import ModelVersion
 from coordinator.training import Progress, train
 
 log = logging.getLogger(__name__)
@@ -32,9 +32,16 @@ class JobManager:
     With a StateStore, every job's record is kept there and the table is read back at start.
     Each job writes its TensorBoard log to the folder its request names, else to log_root/<job id>."""
 
-    def __init__(self, metrics: Metrics, publish: Callable[[ModelVersion], int], data_root: Path, log_root: Path,
-                 store: Optional[StateStore] = None, roots: Roots = OPEN,
-                 model_weights: Optional[Callable[[int], tuple[dict, str]]] = None):  # fmt: skip
+    def __init__(
+        self,
+        metrics: Metrics,
+        publish: Callable[[ModelVersion], int],
+        data_root: Path,
+        log_root: Path,
+        store: Optional[StateStore] = None,
+        roots: Roots = OPEN,
+        model_weights: Optional[Callable[[int], tuple[dict, str]]] = None,
+    ):
         self.metrics, self.publish, self.data_root, self.store, self.roots = metrics, publish, data_root, store, roots
         self.log_root = log_root
         self.model_weights = model_weights  # a model version's (state, description), for init_from version:N
@@ -111,7 +118,9 @@ class JobManager:
         if job.state in ACTIVE:
             raise PreconditionFailed(f"job {job.id} is still {job.state.name}: resume it once it has ended")
         if not job.request.checkpoint_dir:
-            raise PreconditionFailed(f"job {job.id} wrote no checkpoints (it had no checkpoint_dir), so it cannot be resumed")
+            raise PreconditionFailed(
+                f"job {job.id} wrote no checkpoints (it had no checkpoint_dir), so it cannot be resumed"
+            )
         return Path(job.request.checkpoint_dir)
 
     def _init_source(self, init_from: str):
@@ -127,8 +136,10 @@ class JobManager:
         if job is None:
             return None
         if not job.request.checkpoint_dir:
-            raise PreconditionFailed(f"job {job.id} wrote no checkpoints (it had no checkpoint_dir): start from one "
-                                     "of its model versions instead (version:N)")  # fmt: skip
+            raise PreconditionFailed(
+                f"job {job.id} wrote no checkpoints (it had no checkpoint_dir): start from one "
+                "of its model versions instead (version:N)"
+            )
         return Path(job.request.checkpoint_dir)
 
     def _run(self, job: Job) -> None:
@@ -147,7 +158,9 @@ class JobManager:
                 return
             resumed = f", resumed from step {plan.resume['step']} of {plan.resume['path']}" if plan.resume else ""
             resumed += f"; {plan.init.note(dataset.num_classes)}" if plan.init else ""
-            job.set_state(JobState.RUNNING, f"training on {len(dataset.train)} images of {dataset.num_classes} classes{resumed}")
+            job.set_state(
+                JobState.RUNNING, f"training on {len(dataset.train)} images of {dataset.num_classes} classes{resumed}"
+            )
             self.metrics.running.set(1)
             net = dict(num_classes=dataset.num_classes, width=plan.recipe.width)
 

@@ -62,27 +62,36 @@ def infer_items(request: v2.ModelInferRequest, size: int, max_batch: int) -> lis
     n = shape[0] if shape else 0
     if tensor.datatype == "FP32":
         if len(shape) != 4 or shape[1:] != [3, size, size] or n < 1:
-            raise InvalidRequest(f"{INPUT} is FP32 of shape {shown(shape, 64)}; it must be [N, 3, {size}, {size}], N >= 1")
+            raise InvalidRequest(
+                f"{INPUT} is FP32 of shape {shown(shape, 64)}; it must be [N, 3, {size}, {size}], N >= 1"
+            )
         check_batch(n, max_batch)
         count = n * 3 * size * size
         if raw is not None and len(raw) != 4 * count:
             raise InvalidRequest(f"{INPUT}: raw_input_contents holds {len(raw)} bytes; FP32 {shape} needs {4 * count}")
         if raw is None and len(tensor.contents.fp32_contents) != count:
-            raise InvalidRequest(f"{INPUT}: contents.fp32_contents holds {len(tensor.contents.fp32_contents)} values; "
-                                 f"{shape} needs {count}")  # fmt: skip
-        values = np.frombuffer(raw, "<f4").astype(np.float32) if raw is not None else np.asarray(
-            tensor.contents.fp32_contents, np.float32)  # fmt: skip
+            raise InvalidRequest(
+                f"{INPUT}: contents.fp32_contents holds {len(tensor.contents.fp32_contents)} values; "
+                f"{shape} needs {count}"
+            )
+        values = (
+            np.frombuffer(raw, "<f4").astype(np.float32)
+            if raw is not None
+            else np.asarray(tensor.contents.fp32_contents, np.float32)
+        )
         images = torch.from_numpy(values).reshape(n, 3, size, size)
         return [convert.tensor_item(i, image) for i, image in enumerate(images)]
     if tensor.datatype == "BYTES":
         if len(shape) != 1 or n < 1:
-            raise InvalidRequest(f"{INPUT} is BYTES of shape {shown(shape, 64)}; it must be [N], N >= 1: one encoded "
-                                 "image per element")  # fmt: skip
+            raise InvalidRequest(
+                f"{INPUT} is BYTES of shape {shown(shape, 64)}; it must be [N], N >= 1: one encoded image per element"
+            )
         check_batch(n, max_batch)
         elements = bytes_elements(raw, n) if raw is not None else list(tensor.contents.bytes_contents)
         if len(elements) != n:
-            raise InvalidRequest(f"{INPUT}: contents.bytes_contents holds {len(elements)} elements; shape {shape} "
-                                 f"needs {n}")  # fmt: skip
+            raise InvalidRequest(
+                f"{INPUT}: contents.bytes_contents holds {len(elements)} elements; shape {shape} needs {n}"
+            )
         return [convert.decoded_item(i, element) for i, element in enumerate(elements)]
     raise InvalidRequest(f"{INPUT} has datatype {shown(tensor.datatype, 16)!r}; send {forms}")
 
@@ -92,8 +101,10 @@ def raw_input(request: v2.ModelInferRequest, tensor) -> bytes | None:
     if not request.raw_input_contents:
         return None
     if len(request.raw_input_contents) != len(request.inputs):
-        raise InvalidRequest(f"raw_input_contents holds {len(request.raw_input_contents)} tensors for "
-                             f"{len(request.inputs)} inputs: send one per input")  # fmt: skip
+        raise InvalidRequest(
+            f"raw_input_contents holds {len(request.raw_input_contents)} tensors for "
+            f"{len(request.inputs)} inputs: send one per input"
+        )
     if tensor.HasField("contents"):
         raise InvalidRequest(f"{INPUT} has both raw_input_contents and contents: send one of them")
     return request.raw_input_contents[0]
@@ -108,14 +119,18 @@ def bytes_elements(raw: bytes, n: int) -> list[bytes]:
         (length,) = LENGTH.unpack_from(raw, at)
         at += LENGTH.size
         if at + length > len(raw):
-            raise InvalidRequest(f"{INPUT}: BYTES element {len(elements)} says {length} bytes, but only "
-                                 f"{len(raw) - at} follow in raw_input_contents")  # fmt: skip
+            raise InvalidRequest(
+                f"{INPUT}: BYTES element {len(elements)} says {length} bytes, but only "
+                f"{len(raw) - at} follow in raw_input_contents"
+            )
         elements.append(raw[at : at + length])
         at += length
     if len(elements) != n or at != len(raw):
-        raise InvalidRequest(f"{INPUT}: raw_input_contents holds {len(elements)} BYTES elements and {len(raw) - at} "
-                             f"bytes more; shape [{n}] needs {n} elements, each a 4-byte little-endian length "
-                             "and then that many bytes")  # fmt: skip
+        raise InvalidRequest(
+            f"{INPUT}: raw_input_contents holds {len(elements)} BYTES elements and {len(raw) - at} "
+            f"bytes more; shape [{n}] needs {n} elements, each a 4-byte little-endian length "
+            "and then that many bytes"
+        )
     return elements
 
 
@@ -145,7 +160,9 @@ def requested_outputs(request: v2.ModelInferRequest, classes: int) -> list[tuple
             try:
                 check_top_k(k, classes)
             except InvalidRequest:
-                raise InvalidRequest(f"{CLASSIFICATION} must be between 1 and {classes} (the classes), got {k}") from None
+                raise InvalidRequest(
+                    f"{CLASSIFICATION} must be between 1 and {classes} (the classes), got {k}"
+                ) from None
         wanted.append((output.name, k))
     return wanted
 
@@ -179,10 +196,10 @@ def model_metadata(engine, version: ModelVersion, max_batch: int) -> v2.ModelMet
             "input_forms": INPUT_FORMS.format(size=size),
             "max_batch_size": str(max_batch),
             "classification": f"ask {OUTPUT} with the parameter {CLASSIFICATION}=k (1..{classes}): "
-                              "BYTES [N, k] of score:index:label",
+            "BYTES [N, k] of score:index:label",
             "model_note": version.note,
         },
-    )  # fmt: skip
+    )
 
 
 class KServeServicer(v2_rpc.GRPCInferenceServiceServicer):
@@ -221,8 +238,10 @@ class KServeServicer(v2_rpc.GRPCInferenceServiceServicer):
             wanted = requested_outputs(request, len(version.labels))
             probs, answered = self.classifier.probabilities(items, deadline_of(context), context.is_active)
             if request.model_version and answered.version != version.version:
-                raise NotFound(f"model {MODEL} version {version.version} was replaced by version {answered.version} "
-                               "while the request waited; ask for that one, or leave the version empty")  # fmt: skip
+                raise NotFound(
+                    f"model {MODEL} version {version.version} was replaced by version {answered.version} "
+                    "while the request waited; ask for that one, or leave the version empty"
+                )
             return infer_response(request, probs, answered, wanted)
 
         observe = lambda code: self.metrics.observe_classify(KSERVE_V2, code, time.perf_counter() - start)  # noqa: E731
@@ -234,6 +253,8 @@ class KServeServicer(v2_rpc.GRPCInferenceServiceServicer):
             raise NotFound(f"no model {shown(name, 64)!r} here: this server serves one model, {MODEL!r}")
         engine, current = self.classifier.serving()
         if version and version != str(current.version):
-            raise NotFound(f"model {MODEL} version {shown(version, 32)!r} is not served: this server serves version "
-                           f"{current.version} only (an empty version means it)")  # fmt: skip
+            raise NotFound(
+                f"model {MODEL} version {shown(version, 32)!r} is not served: this server serves version "
+                f"{current.version} only (an empty version means it)"
+            )
         return engine, current

@@ -45,7 +45,9 @@ class Metrics:
             ["tower"],
             registry=r,
         )
-        self.skipped = Gauge("alexnet_training_skipped_images", "Unreadable images skipped in the current job", registry=r)
+        self.skipped = Gauge(
+            "alexnet_training_skipped_images", "Unreadable images skipped in the current job", registry=r
+        )
         # 1 from the moment a job trains until its thread ends: the stalled-training alert needs it
         self.running = Gauge("alexnet_training_running", "1 while a job is RUNNING (or stopping), else 0", registry=r)
         self.step_seconds = Histogram(
@@ -59,13 +61,17 @@ class Metrics:
             registry=r,
         )
         self.allreduce_seconds = Counter(
-            "alexnet_allreduce_seconds_total", "Seconds each tower spent averaging its gradients with its replicas",
-            ["replica", "tower"], registry=r,
-        )  # fmt: skip
+            "alexnet_allreduce_seconds_total",
+            "Seconds each tower spent averaging its gradients with its replicas",
+            ["replica", "tower"],
+            registry=r,
+        )
         self.allreduce_bytes = Counter(
-            "alexnet_allreduce_bytes_total", "Bytes of gradients each tower all-reduced with its replicas",
-            ["replica", "tower"], registry=r,
-        )  # fmt: skip
+            "alexnet_allreduce_bytes_total",
+            "Bytes of gradients each tower all-reduced with its replicas",
+            ["replica", "tower"],
+            registry=r,
+        )
         self.exchange_seconds = Histogram(
             "alexnet_exchange_duration_seconds",
             "Per step, the longest any tower waited for an exchange's data",
@@ -78,15 +84,23 @@ class Metrics:
         )
         # Serving
         self.classify_requests = Counter(
-            "alexnet_classify_requests_total", "Classification requests by protocol and gRPC code", ["protocol", "code"],
+            "alexnet_classify_requests_total",
+            "Classification requests by protocol and gRPC code",
+            ["protocol", "code"],
             registry=r,
-        )  # fmt: skip
+        )
         self.classify_latency = Histogram(
-            "alexnet_classify_latency_seconds", "Classification request latency, by protocol", ["protocol"],
-            buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
+            "alexnet_classify_latency_seconds",
+            "Classification request latency, by protocol",
+            ["protocol"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.queue_seconds = Histogram(
-            "alexnet_classify_queue_seconds", "Time a request waited to join a batch", buckets=LATENCY_BUCKETS, registry=r
+            "alexnet_classify_queue_seconds",
+            "Time a request waited to join a batch",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.batch_size = Histogram(
             "alexnet_classify_batch_size", "Images per served batch", buckets=BATCH_BUCKETS, registry=r
@@ -100,7 +114,10 @@ class Metrics:
         self.version = Gauge("alexnet_model_version", "The model version being served", registry=r)
         # Recovery
         self.tower_restarts = Counter(
-            "alexnet_tower_restarts_total", "Towers replaced after they died, by role (serving, training)", ["role"], registry=r
+            "alexnet_tower_restarts_total",
+            "Towers replaced after they died, by role (serving, training)",
+            ["role"],
+            registry=r,
         )
         self.recovery_seconds = Counter(
             "alexnet_recovery_seconds_total", "Seconds spent replacing lost towers, by role", ["role"], registry=r
@@ -186,8 +203,9 @@ class MetricsEndpoint:
     def __init__(self, registry: CollectorRegistry, host: str, port: int):
         self._registry = registry
         script = Path(__file__).with_name("metrics_endpoint.py")
-        self._process = subprocess.Popen([sys.executable, str(script), host, str(port)],
-                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE)  # fmt: skip
+        self._process = subprocess.Popen(
+            [sys.executable, str(script), host, str(port)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        )
         first = self._process.stdout.readline().decode(errors="replace").strip()
         if not first.startswith("port "):
             self._process.wait()

@@ -52,19 +52,24 @@ def served_or_kept(serving, store: StateStore | None, number: int | None) -> Nam
     kept = store.load_version(number) if store is not None else None
     if kept is None or kept.state is None:
         where = "nor kept in the state dir" if store is not None else "and this server keeps no state dir"
-        raise NotFound(f"model version {number} is not served now ({current.version} is) {where}; "
-                       "GetModelInfo shows the served version")  # fmt: skip
+        raise NotFound(
+            f"model version {number} is not served now ({current.version} is) {where}; "
+            "GetModelInfo shows the served version"
+        )
     config = NetConfig(**kept.net)
     source = f"model version {number}, from the state dir"
-    return NamedModel(lambda layer: kept.state, config, kept.labels, kept.stats, kept.normalise, number, source,
-                      f"v{number}")  # fmt: skip
+    return NamedModel(
+        lambda layer: kept.state, config, kept.labels, kept.stats, kept.normalise, number, source, f"v{number}"
+    )
 
 
 def of_checkpoint(job_id: str, checkpoint: str) -> NamedModel:
     """A job's latest checkpoint (its status's `checkpoint` file)."""
     if not checkpoint:
-        raise PreconditionFailed(f"job {job_id} has written no checkpoint (it had no checkpoint_dir, or has not "
-                                 "reached one yet): ask for a model version instead")  # fmt: skip
+        raise PreconditionFailed(
+            f"job {job_id} has written no checkpoint (it had no checkpoint_dir, or has not "
+            "reached one yet): ask for a model version instead"
+        )
     try:
         payload = load_checkpoint(checkpoint)
     except CheckpointError as exc:

@@ -31,7 +31,9 @@ class Roots:
 
     @classmethod
     def of(cls, data=(), checkpoints=()) -> "Roots":
-        return cls(tuple(Path(os.path.realpath(p)) for p in data), tuple(Path(os.path.realpath(p)) for p in checkpoints))
+        return cls(
+            tuple(Path(os.path.realpath(p)) for p in data), tuple(Path(os.path.realpath(p)) for p in checkpoints)
+        )
 
     def check(self, field_name: str, path: str, kind: str = "data") -> Path:
         """The path, resolved; PermissionDenied unless it lies in one of the roots of its kind."""
@@ -42,8 +44,10 @@ class Roots:
         if not any(resolved.is_relative_to(root) for root in roots):
             option = "--data-root" if kind == "data" else "--checkpoint-root"
             where = ", ".join(str(r) for r in roots) if roots else "none are configured"
-            raise PermissionDenied(f"{field_name} {shown(path)} is outside the server's {kind} roots ({where}): use a "
-                                   f"folder under them, or ask the operator to add one with `serve {option}`")  # fmt: skip
+            raise PermissionDenied(
+                f"{field_name} {shown(path)} is outside the server's {kind} roots ({where}): use a "
+                f"folder under them, or ask the operator to add one with `serve {option}`"
+            )
         return resolved
 
 
@@ -94,8 +98,9 @@ class JobPlan:
     init: Optional[InitialWeights] = None  # what init_from names, fitted to this network
 
 
-def check_request(request: TrainingRequest, resume_source: Optional[Path] = None, roots: Roots = OPEN,
-                  init_source=None) -> JobPlan:  # fmt: skip
+def check_request(
+    request: TrainingRequest, resume_source: Optional[Path] = None, roots: Roots = OPEN, init_source=None
+) -> JobPlan:
     """The request's plan, or InvalidRequest (NotFound, PreconditionFailed, PermissionDenied) saying
     what to fix. `resume_source`: the checkpoint file or folder that request.resume_from names;
     `init_source`: what init_from names when it is no path (a job's checkpoint file, or a model
@@ -114,24 +119,41 @@ def _checked(request: TrainingRequest, resume_source: Optional[Path], roots: Roo
         source = roots.check("resume_from", str(resume_source or request.resume_from), "checkpoints")
         payload, request = _resumed(request, source)
     # Each path resolved once and used so from here on: a symlink swapped after the check changes nothing.
-    kinds = {"data_dir": "data", "val_dir": "data", "class_names_file": "data", "checkpoint_dir": "checkpoints",
-             "log_dir": "checkpoints"}  # what a job writes goes where checkpoints may  # fmt: skip
-    paths = {name: roots.check(name, getattr(request, name), kind) if getattr(request, name) else None
-             for name, kind in kinds.items()}  # a resumed run's come from its checkpoint: checked too  # fmt: skip
+    kinds = {
+        "data_dir": "data",
+        "val_dir": "data",
+        "class_names_file": "data",
+        "checkpoint_dir": "checkpoints",
+        "log_dir": "checkpoints",
+    }  # what a job writes goes where checkpoints may
+    paths = {
+        name: roots.check(name, getattr(request, name), kind) if getattr(request, name) else None
+        for name, kind in kinds.items()
+    }  # a resumed run's come from its checkpoint: checked too
     if not request.builtin and not request.data_dir:
-        raise InvalidRequest("no dataset: set data_dir to an ImageFolder training folder, or builtin for the built-in one")
+        raise InvalidRequest(
+            "no dataset: set data_dir to an ImageFolder training folder, or builtin for the built-in one"
+        )
     train_dir = None if request.builtin else paths["data_dir"]
     val_dir = paths["val_dir"]
     try:
         classes = check_folder(train_dir) if train_dir is not None else None
         if payload is not None and classes is not None and classes != list(payload["classes"]):
-            raise ResumeMismatch(f"cannot resume on {shown(train_dir)}: its {len(classes)} class folders are not the "
-                                 f"checkpoint's {len(payload['classes'])} classes")  # fmt: skip
+            raise ResumeMismatch(
+                f"cannot resume on {shown(train_dir)}: its {len(classes)} class folders are not the "
+                f"checkpoint's {len(payload['classes'])} classes"
+            )
         if val_dir is not None:
             extra = sorted(set(check_folder(val_dir)) - set(classes or []))
             if classes is not None and extra:
-                raise InvalidRequest(f"val_dir has classes the training folder lacks: {', '.join(shown(c, 40) for c in extra[:5])}")
-        plan = resume_recipe(payload, request.overrides) if payload else recipe(request.preset or "demo", request.overrides)
+                raise InvalidRequest(
+                    f"val_dir has classes the training folder lacks: {', '.join(shown(c, 40) for c in extra[:5])}"
+                )
+        plan = (
+            resume_recipe(payload, request.overrides)
+            if payload
+            else recipe(request.preset or "demo", request.overrides)
+        )
     except ResumeMismatch as exc:
         raise PreconditionFailed(str(exc)) from None
     except ValueError as exc:  # DatasetError is one
@@ -204,8 +226,10 @@ def make_output_dirs(plan: "JobPlan") -> None:
 def _resumed(request: TrainingRequest, source: Path) -> tuple[dict, TrainingRequest]:
     """The checkpoint to resume, and the request with the run's dataset and checkpoint folder where it gave none."""
     if request.preset:
-        raise InvalidRequest("a resumed run keeps its checkpoint's recipe: leave preset empty (overrides may change "
-                             "epochs and how the run is kept)")  # fmt: skip
+        raise InvalidRequest(
+            "a resumed run keeps its checkpoint's recipe: leave preset empty (overrides may change "
+            "epochs and how the run is kept)"
+        )
     try:
         payload = load_checkpoint(source)
     except CheckpointMissing as exc:
@@ -217,7 +241,9 @@ def _resumed(request: TrainingRequest, source: Path) -> tuple[dict, TrainingRequ
     if not request.builtin and not request.data_dir:
         filled = {name: saved.get(name, TrainingRequest.__dataclass_fields__[name].default) for name in DATASET_FIELDS}
         if not filled["builtin"] and not filled["data_dir"]:
-            raise InvalidRequest("the checkpoint does not say which dataset it was trained on: set data_dir (or builtin)")
+            raise InvalidRequest(
+                "the checkpoint does not say which dataset it was trained on: set data_dir (or builtin)"
+            )
     if not request.checkpoint_dir:
         filled["checkpoint_dir"] = str(Path(payload["path"]).parent)  # the run goes on writing where it did
     return payload, dataclasses.replace(request, **filled)

@@ -58,8 +58,10 @@ def load_tokens(path) -> dict[str, frozenset[str]]:
         roles = frozenset({role}) if token and role in ROLES else frozenset(ROLES)
         token = token if token and role in ROLES else line
         if len(token) < MIN_TOKEN_LENGTH or any(c.isspace() for c in token):
-            raise SecurityError(f"{path} line {number}: a token needs at least {MIN_TOKEN_LENGTH} characters and no "
-                                "spaces (make one with: python -c 'import secrets; print(secrets.token_urlsafe(32))')")  # fmt: skip
+            raise SecurityError(
+                f"{path} line {number}: a token needs at least {MIN_TOKEN_LENGTH} characters and no "
+                "spaces (make one with: python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+            )
         tokens[token] = tokens.get(token, frozenset()) | roles
     if not tokens:
         raise SecurityError(f"the token file {path} holds no token")
@@ -132,12 +134,18 @@ class AuthInterceptor(grpc.ServerInterceptor):
         roles = self.roles_of(presented.strip()) if scheme.lower() == "bearer" else None
         if roles is None:
             why = "no token" if not header else "an unknown token"
-            return _refusal(handler, grpc.StatusCode.UNAUTHENTICATED,
-                            f"{why}: send 'authorization: Bearer <token>' with a token from the server's token file")  # fmt: skip
+            return _refusal(
+                handler,
+                grpc.StatusCode.UNAUTHENTICATED,
+                f"{why}: send 'authorization: Bearer <token>' with a token from the server's token file",
+            )
         if needed not in roles:
-            return _refusal(handler, grpc.StatusCode.PERMISSION_DENIED,
-                            f"this token may {', '.join(sorted(roles))} but not {needed}: "
-                            f"{method.rsplit('/', 1)[1]} needs a '{needed}:' token")  # fmt: skip
+            return _refusal(
+                handler,
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"this token may {', '.join(sorted(roles))} but not {needed}: "
+                f"{method.rsplit('/', 1)[1]} needs a '{needed}:' token",
+            )
         return handler
 
 
@@ -148,7 +156,9 @@ def _refusal(handler, code: grpc.StatusCode, message: str):
         context.abort(code, message)
 
     kind = grpc.unary_stream_rpc_method_handler if handler.unary_stream else grpc.unary_unary_rpc_method_handler
-    return kind(refuse, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+    return kind(
+        refuse, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+    )
 
 
 def token_file_from_env() -> Optional[str]:

@@ -26,10 +26,10 @@ from alexnet_api.v1 import alexnet_pb2_grpc as rpc
 from coordinator.data import ColourStats, patterns
 from coordinator.engine import ensure_ray
 from coordinator.service import kserve, models
-from coordinator.service.jobs import JobManager
-from coordinator.service.metrics import GrpcMetricsInterceptor, Metrics
 from coordinator.service.errors import ServiceError
 from coordinator.service.exports import Exporter
+from coordinator.service.jobs import JobManager
+from coordinator.service.metrics import GrpcMetricsInterceptor, Metrics
 from coordinator.service.requests import Roots
 from coordinator.service.security import (
     OPEN,
@@ -45,16 +45,19 @@ from coordinator.service.security import (
 )
 from coordinator.service.servicers import InferenceServicer, ModelServicer, ParseRequests, TrainingServicer
 from coordinator.service.serving import Classifier
-from coordinator.service.versions import ModelVersion
 from coordinator.service.serving_policy import ServingShare
 from coordinator.service.state import StateStore
+from coordinator.service.versions import ModelVersion
 from towers import NetConfig
 
 log = logging.getLogger(__name__)
 
 # Ours, and the Open Inference Protocol's (kserve.py), on the same port.
 SERVICE_NAMES = (
-    *(pb.DESCRIPTOR.services_by_name[name].full_name for name in ("TrainingService", "InferenceService", "ModelService")),
+    *(
+        pb.DESCRIPTOR.services_by_name[name].full_name
+        for name in ("TrainingService", "InferenceService", "ModelService")
+    ),
     kserve.SERVICE_NAME,
 )
 MAX_MESSAGE_BYTES = 64 << 20  # a full batch of raw tensors is 32 x 618 KB; gRPC's default cap is 4 MiB
@@ -69,7 +72,9 @@ class ServeOptions:
     max_batch: int = 32  # images per served batch
     max_delay_ms: float = 1.0  # how long a lone request waits for company (batches also form while the towers work)
     max_queue: int = 256  # images waiting to be classified, at most; beyond, RESOURCE_EXHAUSTED
-    serving_share: float = 0.25  # while a job trains, serving computes at most this share of the time (serving.ServingShare)
+    serving_share: float = (
+        0.25  # while a job trains, serving computes at most this share of the time (serving.ServingShare)
+    )
     serving_nice: int = 0  # the serving towers' CPU priority this far below training's: 0-19
     max_watchers: int = 16  # WatchTraining streams open at once, at most (each holds a handler thread)
     max_exports: int = 2  # ExportModel calls running at once, at most (each holds copies of the weights)
@@ -106,20 +111,30 @@ class ServeOptions:
 
 
 class Server:
-    def __init__(self, options: ServeOptions = ServeOptions()):
-        self.options = options
+    def __init__(self, options: Optional[ServeOptions] = None):
+        self.options = options = options or ServeOptions()
         self.metrics = Metrics()
         self.classifier = Classifier(
-            options.max_batch, options.max_delay_ms / 1000.0, self.metrics, options.transport, self._serving_changed,
-            options.max_queue, options.serving_nice, options.precision,
+            options.max_batch,
+            options.max_delay_ms / 1000.0,
+            self.metrics,
+            options.transport,
+            self._serving_changed,
+            options.max_queue,
+            options.serving_nice,
+            options.precision,
             ServingShare(options.serving_share, training=lambda: self.jobs.training()),
         )
         data_root = Path(options.data_root) if options.data_root else patterns.default_root()
-        self.store = (StateStore(options.state_dir, options.keep_versions, pinned=options.pinned_versions)
-                      if options.state_dir else None)  # fmt: skip
+        self.store = (
+            StateStore(options.state_dir, options.keep_versions, pinned=options.pinned_versions)
+            if options.state_dir
+            else None
+        )
         logs = options.log_folder()
-        self.jobs = JobManager(self.metrics, self._publish, data_root, logs, self.store, options.roots(),
-                               self._weights_of)  # fmt: skip
+        self.jobs = JobManager(
+            self.metrics, self._publish, data_root, logs, self.store, options.roots(), self._weights_of
+        )
         self.exporter = Exporter(options.max_exports)
         self.health = health.HealthServicer()
         self.port = self.metrics_port = None
@@ -147,13 +162,16 @@ class Server:
             try:
                 self._http = self.metrics.serve_http(opts.host, opts.metrics_port)
             except OSError as exc:
-                raise RuntimeError(f"cannot serve metrics on port {opts.metrics_port}: {exc}; try --metrics-port") from None
+                raise RuntimeError(
+                    f"cannot serve metrics on port {opts.metrics_port}: {exc}; try --metrics-port"
+                ) from None
             self.metrics_port = self._http.port
         # The gRPC server is made here, after Ray and the metrics endpoint have started their processes.
         self._grpc = grpc.server(
             self._handler_pool(),
             interceptors=interceptors,
-            maximum_concurrent_rpcs=opts.threads * 4,  # beyond, gRPC answers RESOURCE_EXHAUSTED: its own queue is bounded
+            maximum_concurrent_rpcs=opts.threads
+            * 4,  # beyond, gRPC answers RESOURCE_EXHAUSTED: its own queue is bounded
             options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)],
         )
         self._register()
@@ -166,7 +184,9 @@ class Server:
         except RuntimeError as exc:
             if self._http is not None:
                 self._http.close()
-            raise RuntimeError(f"cannot listen on {opts.host}:{opts.port} ({exc}); is the port taken? try --port") from None
+            raise RuntimeError(
+                f"cannot listen on {opts.host}:{opts.port} ({exc}); is the port taken? try --port"
+            ) from None
         self._grpc.start()
         self.classifier.start(initial)
         self._set_health(health_pb2.HealthCheckResponse.SERVING)  # towers are up: now we serve
@@ -177,22 +197,56 @@ class Server:
         """Add every service, each of its methods with the role a token needs for it (security.py):
         declared here, beside the registration, for every method, with no default."""
         opts, v1 = self.options, pb.DESCRIPTOR.services_by_name
-        self._add(rpc.add_TrainingServiceServicer_to_server, TrainingServicer(self.jobs, opts.max_watchers),
-                  v1["TrainingService"], StartTraining=TRAIN, StopTraining=TRAIN, GetTraining=READ,
-                  ListTrainings=READ, WatchTraining=READ)  # fmt: skip
-        self._add(rpc.add_InferenceServiceServicer_to_server, InferenceServicer(self.classifier, self.metrics),
-                  v1["InferenceService"], Classify=READ)  # fmt: skip
-        self._add(rpc.add_ModelServiceServicer_to_server,
-                  ModelServicer(self.classifier, self.jobs, self.store, self.exporter), v1["ModelService"],
-                  GetModelInfo=READ, GetKernels=READ, ExportModel=TRAIN)  # the weights leave with an export  # fmt: skip
-        self._add(kserve.v2_rpc.add_GRPCInferenceServiceServicer_to_server, kserve.KServeServicer(self.classifier,
-                  self.metrics), kserve.SERVICE, ServerLive=OPEN, ServerReady=OPEN, ServerMetadata=READ,
-                  ModelReady=READ, ModelMetadata=READ, ModelInfer=READ)  # probes stay open, like health  # fmt: skip
-        self._add(health_pb2_grpc.add_HealthServicer_to_server, self.health, health_pb2.DESCRIPTOR.services_by_name[
-                  "Health"], Check=OPEN, Watch=OPEN, List=OPEN)  # fmt: skip
+        self._add(
+            rpc.add_TrainingServiceServicer_to_server,
+            TrainingServicer(self.jobs, opts.max_watchers),
+            v1["TrainingService"],
+            StartTraining=TRAIN,
+            StopTraining=TRAIN,
+            GetTraining=READ,
+            ListTrainings=READ,
+            WatchTraining=READ,
+        )
+        self._add(
+            rpc.add_InferenceServiceServicer_to_server,
+            InferenceServicer(self.classifier, self.metrics),
+            v1["InferenceService"],
+            Classify=READ,
+        )
+        self._add(
+            rpc.add_ModelServiceServicer_to_server,
+            ModelServicer(self.classifier, self.jobs, self.store, self.exporter),
+            v1["ModelService"],
+            GetModelInfo=READ,
+            GetKernels=READ,
+            ExportModel=TRAIN,
+        )  # the weights leave with an export
+        self._add(
+            kserve.v2_rpc.add_GRPCInferenceServiceServicer_to_server,
+            kserve.KServeServicer(self.classifier, self.metrics),
+            kserve.SERVICE,
+            ServerLive=OPEN,
+            ServerReady=OPEN,
+            ServerMetadata=READ,
+            ModelReady=READ,
+            ModelMetadata=READ,
+            ModelInfer=READ,
+        )  # probes stay open, like health
+        self._add(
+            health_pb2_grpc.add_HealthServicer_to_server,
+            self.health,
+            health_pb2.DESCRIPTOR.services_by_name["Health"],
+            Check=OPEN,
+            Watch=OPEN,
+            List=OPEN,
+        )
         names = (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME)
-        self._add(lambda _, server: reflection.enable_server_reflection(names, server), None,
-                  reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"], ServerReflectionInfo=OPEN)
+        self._add(
+            lambda _, server: reflection.enable_server_reflection(names, server),
+            None,
+            reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"],
+            ServerReflectionInfo=OPEN,
+        )
 
     def _add(self, add_to_server, servicer, service, **roles: str) -> None:
         """Register one service, with a role for each of its methods (a method without one stops the server)."""
@@ -216,7 +270,9 @@ class Server:
         check_exposure(opts.host, bool(tokens), opts.insecure_no_auth)
         if bool(opts.tls_cert) != bool(opts.tls_key) or (opts.tls_client_ca and not opts.tls_cert):
             raise SecurityError("TLS needs both --tls-cert and --tls-key (and --tls-client-ca only with them)")
-        credentials = TLSFiles(opts.tls_cert, opts.tls_key, opts.tls_client_ca).server_credentials() if opts.tls_cert else None
+        credentials = (
+            TLSFiles(opts.tls_cert, opts.tls_key, opts.tls_client_ca).server_credentials() if opts.tls_cert else None
+        )
         if tokens and credentials is None and not is_loopback(opts.host):
             log.warning("tokens will cross the network in clear text: add --tls-cert and --tls-key")
         interceptors = [GrpcMetricsInterceptor(self.metrics)]
@@ -246,7 +302,9 @@ class Server:
 
     def _serving_changed(self, serving: bool) -> None:
         """The classifier lost its serving towers (False) or has them again (True)."""
-        self._set_health(health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING)
+        self._set_health(
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
 
     def _set_health(self, status) -> None:
         for name in ("", *SERVICE_NAMES):

@@ -28,10 +28,10 @@ from coordinator.service.errors import (
     Unavailable,
 )
 from coordinator.service.jobs import JobManager
-from coordinator.training.checkpoints import shown
 from coordinator.service.metrics import ALEXNET_V1, Metrics
 from coordinator.service.serving import Classifier
 from coordinator.service.state import StateStore
+from coordinator.training.checkpoints import shown
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,9 @@ class TrainingServicer(rpc.TrainingServiceServicer):
         self.max_watchers, self._watchers = max_watchers, threading.BoundedSemaphore(max_watchers)
 
     def StartTraining(self, request, context):
-        return answer(context, "starting training", lambda: self._status(self.jobs.start(convert.training_request(request))))
+        return answer(
+            context, "starting training", lambda: self._status(self.jobs.start(convert.training_request(request)))
+        )
 
     def GetTraining(self, request, context):
         return answer(context, "reading the job", lambda: self._status(self.jobs.get(request.job_id)))
@@ -104,9 +106,11 @@ class TrainingServicer(rpc.TrainingServiceServicer):
     def WatchTraining(self, request, context):
         job = answer(context, "watching the job", lambda: self.jobs.get(request.job_id))
         if not self._watchers.acquire(blocking=False):
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                          f"{self.max_watchers} watch streams are open, the most this server allows: close one, "
-                          "or poll GetTraining instead")  # fmt: skip
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{self.max_watchers} watch streams are open, the most this server allows: close one, "
+                "or poll GetTraining instead",
+            )
         try:
             for event in job.watch(context.is_active):  # gRPC's flow control bounds what waits for a slow reader
                 yield convert.training_event(job.id, event)
@@ -136,8 +140,13 @@ class InferenceServicer(rpc.InferenceServiceServicer):
 
 
 class ModelServicer(rpc.ModelServiceServicer):
-    def __init__(self, classifier: Classifier, jobs: JobManager, store: Optional[StateStore] = None,
-                 exporter: Optional[exports.Exporter] = None):  # fmt: skip
+    def __init__(
+        self,
+        classifier: Classifier,
+        jobs: JobManager,
+        store: Optional[StateStore] = None,
+        exporter: Optional[exports.Exporter] = None,
+    ):
         self.classifier, self.jobs, self.store = classifier, jobs, store
         self.exporter = exporter or exports.Exporter()
 
@@ -190,14 +199,17 @@ class ParseRequests(grpc.ServerInterceptor):
             try:
                 return decode(raw)
             except Exception as exc:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                              f"the request is not a valid {method} message ({type(exc).__name__}): send the "
-                              "message the API's proto defines")  # fmt: skip
+                context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"the request is not a valid {method} message ({type(exc).__name__}): send the "
+                    "message the API's proto defines",
+                )
 
         if handler.unary_unary:
             run = handler.unary_unary
-            return grpc.unary_unary_rpc_method_handler(lambda raw, context: run(parsed(raw, context), context),
-                                                       response_serializer=handler.response_serializer)  # fmt: skip
+            return grpc.unary_unary_rpc_method_handler(
+                lambda raw, context: run(parsed(raw, context), context), response_serializer=handler.response_serializer
+            )
 
         def stream(raw, context):
             yield from handler.unary_stream(parsed(raw, context), context)

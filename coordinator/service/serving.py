@@ -98,8 +98,9 @@ class Classifier:
     def _serving_engine(self, version: ModelVersion) -> ModelParallelAlexNet:
         """New serving towers with the version's weights; none are left running if that fails."""
         # Dropout only acts in training; "paper" initial weights are what version 0 serves.
-        engine = ModelParallelAlexNet(**version.net, dropout=0.0, init="paper", transport=self.transport, nice=self.nice,
-                                      precision=self.precision)  # fmt: skip
+        engine = ModelParallelAlexNet(
+            **version.net, dropout=0.0, init="paper", transport=self.transport, nice=self.nice, precision=self.precision
+        )
         try:
             if version.state is not None:
                 engine.load_state_dict(version.state)
@@ -108,16 +109,18 @@ class Classifier:
             raise
         return engine
 
-    def classify(self, items: list, top_k: int, timeout: float | None = None,
-                 is_active: Callable[[], bool] = lambda: True) -> tuple[list[list[Prediction]], ModelVersion]:  # fmt: skip
+    def classify(
+        self, items: list, top_k: int, timeout: float | None = None, is_active: Callable[[], bool] = lambda: True
+    ) -> tuple[list[list[Prediction]], ModelVersion]:
         """The top_k classes of each item, most probable first, and the version that answered.
         Waits at most `timeout` seconds; a request whose client left (is_active) is not computed."""
         check_top_k(top_k, len(self.serving()[1].labels))
         probs, version = self.probabilities(items, timeout, is_active)
         return top_classes(probs, version, top_k), version
 
-    def probabilities(self, items: list, timeout: float | None = None,
-                      is_active: Callable[[], bool] = lambda: True) -> tuple[torch.Tensor, ModelVersion]:  # fmt: skip
+    def probabilities(
+        self, items: list, timeout: float | None = None, is_active: Callable[[], bool] = lambda: True
+    ) -> tuple[torch.Tensor, ModelVersion]:
         """Each item's probability for every class ([items, classes]), and the version that answered;
         the batching, limits and deadline of classify()."""
         self.serving()  # refuses while the towers start
@@ -126,8 +129,10 @@ class Classifier:
         try:
             return self._answer_to(request)
         except futures.TimeoutError:
-            raise DeadlineExceeded(f"no answer within the deadline of {timeout:.3g} s; the request was dropped "
-                                   "(a longer deadline, or fewer images per request, may help)") from None  # fmt: skip
+            raise DeadlineExceeded(
+                f"no answer within the deadline of {timeout:.3g} s; the request was dropped "
+                "(a longer deadline, or fewer images per request, may help)"
+            ) from None
 
     def ready(self) -> bool:
         """Serving now: the towers are up, not being replaced, and the server is not closing."""
@@ -164,7 +169,9 @@ class Classifier:
     def _refuse_without_room(self, images: int) -> None:
         """Raises unless a request of `images` may join the queue now (lock held)."""
         if images > self.max_batch:
-            raise InvalidRequest(f"{images} images in one request; this server batches at most {self.max_batch}: split the request")
+            raise InvalidRequest(
+                f"{images} images in one request; this server batches at most {self.max_batch}: split the request"
+            )
         if self._closing:
             raise Unavailable("the server is shutting down")
         if self._rebuilding:
@@ -172,8 +179,10 @@ class Classifier:
         self._drop_unwanted()  # requests whose clients left hold no place
         waiting = sum(len(r.items) for r in self._queue)
         if waiting + images > self.max_queue:
-            raise ResourceExhausted(f"the classify queue is full ({waiting} images waiting, at most "
-                                    f"{self.max_queue}): retry later, with backoff")  # fmt: skip
+            raise ResourceExhausted(
+                f"the classify queue is full ({waiting} images waiting, at most "
+                f"{self.max_queue}): retry later, with backoff"
+            )
 
     def _submit(self, request: _Request) -> _Request:
         with self._cv:
@@ -263,7 +272,9 @@ class Classifier:
             self.current = version
             self.metrics.version.set(version.version)
         except Exception:
-            log.exception("could not load model version %d; still serving version %d", version.version, self.current.version)
+            log.exception(
+                "could not load model version %d; still serving version %d", version.version, self.current.version
+            )
 
     def _run(self, batch: list[_Request]) -> None:
         version, started = self.current, time.perf_counter()
@@ -317,7 +328,11 @@ class Classifier:
                 self.engine = self._serving_engine(version)
                 break
             except Exception:
-                log.exception("could not start new serving towers with version %d; trying again in %g s", version.version, WATCH_SECONDS)
+                log.exception(
+                    "could not start new serving towers with version %d; trying again in %g s",
+                    version.version,
+                    WATCH_SECONDS,
+                )
                 time.sleep(WATCH_SECONDS)
         self.metrics.tower_restarts.labels("serving").inc(len(lost))
         self.metrics.recovery_seconds.labels("serving").inc(time.perf_counter() - start)
@@ -325,4 +340,8 @@ class Classifier:
             self._rebuilding = None
         if not self._closing:
             self.on_serving(True)
-            log.warning("serving again: model version %d on new towers, after %.1f s", version.version, time.perf_counter() - start)
+            log.warning(
+                "serving again: model version %d on new towers, after %.1f s",
+                version.version,
+                time.perf_counter() - start,
+            )

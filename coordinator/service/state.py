@@ -106,4 +106,3 @@ class StateStore:
     def _version_files(self) -> list[Path]:
         """Every kept version, oldest first."""
         return sorted(self.versions_dir.glob("v[0-9]*.pt"))
-

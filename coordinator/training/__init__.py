@@ -1,6 +1,12 @@
 """Training: the recipe (presets, overrides, schedules), the loop, and checkpoints."""
 
-from coordinator.training.checkpoints import CheckpointError, ResumeMismatch, load_checkpoint, resume_recipe, save_checkpoint
+from coordinator.training.checkpoints import (
+    CheckpointError,
+    ResumeMismatch,
+    load_checkpoint,
+    resume_recipe,
+    save_checkpoint,
+)
 from coordinator.training.loop import Progress, Result, train
 from coordinator.training.recipe import PRESETS, PlateauSchedule, Recipe, StepSchedule, recipe
 

@@ -31,8 +31,13 @@ HISTOGRAM_BINS = 64
 FLUSH_SECONDS = 5  # how stale the files on disk may be while a run trains
 
 # Tags, by what they show.
-STEP_SCALARS = ("train/loss", "train/learning_rate", "train/images_per_second", "train/step_seconds",
-                "train/exchange_bytes")  # fmt: skip
+STEP_SCALARS = (
+    "train/loss",
+    "train/learning_rate",
+    "train/images_per_second",
+    "train/step_seconds",
+    "train/exchange_bytes",
+)
 VALIDATION_SCALARS = ("validation/top1", "validation/top5")
 KERNELS_IMAGE = "kernels/conv1"
 

@@ -31,8 +31,17 @@ INDEX = "index.json"
 LATEST = "latest.pt"
 FORMAT = 2
 # Recipe fields a resumed run may change: how long it runs and how it is kept, never its math.
-RESUMABLE_OVERRIDES = ("epochs", "publish_every", "snapshot_every", "checkpoint_every", "keep_checkpoints",
-                       "max_restarts", "transport", "replicas", "precision")  # fmt: skip
+RESUMABLE_OVERRIDES = (
+    "epochs",
+    "publish_every",
+    "snapshot_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "max_restarts",
+    "transport",
+    "replicas",
+    "precision",
+)
 
 
 class CheckpointError(ValueError):
@@ -47,8 +56,9 @@ class ResumeMismatch(ValueError):
     """A checkpoint taken on another dataset or network than the one it would resume on."""
 
 
-def save_checkpoint(folder, snapshot: Snapshot, dataset: Dataset, plan: Recipe, keep: Optional[int] = None,
-                    meta: Optional[dict] = None) -> Path:  # fmt: skip
+def save_checkpoint(
+    folder, snapshot: Snapshot, dataset: Dataset, plan: Recipe, keep: Optional[int] = None, meta: Optional[dict] = None
+) -> Path:
     """Write checkpoint-step<N>.pt atomically (never over an existing one), point latest.pt at it,
     and prune to the last `keep` (default plan.keep_checkpoints) plus the most accurate.
     `meta`: plain values the caller wants back on resume (the service keeps its request there)."""
@@ -114,32 +124,52 @@ def load_checkpoint(source) -> dict:
     except Exception as exc:  # truncated, not a torch file, or objects beyond tensors and plain values
         raise CheckpointError(f"{shown(path)} is not a readable checkpoint ({type(exc).__name__})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise CheckpointError(f"{shown(path)} is not a resumable checkpoint (format {FORMAT}; older ones hold too little)")
+        raise CheckpointError(
+            f"{shown(path)} is not a resumable checkpoint (format {FORMAT}; older ones hold too little)"
+        )
     payload["path"] = str(path)
     return payload
 
 
 def snapshot_of(payload: dict) -> Snapshot:
     """The run's snapshot inside a checkpoint's payload."""
-    return Snapshot(payload["step"], payload["epochs_done"], payload["position"], payload["engine_steps"],
-                    payload["state_dict"], payload["optimizer"], payload["lr"], payload["schedule"], payload["top1"],
-                    payload["top5"])  # fmt: skip
+    return Snapshot(
+        payload["step"],
+        payload["epochs_done"],
+        payload["position"],
+        payload["engine_steps"],
+        payload["state_dict"],
+        payload["optimizer"],
+        payload["lr"],
+        payload["schedule"],
+        payload["top1"],
+        payload["top5"],
+    )
 
 
 def resume_recipe(payload: dict, overrides: Optional[dict] = None) -> Recipe:
     """The checkpoint's recipe, with only RESUMABLE_OVERRIDES changed. Another width is a
     ResumeMismatch (the network's shape); other fields raise ValueError."""
     overrides = dict(overrides or {})
-    saved = Recipe(**{name: tuple(v) if isinstance(v, list) else v for name, v in payload["recipe"].items()
-                      if name in {f.name for f in dataclasses.fields(Recipe)}})  # fmt: skip
+    saved = Recipe(
+        **{
+            name: tuple(v) if isinstance(v, list) else v
+            for name, v in payload["recipe"].items()
+            if name in {f.name for f in dataclasses.fields(Recipe)}
+        }
+    )
     if "width" in overrides and recipe(overrides={"width": overrides["width"]}).width != saved.width:
-        raise ResumeMismatch(f"the network's shape differs: the checkpoint has width {saved.width}, "
-                             f"the request asks for {shown(overrides['width'], 40)}")  # fmt: skip
+        raise ResumeMismatch(
+            f"the network's shape differs: the checkpoint has width {saved.width}, "
+            f"the request asks for {shown(overrides['width'], 40)}"
+        )
     overrides.pop("width", None)
     changed = sorted(set(overrides) - set(RESUMABLE_OVERRIDES))
     if changed:
-        raise ValueError(f"a resumed run keeps its recipe: {', '.join(shown(c, 40) for c in changed[:5])} cannot change "
-                         f"(only {', '.join(RESUMABLE_OVERRIDES)} can); start a new run to change them")  # fmt: skip
+        raise ValueError(
+            f"a resumed run keeps its recipe: {', '.join(shown(c, 40) for c in changed[:5])} cannot change "
+            f"(only {', '.join(RESUMABLE_OVERRIDES)} can); start a new run to change them"
+        )
     return recipe(overrides=overrides, base=saved)
 
 
@@ -149,14 +179,21 @@ def check_resumable(payload: dict, dataset: Dataset) -> None:
     if list(payload["classes"]) != list(dataset.classes):
         theirs, ours = len(payload["classes"]), dataset.num_classes
         missing = sorted(set(payload["classes"]) - set(dataset.classes))[:3]
-        problems.append(f"the classes differ ({theirs} in the checkpoint, {ours} here"
-                        + (f"; missing here: {', '.join(shown(m, 40) for m in missing)}" if missing else "") + ")")  # fmt: skip
+        problems.append(
+            f"the classes differ ({theirs} in the checkpoint, {ours} here"
+            + (f"; missing here: {', '.join(shown(m, 40) for m in missing)}" if missing else "")
+            + ")"
+        )
     elif payload["fingerprint"] != dataset.fingerprint():
-        problems.append("the same classes but other files (the file list's fingerprint differs): "
-                        "a resumed run must see the data it was trained on")  # fmt: skip
+        problems.append(
+            "the same classes but other files (the file list's fingerprint differs): "
+            "a resumed run must see the data it was trained on"
+        )
     if problems:
-        raise ResumeMismatch(f"cannot resume {shown(payload.get('path', 'the checkpoint'))} on {shown(dataset.root)}: "
-                             + "; ".join(problems))  # fmt: skip
+        raise ResumeMismatch(
+            f"cannot resume {shown(payload.get('path', 'the checkpoint'))} on {shown(dataset.root)}: "
+            + "; ".join(problems)
+        )
 
 
 def shown(value, limit: int = 200) -> str:

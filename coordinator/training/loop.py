@@ -28,8 +28,8 @@ from coordinator.training.checkpoints import check_resumable, load_checkpoint, s
 from coordinator.training.passes import SkipLog, evaluate, training_pass, validation_pass
 from coordinator.training.pipeline import FinishedStep, StepPipeline
 from coordinator.training.recipe import Recipe, schedule_for
-from coordinator.training.reports import Progress, Result
 from coordinator.training.recovery import Snapshot, failed_before_update, recover, restore, take_snapshot
+from coordinator.training.reports import Progress, Result
 from towers.figures import colour_specialisation
 
 log = logging.getLogger(__name__)
@@ -43,10 +43,27 @@ class Trainer:
     from a checkpoint, replays the same batches with the same random draws.
     """
 
-    def __init__(self, dataset: Dataset, plan: Recipe, engine, stop: threading.Event, checkpoint_dir, on_event,
-                 on_publish, on_stats, resume: Optional[Snapshot] = None, meta: Optional[dict] = None,
-                 board: Optional[TrainingBoard] = None):  # fmt: skip
-        self.dataset, self.plan, self.engine, self.stop, self.checkpoint_dir = dataset, plan, engine, stop, checkpoint_dir
+    def __init__(
+        self,
+        dataset: Dataset,
+        plan: Recipe,
+        engine,
+        stop: threading.Event,
+        checkpoint_dir,
+        on_event,
+        on_publish,
+        on_stats,
+        resume: Optional[Snapshot] = None,
+        meta: Optional[dict] = None,
+        board: Optional[TrainingBoard] = None,
+    ):
+        self.dataset, self.plan, self.engine, self.stop, self.checkpoint_dir = (
+            dataset,
+            plan,
+            engine,
+            stop,
+            checkpoint_dir,
+        )
         self.board = board
         self.on_event, self.on_publish, self.on_stats, self.meta = on_event, on_publish, on_stats, meta
         self.schedule = schedule_for(plan)
@@ -56,7 +73,9 @@ class Trainer:
             self.per_epoch = min(self.per_epoch, plan.steps_per_epoch)
         self.pipeline = StepPipeline(engine)
         self.in_flight: collections.deque[int] = collections.deque()  # places of the batches whose steps run
-        self.upcoming: Optional[tuple[int, int, EarlyStart]] = None  # (epoch, from batch, pass) started before it is read
+        self.upcoming: Optional[tuple[int, int, EarlyStart]] = (
+            None  # (epoch, from batch, pass) started before it is read
+        )
         self.validation: Optional[EarlyStart] = None  # this epoch's validation pass, likewise
         self.skips = SkipLog()
         self.step, self.epoch, self.position, self.restarts = 0, 0, 0, 0
@@ -89,8 +108,17 @@ class Trainer:
         finally:
             self.pipeline.abandon()  # an error's traceback keeps this frame: let go of the step's ObjectRef now
             self._close_passes()  # an error or a stop must end Ray Data's pipelines now, not at garbage collection
-        return Result("stopped" if stopped else "finished", self.step, self.epoch, self.top1, self.top5, self.loss,
-                      len(self.skips), self._elapsed(), self.restarts)  # fmt: skip
+        return Result(
+            "stopped" if stopped else "finished",
+            self.step,
+            self.epoch,
+            self.top1,
+            self.top5,
+            self.loss,
+            len(self.skips),
+            self._elapsed(),
+            self.restarts,
+        )
 
     def _train_epoch(self) -> None:
         """Train on the rest of this epoch's pass; as it ends, start the validation pass beside the last step."""
@@ -131,7 +159,9 @@ class Trainer:
             return
         self.in_flight.popleft()
         if not math.isfinite(finished.loss):
-            raise FloatingPointError(f"the loss became {finished.loss} at step {self.step + 1}: lower lr and start again")
+            raise FloatingPointError(
+                f"the loss became {finished.loss} at step {self.step + 1}: lower lr and start again"
+            )
         self.step, self.loss = self.step + 1, finished.loss
         self.window_images += finished.images
         if self.on_stats:
@@ -157,27 +187,40 @@ class Trainer:
         self._close_passes()  # the data goes back too: its pass starts while actors are replaced
         keep = self.engine.replicas > 1 and failed_before_update(error)
         redo_from = self.in_flight[0] if self.in_flight else self.position
-        self.upcoming = self._start_pass(*((self.epoch, redo_from) if keep else (self.snapshot.epoch, self.snapshot.position)))
+        self.upcoming = self._start_pass(
+            *((self.epoch, redo_from) if keep else (self.snapshot.epoch, self.snapshot.position))
+        )
         replaced = recover(self.engine, error, self.restarts, self.plan.max_restarts)
         self.restarts += 1
         source = self.engine.intact_group() if keep else None
         if source is not None:
             self.engine.steps -= len(self.in_flight)  # the failed steps draw their dropout masks again
-            self._go_back_to(take_snapshot(self.engine, self.step, self.epoch, redo_from, self.schedule, self.top1,
-                                           self.top5, group=source))  # fmt: skip
-            message = f"replaced {', '.join(replaced)}; every group took group {source}'s weights and momentum: no step lost, {len(self.in_flight)} failed step(s) to redo from step {self.step}"  # fmt: skip
+            self._go_back_to(
+                take_snapshot(
+                    self.engine, self.step, self.epoch, redo_from, self.schedule, self.top1, self.top5, group=source
+                )
+            )
+            message = (
+                f"replaced {', '.join(replaced)}; every group took group {source}'s weights and momentum: "
+                f"no step lost, {len(self.in_flight)} failed step(s) to redo from step {self.step}"
+            )
         else:
             if keep:  # no group kept all its towers: the snapshot's place after all
                 self._close_passes()
                 self.upcoming = self._start_pass(self.snapshot.epoch, self.snapshot.position)
             lost = self.step - self.snapshot.step
             self._go_back_to(self.snapshot)
-            message = f"replaced {', '.join(replaced)}; went back to the snapshot at step {self.step} (epoch {self.epoch + 1}, batch {self.position} of {self.per_epoch}): {lost} steps to redo"  # fmt: skip
+            message = (
+                f"replaced {', '.join(replaced)}; went back to the snapshot at step {self.step} "
+                f"(epoch {self.epoch + 1}, batch {self.position} of {self.per_epoch}): {lost} steps to redo"
+            )
         self.in_flight.clear()
         log.warning("recovery %d: %s (%s)", self.restarts, message, error_summary(error))
         if self.board:
             self.board.went_back(self.step)
-        self._report("recovered", self.epoch, step_seconds=time.perf_counter() - start, replaced=len(replaced), message=message)
+        self._report(
+            "recovered", self.epoch, step_seconds=time.perf_counter() - start, replaced=len(replaced), message=message
+        )
 
     def _validate(self) -> None:
         """Validate this epoch (its pass started beside the last step), step the schedule, checkpoint."""
@@ -246,11 +289,21 @@ class Trainer:
             self.published = self.step
 
     def _report(self, kind: str, epochs_done: int, **values) -> None:
-        self.on_event(Progress(
-            kind, self.step, epochs_done, loss=self.loss, lr=self.engine.lr, skipped=len(self.skips),
-            steps_per_epoch=self.per_epoch, epochs=self.plan.epochs, elapsed=self._elapsed(), restarts=self.restarts,
-            **values,
-        ))  # fmt: skip
+        self.on_event(
+            Progress(
+                kind,
+                self.step,
+                epochs_done,
+                loss=self.loss,
+                lr=self.engine.lr,
+                skipped=len(self.skips),
+                steps_per_epoch=self.per_epoch,
+                epochs=self.plan.epochs,
+                elapsed=self._elapsed(),
+                restarts=self.restarts,
+                **values,
+            )
+        )
 
     def _elapsed(self) -> float:
         return time.perf_counter() - self.started
@@ -258,9 +311,19 @@ class Trainer:
 
 def engine_for(plan: Recipe, num_classes: int) -> ModelParallelAlexNet:
     """The towers a recipe trains: its network, optimiser, seed and run options."""
-    return ModelParallelAlexNet(num_classes=num_classes, dropout=plan.dropout, lr=plan.lr, momentum=plan.momentum,
-                                weight_decay=plan.weight_decay, seed=plan.seed, init=plan.init, width=plan.width,
-                                transport=plan.transport, replicas=plan.replicas, precision=plan.precision)  # fmt: skip
+    return ModelParallelAlexNet(
+        num_classes=num_classes,
+        dropout=plan.dropout,
+        lr=plan.lr,
+        momentum=plan.momentum,
+        weight_decay=plan.weight_decay,
+        seed=plan.seed,
+        init=plan.init,
+        width=plan.width,
+        transport=plan.transport,
+        replicas=plan.replicas,
+        precision=plan.precision,
+    )
 
 
 def train(
@@ -292,7 +355,9 @@ def train(
     weights to start from instead of the recipe's initialisation (all, or some: fine-tuning).
     """
     if not isinstance(plan, Recipe):
-        raise TypeError(f"plan must be a Recipe (training.recipe(preset, overrides) makes one), got {type(plan).__name__}")
+        raise TypeError(
+            f"plan must be a Recipe (training.recipe(preset, overrides) makes one), got {type(plan).__name__}"
+        )
     if not isinstance(dataset, Dataset):
         dataset = open_dataset(dataset, val_fraction=plan.val_fraction)
     snapshot = None
@@ -311,8 +376,19 @@ def train(
             engine.load_state_dict({**engine.state_dict(), **init_state})
         check_room_for_loading()
         board = TrainingBoard(log_dir, engine.config, snapshot.step if snapshot else 0) if log_dir else None
-        trainer = Trainer(dataset, plan, engine, stop or threading.Event(), checkpoint_dir, on_event or (lambda e: None),
-                          on_publish, on_stats, snapshot, checkpoint_meta, board)  # fmt: skip
+        trainer = Trainer(
+            dataset,
+            plan,
+            engine,
+            stop or threading.Event(),
+            checkpoint_dir,
+            on_event or (lambda e: None),
+            on_publish,
+            on_stats,
+            snapshot,
+            checkpoint_meta,
+            board,
+        )
         return trainer.run()
     finally:
         if board is not None:

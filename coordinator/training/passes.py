@@ -33,13 +33,24 @@ class SkipLog:
 def validation_pass(dataset: Dataset, plan: Recipe, batch_size: int = 64):
     """Batches of the validation set: centre crops, or with ten_crop the paper's ten views of each image."""
     mode = "ten-crop" if plan.ten_crop else "eval"
-    return batches(dataset.val, dataset.stats, batch_size, mode, limit=plan.val_images or None, normalise=plan.normalise)
+    return batches(
+        dataset.val, dataset.stats, batch_size, mode, limit=plan.val_images or None, normalise=plan.normalise
+    )
 
 
 def training_pass(dataset: Dataset, plan: Recipe, epoch: int, steps: int, from_batch: int = 0):
     """The batches of one epoch's `steps` steps, shuffled and augmented for that epoch, from its `from_batch`th."""
-    return batches(dataset.train, dataset.stats, plan.batch_size, "train", plan.seed, epoch, steps * plan.batch_size,
-                   plan.normalise, start=from_batch * plan.batch_size)  # fmt: skip
+    return batches(
+        dataset.train,
+        dataset.stats,
+        plan.batch_size,
+        "train",
+        plan.seed,
+        epoch,
+        steps * plan.batch_size,
+        plan.normalise,
+        start=from_batch * plan.batch_size,
+    )
 
 
 def class_probabilities(engine, batch: Batch) -> torch.Tensor:

@@ -35,7 +35,9 @@ class Recipe:
     publish_every: int = 50  # steps between published model versions (see training.train's on_publish)
     transport: str = "auto"  # the backend of the towers' exchanges: auto, gloo or nccl (engine.links.backend_for)
     replicas: int = 1  # data-parallel groups of the towers, each on batch_size / replicas images (engine.replicas)
-    precision: str = "float32"  # the towers' arithmetic: float32, or bfloat16 where the hardware has it (towers.precision)
+    precision: str = (
+        "float32"  # the towers' arithmetic: float32, or bfloat16 where the hardware has it (towers.precision)
+    )
     snapshot_every: int = 100  # steps between in-memory snapshots that a run recovers from when actors die
     checkpoint_every: int = 0  # steps between checkpoints, besides every epoch and on stop (0: those only)
     keep_checkpoints: int = 3  # the last this many are kept, and the most accurate one
@@ -46,7 +48,14 @@ class Recipe:
         for name in ("epochs", "batch_size", "patience", "publish_every", "snapshot_every"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("steps_per_epoch", "val_images", "max_drops", "max_restarts", "checkpoint_every", "keep_checkpoints"):
+        for name in (
+            "steps_per_epoch",
+            "val_images",
+            "max_drops",
+            "max_restarts",
+            "checkpoint_every",
+            "keep_checkpoints",
+        ):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be 0 or more, got {getattr(self, name)}")
         for name in ("lr", "momentum", "weight_decay"):
@@ -71,11 +80,15 @@ class Recipe:
         if not 1 <= self.replicas <= 64:
             problems.append(f"replicas must be between 1 and 64, got {self.replicas}")
         elif self.batch_size % self.replicas:
-            problems.append(f"batch_size ({self.batch_size}) must be a multiple of replicas ({self.replicas}): "
-                            "each group takes an equal share")  # fmt: skip
+            problems.append(
+                f"batch_size ({self.batch_size}) must be a multiple of replicas ({self.replicas}): "
+                "each group takes an equal share"
+            )
         if self.precision not in PRECISIONS:
             problems.append(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if self.transport not in TRANSPORT_CHOICES + RETIRED_TRANSPORTS:  # a retired one, from an old checkpoint, reads as auto
+        if (
+            self.transport not in TRANSPORT_CHOICES + RETIRED_TRANSPORTS
+        ):  # a retired one, from an old checkpoint, reads as auto
             problems.append(f"transport must be one of {', '.join(TRANSPORT_CHOICES)}, got {self.transport!r}")
         if problems:
             raise ValueError("; ".join(problems))

@@ -40,12 +40,23 @@ class Snapshot:
     top5: float = math.nan
 
 
-def take_snapshot(engine, step: int, epoch: int, position: int, schedule, top1: float, top5: float,
-                  group: int = 0) -> Snapshot:  # fmt: skip
+def take_snapshot(
+    engine, step: int, epoch: int, position: int, schedule, top1: float, top5: float, group: int = 0
+) -> Snapshot:
     """The engine's state now (no step may be in flight) with the run's counters: a replica
     group's weights and momentum (every group holds the same, but for one that lost towers)."""
-    return Snapshot(step, epoch, position, engine.steps, engine.state_dict(group), engine.optimizer_state(group),
-                    engine.lr, copy.deepcopy(vars(schedule)), top1, top5)  # fmt: skip
+    return Snapshot(
+        step,
+        epoch,
+        position,
+        engine.steps,
+        engine.state_dict(group),
+        engine.optimizer_state(group),
+        engine.lr,
+        copy.deepcopy(vars(schedule)),
+        top1,
+        top5,
+    )
 
 
 def failed_before_update(error: BaseException) -> bool:

@@ -145,7 +145,13 @@ def _library() -> Optional[ctypes.CDLL]:
     for suffix in ("f32", "f64"):
         for fn in (getattr(lib, f"norm_forward_{suffix}"), getattr(lib, f"norm_backward_{suffix}")):
             pointers = 3 if "forward" in fn.__name__ else 4
-            fn.argtypes = [ctypes.c_void_p] * pointers + [ctypes.c_long] * 5 + [ctypes.c_int] + [ctypes.c_double] * 3 + [ctypes.c_int] * 3
+            fn.argtypes = (
+                [ctypes.c_void_p] * pointers
+                + [ctypes.c_long] * 5
+                + [ctypes.c_int]
+                + [ctypes.c_double] * 3
+                + [ctypes.c_int] * 3
+            )
             fn.restype = None
     lib.crops_to_float.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 2
     lib.crops_to_float.restype = None
@@ -213,7 +219,9 @@ def uses_c_kernel(x: torch.Tensor, block: NormBlock) -> bool:
     return cpu and fits_a_byte and _library() is not None
 
 
-def crops_to_float(pixels: torch.Tensor, offsets: torch.Tensor, divisors: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+def crops_to_float(
+    pixels: torch.Tensor, offsets: torch.Tensor, divisors: Optional[torch.Tensor]
+) -> Optional[torch.Tensor]:
     """(N, H, W, 3) uint8 -> float32 (pixels + offsets[n]) / divisors, in one pass of the C kernel
     (towers.inputs.Crops), the same bits as PyTorch's add and divide; None where there is no kernel."""
     lib = _library()
@@ -223,8 +231,14 @@ def crops_to_float(pixels: torch.Tensor, offsets: torch.Tensor, divisors: Option
     out = torch.empty(pixels.shape, dtype=torch.float32)
     divisors = None if divisors is None else divisors.contiguous()
     n = pixels.shape[0]
-    lib.crops_to_float(pixels.data_ptr(), offsets.data_ptr(), None if divisors is None else divisors.data_ptr(),
-                       out.data_ptr(), n, pixels.numel() // max(n, 1))  # fmt: skip
+    lib.crops_to_float(
+        pixels.data_ptr(),
+        offsets.data_ptr(),
+        None if divisors is None else divisors.data_ptr(),
+        out.data_ptr(),
+        n,
+        pixels.numel() // max(n, 1),
+    )
     return out
 
 
