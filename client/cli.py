@@ -9,7 +9,7 @@
     alexnet-mp info
     alexnet-mp kernels [JOB | --version N] [-o figure3.png]   # the paper's Figure 3 for a model
     alexnet-mp export [JOB | --version N | CHECKPOINT] --format onnx|torch-export|safetensors -o FILE
-    alexnet-mp demo                # everything above on one machine, in under 10 minutes
+    alexnet-mp demo                # everything above on one machine, on the built-in dataset
 
 Client commands talk to --target (default $ALEXNET_MP_TARGET or 127.0.0.1:50051).
 """

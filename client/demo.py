@@ -1,4 +1,4 @@
-"""`alexnet-mp demo`: the whole system on one machine, on the built-in dataset, in under 10 minutes.
+"""`alexnet-mp demo`: the whole system on one machine, on the built-in dataset.
 
 It generates the built-in dataset, starts the server (and with it a local Ray) in a process of its
 own, trains the full-size two-tower network with the `demo` preset through gRPC (with a live
