@@ -183,8 +183,9 @@ def infer_response(request, probs: torch.Tensor, version: ModelVersion, wanted) 
     return response
 
 
-def model_metadata(engine, version: ModelVersion, max_batch: int) -> v2.ModelMetadataResponse:
-    size, classes = engine.config.image_size, len(version.labels)
+def model_metadata(version: ModelVersion, size: int, max_batch: int) -> v2.ModelMetadataResponse:
+    """The model as ModelMetadata describes it: its input of `size` (what ModelInfer checks), its output."""
+    classes = len(version.labels)
     tensor = v2.ModelMetadataResponse.TensorMetadata
     return v2.ModelMetadataResponse(
         name=MODEL,
@@ -226,14 +227,17 @@ class KServeServicer(v2_rpc.GRPCInferenceServiceServicer):
         return answer(context, "checking the model", lambda: v2.ModelReadyResponse(ready=ready()))
 
     def ModelMetadata(self, request, context):
-        describe = lambda: model_metadata(*self._model(request.name, request.version), self.classifier.max_batch)  # noqa: E731
+        def describe():
+            version = self._model(request.name, request.version)
+            return model_metadata(version, served_size(self.classifier), self.classifier.max_batch)
+
         return answer(context, "describing the model", describe)
 
     def ModelInfer(self, request, context):
         start = time.perf_counter()
 
         def infer():
-            _, version = self._model(request.model_name, request.model_version)
+            version = self._model(request.model_name, request.model_version)
             items = infer_items(request, self.classifier)
             wanted = requested_outputs(request, len(version.labels))
             probs, answered = self.classifier.probabilities(items, deadline_of(context), context.is_active)
@@ -247,14 +251,14 @@ class KServeServicer(v2_rpc.GRPCInferenceServiceServicer):
         observe = lambda code: self.metrics.observe_classify(KSERVE_V2, code, time.perf_counter() - start)  # noqa: E731
         return answer(context, "inference", infer, on_code=observe)
 
-    def _model(self, name: str, version: str):
-        """The serving engine and version, if they are what the request names; NotFound otherwise."""
+    def _model(self, name: str, version: str) -> ModelVersion:
+        """The version served, if it is what the request names; NotFound otherwise."""
         if name != MODEL:
             raise NotFound(f"no model {shown(name, 64)!r} here: this server serves one model, {MODEL!r}")
-        engine, current = self.classifier.serving()
+        _, current = self.classifier.serving()
         if version and version != str(current.version):
             raise NotFound(
                 f"model {MODEL} version {shown(version, 32)!r} is not served: this server serves version "
                 f"{current.version} only (an empty version means it)"
             )
-        return engine, current
+        return current
