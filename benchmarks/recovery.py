@@ -57,7 +57,7 @@ def main() -> None:
                 os.kill(engine.towers[tower]["pid"], signal.SIGKILL)
                 killed.append({"at": time.perf_counter(), "tower": tower, "step": event.step})
         elif event.kind == "recovered":
-            rows.append((event.step_seconds, event.message))
+            rows.append((event.recovery_seconds, event.message))
 
     print(
         f"demo recipe, snapshot_every {plan.snapshot_every}, width {plan.width}, batch {plan.batch_size}; "

@@ -129,3 +129,21 @@ def test_pointers_into_the_performance_doc_name_its_sections():
             if (section := re.sub(r"\s+#?\s*", " ", name)) not in headings:
                 wrong.append(f"{path.relative_to(ROOT)}: {section}")
     assert wrong == []
+
+
+def test_the_protocol_adapters_are_siblings():
+    """alexnet.v1 (servicers.py, convert.py) and the Open Inference Protocol (kserve.py) share
+    protocol.py only: neither imports the other."""
+    service = COORDINATOR / "service"
+
+    def imports(name: str) -> set[str]:
+        found = set()
+        for node in ast.walk(ast.parse((service / name).read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:  # `from a.b import c` may import module a.b.c
+                found |= {node.module, *(f"{node.module}.{alias.name}" for alias in node.names)}
+        return found
+
+    v1, kserve = "coordinator.service.servicers", "coordinator.service.kserve"
+    assert not imports("kserve.py") & {v1, "coordinator.service.convert"}
+    assert kserve not in imports("servicers.py") | imports("convert.py")
+    assert "coordinator.service.protocol" in imports("kserve.py") & imports("servicers.py")

@@ -195,7 +195,7 @@ def test_a_tower_killed_mid_run_is_replaced_and_the_run_ends_as_if_nothing_happe
     assert result.state == "finished" and result.restarts == 1 and recovered.restarts == 1
     assert f"replaced tower 1 (died; pid {killed[0]}" in recovered.message
     assert "went back to the snapshot at step 3 (epoch 1, batch 3 of 8): 2 steps to redo" in recovered.message
-    assert recovered.step == 3 and recovered.replaced == 1 and recovered.step_seconds > 0
+    assert recovered.step == 3 and recovered.replaced == 1 and recovered.recovery_seconds > 0
     steps = [e.step for e in events if e.kind == "step"]
     assert steps[steps.index(5) + 1] == 4  # the step after the recovery counts on from the snapshot
     assert result.steps == straight.steps == 16 and result.top1 == straight.top1

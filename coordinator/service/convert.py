@@ -1,13 +1,13 @@
 """Proto <-> domain: the API's messages in, the service's objects out, and back.
 
-Only this module and servicers.py know the generated classes; jobs, serving and the rest of the
-service deal in their own types.
+alexnet.v1's messages: only this module and servicers.py know its generated classes (kserve.py
+converts the Open Inference Protocol's itself); jobs, serving and the rest of the service deal in
+their own types.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import io
 import math
 from typing import Optional
 
@@ -15,15 +15,13 @@ import numpy as np
 import torch
 
 from alexnet_api.v1 import alexnet_pb2 as pb
-from coordinator.data import BadImage, centre_crop, load_image
 from coordinator.service.errors import InvalidRequest
 from coordinator.service.figures import KernelsFigure
 from coordinator.service.job import JobEvent, JobState, JobStatus
+from coordinator.service.protocol import decoded_item, tensor_item, tensor_shape_fits
 from coordinator.service.requests import TrainingRequest
 from coordinator.service.versions import ModelVersion, Prediction
 from coordinator.training import Progress
-
-MAX_PIXEL_VALUE = 1e4  # preprocessed pixels lie within about +-255
 
 STATES = {state: pb.JobState.Value(state.name) for state in JobState}
 EXPORT_FORMATS = {pb.ONNX: "onnx", pb.TORCH_EXPORT: "torch-export", pb.SAFETENSORS: "safetensors"}
@@ -118,7 +116,8 @@ def training_event(job_id: str, event: JobEvent) -> pb.TrainingEvent:
 
 # --- classification --------------------------------------------------------------------------------
 def classify_items(images, image_size: int) -> list:
-    """Request images -> the batcher's items, with errors that say which image and why."""
+    """Request images -> the batcher's items, with errors that say which image and why; tensors
+    must be [3, image_size, image_size] (protocol.served_size)."""
     if not images:
         raise InvalidRequest("no images: add at least one to `images`")
     items = []
@@ -130,7 +129,7 @@ def classify_items(images, image_size: int) -> list:
             items.append(decoded_item(i, image.encoded))
         elif kind == "tensor":
             shape, expected = list(image.tensor.shape), [3, image_size, image_size]
-            if shape != expected:
+            if not tensor_shape_fits(shape, image_size, batched=False):
                 raise InvalidRequest(f"image {i}: tensor shape is {shape}, it must be {expected}")
             count = 3 * image_size * image_size
             if len(image.tensor.data) != 4 * count:
@@ -144,26 +143,6 @@ def classify_items(images, image_size: int) -> list:
         else:
             raise InvalidRequest(f"image {i} is empty: set `encoded` or `tensor`")
     return items
-
-
-def decoded_item(i: int, encoded: bytes) -> tuple:
-    """An encoded image -> the batcher's item (its centre crop); the error names image i."""
-    try:
-        return "crop", centre_crop(load_image(io.BytesIO(encoded)))
-    except BadImage as exc:
-        raise InvalidRequest(f"image {i} cannot be decoded ({exc}); send JPEG, PNG, BMP or WebP bytes") from None
-
-
-def tensor_item(i: int, values: torch.Tensor) -> tuple:
-    """A preprocessed [3, S, S] float32 image -> the batcher's item, once its values are safe to compute on."""
-    if not torch.isfinite(values).all():
-        raise InvalidRequest(f"image {i}: tensor holds NaN or infinite values")
-    if values.abs().max() > MAX_PIXEL_VALUE:  # finite, but far enough out to overflow the network to NaN
-        raise InvalidRequest(
-            f"image {i}: tensor values reach {values.abs().max().item():.3g}; send preprocessed "
-            f"pixels (0..255 minus the mean, or normalised), within +-{MAX_PIXEL_VALUE:g}"
-        )
-    return "tensor", values
 
 
 def classify_response(top: list[list[Prediction]], version: ModelVersion) -> pb.ClassifyResponse:

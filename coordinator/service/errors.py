@@ -1,5 +1,5 @@
 """The service's one error type. Whatever refuses a request raises a ServiceError subclass, whose
-message says what to fix; servicers.py turns it into a gRPC status, in one place."""
+message says what to fix; protocol.py turns it into a gRPC status, in one place, for every protocol."""
 
 
 class ServiceError(Exception):

@@ -1,14 +1,13 @@
 """The job table: checking a request, running each job on its own thread, keeping the records.
 
 The towers train one job at a time. A job (job.py) keeps its state and a bounded log of events
-that any number of watchers follow.
+that any number of watchers follow; job_metrics.py turns what it reports into metrics.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import threading
 from pathlib import Path
 from typing import Callable, Optional
@@ -17,6 +16,7 @@ from coordinator.data import open_dataset, patterns
 from coordinator.engine import error_summary
 from coordinator.service.errors import InvalidRequest, NotFound, PreconditionFailed
 from coordinator.service.job import ACTIVE, Job, JobState, new_job_id
+from coordinator.service.job_metrics import JobMetrics
 from coordinator.service.metrics import Metrics
 from coordinator.service.priority import ThreadStarter
 from coordinator.service.requests import OPEN, Roots, TrainingRequest, check_request, make_output_dirs
@@ -143,7 +143,7 @@ class JobManager:
         return Path(job.request.checkpoint_dir)
 
     def _run(self, job: Job) -> None:
-        plan = job.plan
+        plan, watched = job.plan, JobMetrics(self.metrics)
         try:
             if plan.train_dir is None:
                 job.set_state(JobState.PENDING, "generating the built-in dataset (first use only)")
@@ -161,17 +161,11 @@ class JobManager:
             job.set_state(
                 JobState.RUNNING, f"training on {len(dataset.train)} images of {dataset.num_classes} classes{resumed}"
             )
-            self.metrics.running.set(1)
+            watched.started()
             net = dict(num_classes=dataset.num_classes, width=plan.recipe.width)
 
             def on_event(event: Progress) -> None:
-                if event.kind == "step":
-                    self.metrics.observe_step(event, event.batch, event.step_seconds)
-                elif event.kind == "recovered":
-                    self.metrics.tower_restarts.labels("training").inc(event.replaced)
-                    self.metrics.recovery_seconds.labels("training").inc(event.step_seconds)
-                else:
-                    self.metrics.observe_validation(event)
+                watched.progress(event)
                 job.on_progress(event)
 
             def on_publish(step: int, state: dict) -> None:
@@ -184,7 +178,7 @@ class JobManager:
                 on_event=on_event,
                 stop=job.stop_event,
                 on_publish=on_publish,
-                on_stats=self.metrics.observe_engine,
+                on_stats=watched.engine_stats,
                 checkpoint_dir=plan.checkpoint_dir,
                 resume=plan.resume,
                 checkpoint_meta={"request": dataclasses.asdict(plan.request)},
@@ -196,12 +190,11 @@ class JobManager:
             job.set_state(final, f"{result.state} after {result.steps} steps, top-1 {result.top1:.1%}")
         except Exception as exc:  # the job fails; the server and its other jobs carry on
             log.exception("training job %s failed", job.id)  # the whole traceback goes to the log
-            if isinstance(exc, FloatingPointError):  # the loop fails a diverged job before it reports that step:
-                self.metrics.loss.set(math.nan)  # show the loss as NaN, for the loss-NaN alert
+            watched.failed(exc)
             job.set_state(JobState.FAILED, "failed", error=error_summary(exc))  # one line, without Ray's wrapping
         finally:
             job.engine = None
-            self.metrics.running.set(0)  # one job at a time: none trains now
+            watched.ended()  # one job at a time: none trains now
 
     def stop_all(self, timeout: float = 60) -> None:
         jobs = self.list()

@@ -7,6 +7,8 @@ classification extension (the requested output's parameter `classification` = k)
 [N, k] of "score:index:label" instead. ModelInfer goes through Classify's batcher, limits and
 metrics (protocol label kserve.v2). Only the version being served answers: another is NOT_FOUND.
 
+A sibling of servicers.py (alexnet.v1): what both need, from the one max-batch and size checks to
+the mapping of errors to gRPC statuses, is in protocol.py; this module converts its own messages.
 ServerLive and ServerReady answer without a token, like health; the rest needs the read role.
 The generated code registers the proto package `inference` in protobuf's default descriptor pool,
 as tritonclient's does: the server's process must never import tritonclient.
@@ -14,6 +16,7 @@ as tritonclient's does: the server's process must never import tritonclient.
 
 from __future__ import annotations
 
+import math
 import struct
 import time
 from importlib import metadata
@@ -23,10 +26,9 @@ import torch
 
 from alexnet_api.inference_v2 import open_inference_grpc_pb2 as v2
 from alexnet_api.inference_v2 import open_inference_grpc_pb2_grpc as v2_rpc
-from coordinator.service import convert
 from coordinator.service.errors import InvalidRequest, NotFound, Unavailable
 from coordinator.service.metrics import KSERVE_V2, Metrics
-from coordinator.service.servicers import answer, deadline_of
+from coordinator.service.protocol import answer, deadline_of, decoded_item, served_size, tensor_item, tensor_shape_fits
 from coordinator.service.serving import Classifier
 from coordinator.service.versions import ModelVersion, check_top_k, top_classes
 from coordinator.training.checkpoints import shown
@@ -48,8 +50,9 @@ def server_version() -> str:
 
 
 # --- requests ------------------------------------------------------------------------------------
-def infer_items(request: v2.ModelInferRequest, size: int, max_batch: int) -> list:
+def infer_items(request: v2.ModelInferRequest, classifier: Classifier) -> list:
     """The request's one input, INPUT__0 -> the batcher's items, with errors that say what to fix."""
+    size = served_size(classifier)
     forms = INPUT_FORMS.format(size=size)
     if len(request.inputs) != 1:
         raise InvalidRequest(f"{len(request.inputs)} inputs: send one, {INPUT} ({forms})")
@@ -59,41 +62,44 @@ def infer_items(request: v2.ModelInferRequest, size: int, max_batch: int) -> lis
     if SHARED_MEMORY in tensor.parameters:
         raise InvalidRequest(f"{INPUT} names a shared memory region; this server takes the data in the request only")
     shape, raw = list(tensor.shape), raw_input(request, tensor)
-    n = shape[0] if shape else 0
     if tensor.datatype == "FP32":
-        if len(shape) != 4 or shape[1:] != [3, size, size] or n < 1:
+        if not tensor_shape_fits(shape, size, batched=True):
             raise InvalidRequest(
                 f"{INPUT} is FP32 of shape {shown(shape, 64)}; it must be [N, 3, {size}, {size}], N >= 1"
             )
-        check_batch(n, max_batch)
-        count = n * 3 * size * size
-        if raw is not None and len(raw) != 4 * count:
-            raise InvalidRequest(f"{INPUT}: raw_input_contents holds {len(raw)} bytes; FP32 {shape} needs {4 * count}")
-        if raw is None and len(tensor.contents.fp32_contents) != count:
-            raise InvalidRequest(
-                f"{INPUT}: contents.fp32_contents holds {len(tensor.contents.fp32_contents)} values; "
-                f"{shape} needs {count}"
-            )
-        values = (
-            np.frombuffer(raw, "<f4").astype(np.float32)
-            if raw is not None
-            else np.asarray(tensor.contents.fp32_contents, np.float32)
-        )
-        images = torch.from_numpy(values).reshape(n, 3, size, size)
-        return [convert.tensor_item(i, image) for i, image in enumerate(images)]
+        classifier.check_room(shape[0])  # too many, or a full queue: refused before reading the values
+        return pixel_items(tensor, raw, shape)
     if tensor.datatype == "BYTES":
-        if len(shape) != 1 or n < 1:
+        if len(shape) != 1 or shape[0] < 1:
             raise InvalidRequest(
                 f"{INPUT} is BYTES of shape {shown(shape, 64)}; it must be [N], N >= 1: one encoded image per element"
             )
-        check_batch(n, max_batch)
-        elements = bytes_elements(raw, n) if raw is not None else list(tensor.contents.bytes_contents)
-        if len(elements) != n:
+        classifier.check_room(shape[0])  # too many, or a full queue: refused before decoding
+        elements = bytes_elements(raw, shape[0]) if raw is not None else list(tensor.contents.bytes_contents)
+        if len(elements) != shape[0]:
             raise InvalidRequest(
-                f"{INPUT}: contents.bytes_contents holds {len(elements)} elements; shape {shape} needs {n}"
+                f"{INPUT}: contents.bytes_contents holds {len(elements)} elements; shape {shape} needs {shape[0]}"
             )
-        return [convert.decoded_item(i, element) for i, element in enumerate(elements)]
+        return [decoded_item(i, element) for i, element in enumerate(elements)]
     raise InvalidRequest(f"{INPUT} has datatype {shown(tensor.datatype, 16)!r}; send {forms}")
+
+
+def pixel_items(tensor, raw: bytes | None, shape: list[int]) -> list:
+    """FP32 [N, 3, S, S] in raw or typed contents -> one batcher item per image."""
+    count = math.prod(shape)
+    if raw is not None and len(raw) != 4 * count:
+        raise InvalidRequest(f"{INPUT}: raw_input_contents holds {len(raw)} bytes; FP32 {shape} needs {4 * count}")
+    if raw is None and len(tensor.contents.fp32_contents) != count:
+        raise InvalidRequest(
+            f"{INPUT}: contents.fp32_contents holds {len(tensor.contents.fp32_contents)} values; {shape} needs {count}"
+        )
+    values = (
+        np.frombuffer(raw, "<f4").astype(np.float32)
+        if raw is not None
+        else np.asarray(tensor.contents.fp32_contents, np.float32)
+    )
+    images = torch.from_numpy(values).reshape(shape)
+    return [tensor_item(i, image) for i, image in enumerate(images)]
 
 
 def raw_input(request: v2.ModelInferRequest, tensor) -> bytes | None:
@@ -132,12 +138,6 @@ def bytes_elements(raw: bytes, n: int) -> list[bytes]:
             "and then that many bytes"
         )
     return elements
-
-
-def check_batch(n: int, max_batch: int) -> None:
-    """Refused before decoding anything: the batcher would refuse it anyway."""
-    if n > max_batch:
-        raise InvalidRequest(f"{n} images in one request; this server batches at most {max_batch}: split the request")
 
 
 def requested_outputs(request: v2.ModelInferRequest, classes: int) -> list[tuple[str, int]]:
@@ -183,8 +183,9 @@ def infer_response(request, probs: torch.Tensor, version: ModelVersion, wanted) 
     return response
 
 
-def model_metadata(engine, version: ModelVersion, max_batch: int) -> v2.ModelMetadataResponse:
-    size, classes = engine.config.image_size, len(version.labels)
+def model_metadata(version: ModelVersion, size: int, max_batch: int) -> v2.ModelMetadataResponse:
+    """The model as ModelMetadata describes it: its input of `size` (what ModelInfer checks), its output."""
+    classes = len(version.labels)
     tensor = v2.ModelMetadataResponse.TensorMetadata
     return v2.ModelMetadataResponse(
         name=MODEL,
@@ -226,15 +227,18 @@ class KServeServicer(v2_rpc.GRPCInferenceServiceServicer):
         return answer(context, "checking the model", lambda: v2.ModelReadyResponse(ready=ready()))
 
     def ModelMetadata(self, request, context):
-        describe = lambda: model_metadata(*self._model(request.name, request.version), self.classifier.max_batch)  # noqa: E731
+        def describe():
+            version = self._model(request.name, request.version)
+            return model_metadata(version, served_size(self.classifier), self.classifier.max_batch)
+
         return answer(context, "describing the model", describe)
 
     def ModelInfer(self, request, context):
         start = time.perf_counter()
 
         def infer():
-            engine, version = self._model(request.model_name, request.model_version)
-            items = infer_items(request, engine.config.image_size, self.classifier.max_batch)
+            version = self._model(request.model_name, request.model_version)
+            items = infer_items(request, self.classifier)
             wanted = requested_outputs(request, len(version.labels))
             probs, answered = self.classifier.probabilities(items, deadline_of(context), context.is_active)
             if request.model_version and answered.version != version.version:
@@ -247,14 +251,14 @@ class KServeServicer(v2_rpc.GRPCInferenceServiceServicer):
         observe = lambda code: self.metrics.observe_classify(KSERVE_V2, code, time.perf_counter() - start)  # noqa: E731
         return answer(context, "inference", infer, on_code=observe)
 
-    def _model(self, name: str, version: str):
-        """The serving engine and version, if they are what the request names; NotFound otherwise."""
+    def _model(self, name: str, version: str) -> ModelVersion:
+        """The version served, if it is what the request names; NotFound otherwise."""
         if name != MODEL:
             raise NotFound(f"no model {shown(name, 64)!r} here: this server serves one model, {MODEL!r}")
-        engine, current = self.classifier.serving()
+        _, current = self.classifier.serving()
         if version and version != str(current.version):
             raise NotFound(
                 f"model {MODEL} version {shown(version, 32)!r} is not served: this server serves version "
                 f"{current.version} only (an empty version means it)"
             )
-        return engine, current
+        return current

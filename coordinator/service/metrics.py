@@ -27,9 +27,18 @@ ALEXNET_V1, KSERVE_V2 = "alexnet.v1", "kserve.v2"
 
 
 class Metrics:
+    """Every metric of the service, by family; observed where the event happens (job_metrics.py for
+    a training job's, serving.py and the protocol adapters for classification's)."""
+
     def __init__(self):
-        r = self.registry = CollectorRegistry()
-        # Training
+        self.registry = CollectorRegistry()
+        self._training(self.registry)
+        self._towers(self.registry)
+        self._serving(self.registry)
+        self._recovery(self.registry)
+        self._grpc(self.registry)
+
+    def _training(self, r: CollectorRegistry) -> None:
         self.steps = Counter("alexnet_training_steps_total", "SGD steps taken", registry=r)
         self.samples = Counter("alexnet_training_samples_total", "Images trained on", registry=r)
         self.loss = Gauge("alexnet_training_loss", "Loss of the last step", registry=r)
@@ -53,7 +62,9 @@ class Metrics:
         self.step_seconds = Histogram(
             "alexnet_training_step_duration_seconds", "Wall time of one training step", buckets=STEP_BUCKETS, registry=r
         )
-        # Towers and exchanges
+
+    def _towers(self, r: CollectorRegistry) -> None:
+        """The towers and the exchanges between them."""
         self.tower_compute = Counter(
             "alexnet_tower_compute_seconds_total",
             "Seconds each tower computed, per stage and direction (replica: its data-parallel group)",
@@ -82,7 +93,8 @@ class Metrics:
         self.exchange_bytes = Counter(
             "alexnet_exchange_bytes_total", "Bytes moved between towers", ["point", "direction"], registry=r
         )
-        # Serving
+
+    def _serving(self, r: CollectorRegistry) -> None:
         self.classify_requests = Counter(
             "alexnet_classify_requests_total",
             "Classification requests by protocol and gRPC code",
@@ -112,7 +124,8 @@ class Metrics:
             "alexnet_classify_queue_capacity_images", "Images the queue holds at most (--max-queue)", registry=r
         )
         self.version = Gauge("alexnet_model_version", "The model version being served", registry=r)
-        # Recovery
+
+    def _recovery(self, r: CollectorRegistry) -> None:
         self.tower_restarts = Counter(
             "alexnet_tower_restarts_total",
             "Towers replaced after they died, by role (serving, training)",
@@ -122,7 +135,8 @@ class Metrics:
         self.recovery_seconds = Counter(
             "alexnet_recovery_seconds_total", "Seconds spent replacing lost towers, by role", ["role"], registry=r
         )
-        # gRPC
+
+    def _grpc(self, r: CollectorRegistry) -> None:
         self.rpcs = Counter(
             "alexnet_grpc_server_handled_total", "RPCs handled, by method and code", ["method", "code"], registry=r
         )
@@ -155,42 +169,6 @@ class Metrics:
         """The classify queue's length, in requests and in images (each request holds its `items`)."""
         self.pending.set(len(queue))
         self.pending_images.set(sum(len(request.items) for request in queue))
-
-    def observe_step(self, event, batch: int, seconds: float) -> None:
-        self.steps.inc()
-        self.samples.inc(batch)
-        self.loss.set(event.loss)
-        self.lr.set(event.lr)
-        self.epoch.set(event.epoch)
-        self.images_per_second.set(event.images_per_second)
-        self.skipped.set(event.skipped)
-        self.step_seconds.observe(seconds)
-
-    def observe_validation(self, event) -> None:
-        for tower, value in enumerate(event.colour_specialisation):
-            self.colour_specialisation.labels(str(tower)).set(value)
-        self.top1.set(event.top1)
-        self.top5.set(event.top5)
-        self.epoch.set(event.epoch)
-        self.skipped.set(event.skipped)
-
-    def observe_engine(self, stats: dict) -> None:
-        """One step's timings from ModelParallelAlexNet.take_stats()."""
-        longest: dict = {}
-        per_group = len(stats["towers"]) // stats.get("replicas", 1)
-        for i, tower in enumerate(stats["towers"]):
-            replica, t = (str(n) for n in divmod(i, per_group))
-            for (stage, direction), seconds in tower["compute_seconds"].items():
-                self.tower_compute.labels(replica, t, stage, direction).inc(seconds)
-            if stats.get("replicas", 1) > 1:
-                self.allreduce_seconds.labels(replica, t).inc(tower["allreduce_seconds"])
-                self.allreduce_bytes.labels(replica, t).inc(tower["allreduce_bytes"])
-            for key, seconds in tower["exchange_seconds"].items():
-                longest[key] = max(longest.get(key, 0.0), seconds)
-            for (point, direction), n in tower["exchange_bytes"].items():
-                self.exchange_bytes.labels(point, direction).inc(n)
-        for (point, direction), seconds in longest.items():
-            self.exchange_seconds.labels(point, direction).observe(seconds)
 
     def serve_http(self, host: str, port: int) -> "MetricsEndpoint":
         """Serve /metrics from a process of its own (metrics_endpoint.py); OSError if it cannot listen."""

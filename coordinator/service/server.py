@@ -30,6 +30,7 @@ from coordinator.service.errors import ServiceError
 from coordinator.service.exports import Exporter
 from coordinator.service.jobs import JobManager
 from coordinator.service.metrics import GrpcMetricsInterceptor, Metrics
+from coordinator.service.protocol import ParseRequests
 from coordinator.service.requests import Roots
 from coordinator.service.security import (
     OPEN,
@@ -43,7 +44,7 @@ from coordinator.service.security import (
     load_tokens,
     token_file_from_env,
 )
-from coordinator.service.servicers import InferenceServicer, ModelServicer, ParseRequests, TrainingServicer
+from coordinator.service.servicers import InferenceServicer, ModelServicer, TrainingServicer
 from coordinator.service.serving import Classifier
 from coordinator.service.serving_policy import ServingShare
 from coordinator.service.state import StateStore

@@ -219,7 +219,11 @@ class Trainer:
         if self.board:
             self.board.went_back(self.step)
         self._report(
-            "recovered", self.epoch, step_seconds=time.perf_counter() - start, replaced=len(replaced), message=message
+            "recovered",
+            self.epoch,
+            recovery_seconds=time.perf_counter() - start,
+            replaced=len(replaced),
+            message=message,
         )
 
     def _validate(self) -> None:

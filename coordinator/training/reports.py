@@ -22,8 +22,9 @@ class Progress:
     steps_per_epoch: int = 0
     epochs: int = 0
     elapsed: float = 0.0
-    batch: int = 0  # images in this step
-    step_seconds: float = math.nan  # on "recovered" events: how long the recovery took
+    batch: int = 0  # on "step" events: images in this step
+    step_seconds: float = math.nan  # on "step" events: how long this step took
+    recovery_seconds: float = math.nan  # on "recovered" events: how long replacing the lost actors took
     restarts: int = 0  # recoveries so far
     replaced: int = 0  # on "recovered" events: the actors replaced
     message: str = ""  # on "recovered" events: what died and where the run resumed
