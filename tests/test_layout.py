@@ -71,7 +71,7 @@ def test_no_function_is_longer_than_a_reader_holds():
                 if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                     if (length := node.end_lineno - node.lineno + 1) > LONGEST_FUNCTION:
                         long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({length} lines)")
-    assert long == []
+    assert long == [], "split these into named steps:\n" + "\n".join(long)
 
 
 def test_only_the_engines_batches_go_into_the_object_store():
