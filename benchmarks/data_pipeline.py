@@ -62,7 +62,7 @@ def median_pass(passes: list[Pass]) -> Pass:
     return Pass(*(statistics.median(getattr(p, f) for p in passes) for f in ("startup", "steady", "whole")))
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", help="ImageFolder training folder (default: the built-in dataset)")
     parser.add_argument("--batch", type=int, default=128)
@@ -70,24 +70,29 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=0, help="images per training pass (0: the whole training set)")
     parser.add_argument("--steps", type=int, default=6, help="timed steps of training alone, per pass")
     parser.add_argument("--cpus", type=int, default=6, help="logical CPUs for the local Ray")
-    args = parser.parse_args()
+    return parser.parse_args()
 
-    import ray
 
-    from coordinator import ModelParallelAlexNet
-    from coordinator.data import batches, open_dataset
-    from coordinator.data.loader import EarlyStart
+def training_set(args):
+    """The training folder, its dataset, and the samples of a training pass (--images of them, repeated as needed)."""
+    from coordinator.data import open_dataset
     from coordinator.data.patterns import default_root, generate
-    from coordinator.training.loop import StepPipeline
 
-    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
     train_dir = Path(args.data) if args.data else generate(default_root()) / "train"
     val_dir = train_dir.parent / "val"  # the built-in dataset's held-out folder; else a share is held out
     dataset = open_dataset(train_dir, val_dir if val_dir.is_dir() else None, stats="imagenet")
     samples = dataset.train
     if args.images:
         samples = (samples * (args.images // len(samples) + 1))[: args.images]
-    engine = ModelParallelAlexNet(num_classes=dataset.num_classes, init="kaiming")
+    return train_dir, dataset, samples
+
+
+def measure(args, engine, dataset, samples) -> tuple[dict, list, list]:
+    """--passes of each kind, alternated: the passes by kind, training alone's images/s, and beside an early start."""
+    from coordinator.data import batches
+    from coordinator.data.loader import EarlyStart
+    from coordinator.training.loop import StepPipeline
+
     pipeline = StepPipeline(engine)
     with closing(batches(samples, dataset.stats, args.batch, "eval")) as loader:
         fixed = next(loader)
@@ -113,15 +118,16 @@ def main() -> None:
             beside_early.append(training_alone())
             runs["early"].append(timed_pass(early, train, pipeline.finish))
         print(f"pass {p + 1}/{args.passes}: " + "; ".join(f"{k} {v[-1]}" for k, v in runs.items()), flush=True)
-    engine.shutdown()
+    return runs, training, beside_early
 
+
+def print_summary(args, train_dir, dataset, samples, runs: dict, training: list, beside_early: list) -> None:
     loader, together, train_rate = (
         median_pass(runs["loader"]),
         median_pass(runs["together"]),
         statistics.median(training),
     )
     early = median_pass(runs["early"])
-    print()
     print(
         f"dataset: {train_dir}; training passes of {len(samples)} images, batch {args.batch}; "
         f"validation passes of {len(dataset.val)} images; medians of {args.passes} passes"
@@ -137,6 +143,22 @@ def main() -> None:
         f"training fed by the loader, whole pass: {together.whole / train_rate:.0%} of training alone; "
         f"{early.whole / train_rate:.0%} started early"
     )
+
+
+def main() -> None:
+    args = parse_args()
+
+    import ray
+
+    from coordinator import ModelParallelAlexNet
+
+    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+    train_dir, dataset, samples = training_set(args)
+    engine = ModelParallelAlexNet(num_classes=dataset.num_classes, init="kaiming")
+    runs, training, beside_early = measure(args, engine, dataset, samples)
+    engine.shutdown()
+    print()
+    print_summary(args, train_dir, dataset, samples, runs, training, beside_early)
     ray.shutdown()
 
 

@@ -225,7 +225,7 @@ def photo() -> bytes:
 LIGHT_CLIENTS, LIGHT_PAUSE = 4, 1.0
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--loads", default="light,saturation", help="light, saturation, or both, in that order")
     parser.add_argument("--clients", type=int, default=32, help="of the saturating load")
@@ -241,117 +241,144 @@ def main() -> None:
         help="run these load clients at this CPU niceness: on a small machine they take the cores "
         "that remote clients would not",
     )
-    args = parser.parse_args()
+    return parser.parse_args()
 
-    from client import AlexNetClient
-    from coordinator.data.patterns import generate
 
-    folder = Path(tempfile.mkdtemp(prefix="alexnet-mp-load-"))
-    data = generate(folder / "patterns", train_per_class=60, val_per_class=6)
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "client.cli",
-            "serve",
-            "--port",
-            "0",
-            "--metrics-port",
-            "0",
-            "--width",
-            str(args.width),
-            "--max-queue",
-            str(args.max_queue),
-            "--state-dir",
-            "",
-            "--data-root",
-            str(folder),
-            *args.server_args.split(),
-        ],
+def start_server(args, folder: Path) -> subprocess.Popen:
+    """`alexnet-mp serve` in a process group of its own, on ports the system picks."""
+    command = ["serve", "--port", "0", "--metrics-port", "0", "--width", str(args.width)]
+    command += ["--max-queue", str(args.max_queue), "--state-dir", "", "--data-root", str(folder)]
+    return subprocess.Popen(
+        [sys.executable, "-m", "client.cli", *command, *args.server_args.split()],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         text=True,
         start_new_session=True,
         env={**os.environ, "COLUMNS": "500"},
     )
-    said, scraper = "", None
+
+
+def server_ports(server: subprocess.Popen) -> tuple[int, int]:
+    """The gRPC and metrics ports the server says it serves on."""
+    said = ""
+    while not (ports := re.search(r"gRPC on \S+?:(\d+)\D.*http://[^:\s]+:(\d+)/metrics", said, re.DOTALL)):
+        line = server.stdout.readline()
+        if not line:
+            raise SystemExit(f"the server ended before it served: {said}")
+        said += line  # the console may wrap its line
+    return int(ports[1]), int(ports[2])
+
+
+def stop_server(server: subprocess.Popen) -> None:
+    server.send_signal(signal.SIGTERM)
+    stopping = time.perf_counter()
     try:
-        while not (ports := re.search(r"gRPC on \S+?:(\d+)\D.*http://[^:\s]+:(\d+)/metrics", said, re.DOTALL)):
-            line = server.stdout.readline()
-            if not line:
-                raise SystemExit(f"the server ended before it served: {said}")
-            said += line  # the console may wrap its line
-        target, scraper = f"127.0.0.1:{ports[1]}", Scraper(int(ports[2]))
+        server.wait(timeout=120)
+        print(f"the server stopped {time.perf_counter() - stopping:.1f} s after SIGTERM")
+    except subprocess.TimeoutExpired:
+        print("the server did not stop within 120 s of SIGTERM: killed")
+    finally:
+        os.killpg(server.pid, signal.SIGKILL) if server.poll() is None else None
+
+
+def start_training(client, data: Path, width: float) -> str:
+    """A long training job on the generated dataset, past its first steps; its id."""
+    overrides = {"width": str(width), "epochs": "1000", "batch_size": str(BATCH)}
+    job = client.train(data / "train", overrides=overrides)
+    while client.get(job.job_id).progress.step < 3:
+        time.sleep(0.5)
+    return job.job_id
+
+
+class Windows:
+    """Windows of --seconds or --seconds / 2 on the training job: quiet, or under a load."""
+
+    def __init__(self, args, client, job_id: str, server_pid: int, serving: set, scraper: Scraper, target: str):
+        self.args, self.client, self.job_id, self.scraper, self.target = args, client, job_id, scraper, target
+        self.server_pid, self.serving = server_pid, serving
+        self.image = photo()
+
+    def _progress(self):
+        return self.client.get(self.job_id).progress
+
+    def alone(self, when: str) -> float:
+        """Training's images/s over a quiet window of --seconds / 2."""
+        first, cpu, start = self._progress(), CpuWindow(self.server_pid, self.serving), time.monotonic()
+        time.sleep(self.args.seconds / 2)
+        rate = training_rate(first, self._progress())
+        print(
+            f"training alone, {when}: {rate:.1f} images/s (width {self.args.width}, batch {BATCH}); "
+            f"{self.scraper.between(start, time.monotonic())}\n  {cpu.report()}",
+            flush=True,
+        )
+        return rate
+
+    def under(self, phase: str, clients: int, images: int, pause: float, before: float) -> tuple[float, list]:
+        """Training's images/s under a load, beside the load's latencies and codes; and the server's memory."""
+        first, cpu, start = self._progress(), CpuWindow(self.server_pid, self.serving), time.monotonic()
+        memory = server_memory(self.server_pid)
+        load = hammer(self.target, clients, self.args.seconds, images, self.image, pause)
+        latencies, codes = asyncio.run(load)
+        elapsed = time.monotonic() - start
+        rate = training_rate(first, self._progress())
+        print(
+            f"{phase}: {clients} clients x {images} image(s), pause {pause:g} s, {elapsed:.0f} s: "
+            f"{codes['OK'] / elapsed:.1f} OK requests/s, p50 {percentile(latencies, 0.5) * 1000:.0f} ms, "
+            f"p99 {percentile(latencies, 0.99) * 1000:.0f} ms, max {max(latencies, default=0) * 1000:.0f} ms; "
+            f"codes {dict(codes)}; {self.scraper.between(start, time.monotonic())}; training {rate:.1f} images/s "
+            f"({rate / before:.0%} of the window before)\n  {cpu.report()}\n  server RSS "
+            f"{memory_change(memory, server_memory(self.server_pid))}",
+            flush=True,
+        )
+        return rate, latencies
+
+
+def run_loads(args, windows: Windows) -> None:
+    """Each load in turn, between quiet windows; what training kept of its pace alone."""
+    quiet = [windows.alone("at the start")]
+    for load in args.loads.split(","):
+        if load == "light":
+            rate, _ = windows.under("light", LIGHT_CLIENTS, 1, LIGHT_PAUSE, quiet[-1])
+            rates = [rate]
+        elif load == "saturation":
+            rates = [windows.under("saturation", args.clients, 1, 0.0, quiet[-1])[0]]
+            windows.under("overflow", args.clients, args.overflow_images, 0.0, quiet[-1])
+        else:
+            raise SystemExit(f"--loads: light or saturation, not {load!r}")
+        quiet.append(windows.alone(f"after the {load} load"))
+        pace = statistics.mean(quiet[-2:])
+        print(
+            f"=> {load}: training kept {rates[0] / pace:.0%} of its pace alone ({pace:.1f} images/s, the mean "
+            f"of the windows either side)",
+            flush=True,
+        )
+
+
+def main() -> None:
+    args = parse_args()
+
+    from client import AlexNetClient
+    from coordinator.data.patterns import generate
+
+    folder = Path(tempfile.mkdtemp(prefix="alexnet-mp-load-"))
+    data = generate(folder / "patterns", train_per_class=60, val_per_class=6)
+    server, scraper = start_server(args, folder), None
+    try:
+        grpc_port, metrics_port = server_ports(server)
+        target, scraper = f"127.0.0.1:{grpc_port}", Scraper(metrics_port)
         with AlexNetClient(target, timeout=60) as client:
             client.wait_ready()
             serving = tower_pids()  # the serving pair starts with the server; the training pair with the job
-            overrides = {"width": str(args.width), "epochs": "1000", "batch_size": str(BATCH)}
-            job = client.train(data / "train", overrides=overrides)
-            while client.get(job.job_id).progress.step < 3:
-                time.sleep(0.5)
-
-            def alone(when: str) -> float:
-                """Training's images/s over a quiet window of --seconds / 2."""
-                first, cpu, start = client.get(job.job_id).progress, CpuWindow(server.pid, serving), time.monotonic()
-                time.sleep(args.seconds / 2)
-                rate = training_rate(first, client.get(job.job_id).progress)
-                print(
-                    f"training alone, {when}: {rate:.1f} images/s (width {args.width}, batch {BATCH}); "
-                    f"{scraper.between(start, time.monotonic())}\n  {cpu.report()}",
-                    flush=True,
-                )
-                return rate
-
-            def under(phase: str, clients: int, images: int, pause: float, before: float) -> tuple[float, list]:
-                first, cpu, start = client.get(job.job_id).progress, CpuWindow(server.pid, serving), time.monotonic()
-                memory = server_memory(server.pid)
-                latencies, codes = asyncio.run(hammer(target, clients, args.seconds, images, image, pause))
-                elapsed = time.monotonic() - start
-                rate = training_rate(first, client.get(job.job_id).progress)
-                print(
-                    f"{phase}: {clients} clients x {images} image(s), pause {pause:g} s, {elapsed:.0f} s: "
-                    f"{codes['OK'] / elapsed:.1f} OK requests/s, p50 {percentile(latencies, 0.5) * 1000:.0f} ms, "
-                    f"p99 {percentile(latencies, 0.99) * 1000:.0f} ms, max {max(latencies, default=0) * 1000:.0f} ms; "
-                    f"codes {dict(codes)}; {scraper.between(start, time.monotonic())}; training {rate:.1f} images/s "
-                    f"({rate / before:.0%} of the window before)\n  {cpu.report()}\n  server RSS "
-                    f"{memory_change(memory, server_memory(server.pid))}",
-                    flush=True,
-                )
-                return rate, latencies
-
+            job_id = start_training(client, data, args.width)
             print(f"server pid {server.pid}; serving towers {sorted(serving)}", flush=True)
-            image = photo()
+            windows = Windows(args, client, job_id, server.pid, serving, scraper, target)
             os.nice(args.client_nice)  # after the server started: it keeps priority 0
-            quiet = [alone("at the start")]
-            for load in args.loads.split(","):
-                if load == "light":
-                    rate, _ = under("light", LIGHT_CLIENTS, 1, LIGHT_PAUSE, quiet[-1])
-                    rates = [rate]
-                elif load == "saturation":
-                    rates = [under("saturation", args.clients, 1, 0.0, quiet[-1])[0]]
-                    under("overflow", args.clients, args.overflow_images, 0.0, quiet[-1])
-                else:
-                    raise SystemExit(f"--loads: light or saturation, not {load!r}")
-                quiet.append(alone(f"after the {load} load"))
-                pace = statistics.mean(quiet[-2:])
-                print(
-                    f"=> {load}: training kept {rates[0] / pace:.0%} of its pace alone ({pace:.1f} images/s, the mean "
-                    f"of the windows either side)",
-                    flush=True,
-                )
-            client.stop(job.job_id)
+            run_loads(args, windows)
+            client.stop(job_id)
     finally:
         if scraper is not None:
             scraper.close()
-        server.send_signal(signal.SIGTERM)
-        stopping = time.perf_counter()
-        try:
-            server.wait(timeout=120)
-            print(f"the server stopped {time.perf_counter() - stopping:.1f} s after SIGTERM")
-        except subprocess.TimeoutExpired:
-            print("the server did not stop within 120 s of SIGTERM: killed")
-        finally:
-            os.killpg(server.pid, signal.SIGKILL) if server.poll() is None else None
+        stop_server(server)
 
 
 if __name__ == "__main__":

@@ -21,14 +21,52 @@ import time
 from pathlib import Path
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kill-at", type=int, default=15, help="the step after which the first kill comes")
     parser.add_argument("--every", type=int, default=15, help="steps between kills")
     parser.add_argument("--kills", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="override a recipe field")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+class Kills:
+    """Kills a training tower's process after each of the steps `kills_at`, towers in turn, from the
+    run's events; times each kill until the next step is done, and collects the recoveries."""
+
+    def __init__(self, engine, kills_at: list[int]):
+        self.engine, self.kills_at = engine, kills_at
+        self.killed, self.recoveries, self.steps = [], [], []
+
+    def on_event(self, event) -> None:
+        if event.kind == "step":
+            self.steps.append(event.step_seconds)
+            if self.killed and "next" not in self.killed[-1]:
+                self.killed[-1]["next"] = time.perf_counter()
+            if self.kills_at and event.step == self.kills_at[0]:
+                self.kills_at.pop(0)
+                tower = len(self.killed) % 2
+                os.kill(self.engine.towers[tower]["pid"], signal.SIGKILL)
+                self.killed.append({"at": time.perf_counter(), "tower": tower, "step": event.step})
+        elif event.kind == "recovered":
+            self.recoveries.append((event.recovery_seconds, event.message))
+
+    def report(self) -> None:
+        for kill, (seconds, message) in zip(self.killed, self.recoveries):
+            after = (
+                f"next step done {kill['next'] - kill['at']:.1f} s later"
+                if "next" in kill
+                else "no step after it (validation)"
+            )
+            print(
+                f"tower {kill['tower']} killed after step {kill['step']}: {after}; "
+                f"the recovery itself {seconds:.1f} s; {message}"
+            )
+
+
+def main() -> None:
+    args = parse_args()
 
     import ray
 
@@ -43,42 +81,18 @@ def main() -> None:
     root = generate(Path(tempfile.gettempdir()) / "alexnet-mp-recovery-bench")
     dataset = open_dataset(root / "train", root / "val")
     engine = ModelParallelAlexNet(num_classes=dataset.num_classes, width=plan.width, init=plan.init, seed=plan.seed)
-    kills_at = [args.kill_at + i * args.every for i in range(args.kills)]
-    killed, rows, steps = [], [], []
-
-    def on_event(event):
-        if event.kind == "step":
-            steps.append(event.step_seconds)
-            if killed and "next" not in killed[-1]:
-                killed[-1]["next"] = time.perf_counter()
-            if kills_at and event.step == kills_at[0]:
-                kills_at.pop(0)
-                tower = len(killed) % 2
-                os.kill(engine.towers[tower]["pid"], signal.SIGKILL)
-                killed.append({"at": time.perf_counter(), "tower": tower, "step": event.step})
-        elif event.kind == "recovered":
-            rows.append((event.recovery_seconds, event.message))
-
+    kills = Kills(engine, [args.kill_at + i * args.every for i in range(args.kills)])
     print(
         f"demo recipe, snapshot_every {plan.snapshot_every}, width {plan.width}, batch {plan.batch_size}; "
-        f"kills after steps {kills_at}",
+        f"kills after steps {kills.kills_at}",
         flush=True,
     )
-    result = train(dataset, plan, on_event=on_event, engine=engine)
+    result = train(dataset, plan, on_event=kills.on_event, engine=engine)
     engine.shutdown()
     print()
-    for kill, (seconds, message) in zip(killed, rows):
-        after = (
-            f"next step done {kill['next'] - kill['at']:.1f} s later"
-            if "next" in kill
-            else "no step after it (validation)"
-        )
-        print(
-            f"tower {kill['tower']} killed after step {kill['step']}: {after}; "
-            f"the recovery itself {seconds:.1f} s; {message}"
-        )
+    kills.report()
     print(
-        f"median step {statistics.median(steps):.2f} s; result: {result.state}, {result.steps} steps, "
+        f"median step {statistics.median(kills.steps):.2f} s; result: {result.state}, {result.steps} steps, "
         f"{result.restarts} restarts, validation top-1 {result.top1:.1%}"
     )
     ray.shutdown()

@@ -103,7 +103,7 @@ def batch_for(args, num_classes: int):
     return crops, crops.to_tensor(), labels
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--steps", type=int, default=6, help="timed steps of each kind per run")
@@ -136,96 +136,111 @@ def main() -> None:
         "--tf32", action="store_true", help="CUDA only: TensorFloat-32 matmuls and convolutions on both sides"
     )
     args = parser.parse_args()
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-
-    import ray
-
-    from coordinator import ModelParallelAlexNet, ensure_ray
-    from towers import AlexNet
-
     towers = 2 * args.replicas
     if args.threads % towers and args.threads > towers:
         parser.error(f"--threads must be a multiple of the {towers} towers")
     if args.batch % args.replicas:
         parser.error(f"--batch must be a multiple of --replicas {args.replicas}")
-    net = dict(num_classes=args.num_classes, width=args.width, image_size=args.image_size)
+    return args
+
+
+def network(args) -> dict:
+    """The network both sides build."""
+    return dict(num_classes=args.num_classes, width=args.width, image_size=args.image_size)
+
+
+def start_engine(args):
+    from coordinator import ModelParallelAlexNet, ensure_ray
+
+    towers = 2 * args.replicas
     # More towers than threads: each tower still gets a thread, and the towers share the cores. The
     # local Ray a user or the server gets: its workers, the towers, at the driver's CPU priority.
     ensure_ray(num_cpus=max(args.threads, towers))
-    engine = ModelParallelAlexNet(
-        **net,
+    return ModelParallelAlexNet(
+        **network(args),
         cpus_per_tower=max(1, args.threads // towers),
         tf32=args.tf32,
         transport=args.transport,
         replicas=args.replicas,
         precision=args.precision,
     )
-    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=args.precision == "bfloat16")
-    # The same float32 arithmetic on both sides (PyTorch's own default has TF32 convolutions, not matmuls).
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = args.tf32
-    reference = AlexNet(**net)
-    reference.load_state_dict(engine.state_dict())
-    reference.to(device)
-    # Plain PyTorch as a user writes it: the default SGD implementation, not the engine's fused one.
-    optimizer = torch.optim.SGD(reference.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    cfg = reference.config
-    crops, pixels, labels = batch_for(args, args.num_classes)
-    engine_input = crops if args.input == "crops" else pixels.contiguous(memory_format=torch.channels_last)
-    pixels_on, labels_on = pixels.to(device), labels.to(device)
 
-    def reference_steps(n):
+
+class PlainPyTorch:
+    """The reference: the engine's weights in towers.AlexNet, trained as a user would write it, on
+    --threads threads, on the batch's float pixels."""
+
+    def __init__(self, args, engine, device: str, pixels, labels):
+        from towers import AlexNet
+
+        self.threads, self.device = args.threads, device
+        self.autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=args.precision == "bfloat16")
+        # The same float32 arithmetic on both sides (PyTorch's own default has TF32 convolutions, not matmuls).
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = args.tf32
+        self.model = AlexNet(**network(args))
+        self.model.load_state_dict(engine.state_dict())
+        self.model.to(device)
+        # Plain PyTorch as a user writes it: the default SGD implementation, not the engine's fused one.
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+        self.pixels, self.labels = pixels.to(device), labels.to(device)
+
+    def steps(self, n: int) -> list[float]:
         durations = []
         for _ in range(n):
-            torch.set_num_threads(args.threads)
+            torch.set_num_threads(self.threads)
             start = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            with autocast:
-                logits = reference(pixels_on)
-            F.cross_entropy(logits.float(), labels_on).backward()
-            optimizer.step()
-            synchronize(device)
+            self.optimizer.zero_grad(set_to_none=True)
+            with self.autocast:
+                logits = self.model(self.pixels)
+            F.cross_entropy(logits.float(), self.labels).backward()
+            self.optimizer.step()
+            synchronize(self.device)
             durations.append(time.perf_counter() - start)
         return durations
 
+
+def timed_runs(args, engine, engine_input, labels, reference: PlainPyTorch) -> list[dict]:
+    """After the warm-up, --runs runs; each run's medians."""
     pipelined_steps(engine, engine_input, labels, args.warmup)
-    reference_steps(args.warmup)
+    reference.steps(args.warmup)
     engine.take_stats()  # timings below cover the timed steps only
-    runs = []
     per_phase = [args.steps // args.phases + (i < args.steps % args.phases) for i in range(args.phases)]
-    for run in range(args.runs):
-        times = defaultdict(list)
-        for n in per_phase:
-            times["engine"] += pipelined_steps(engine, engine_input, labels, n)
-            times["reference"] += reference_steps(n)
-        solo = [statistics.median(s) for s in engine.solo_step_seconds(engine_input, labels, args.solo_steps)]
-        engine_s, reference_s = statistics.median(times["engine"]), statistics.median(times["reference"])
-        runs.append(
-            {
-                "engine": engine_s,
-                "reference": reference_s,
-                "solo": max(solo),
-                "solo_sum": sum(solo),
-                "floor": engine_s - max(solo),
-                "ratio": reference_s / engine_s,
-            }
-        )
-        print(
-            f"run {run + 1}/{args.runs}: engine {engine_s:.4f} s/step, plain PyTorch {reference_s:.4f}, "
-            f"{reference_s / engine_s:.3f}x; solo towers {', '.join(f'{s:.4f}' for s in solo)}; "
-            f"floor {engine_s - max(solo):.4f} s",
-            flush=True,
-        )
-    stats = engine.take_stats()
-    steps = args.runs * args.steps
-    median = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+    return [timed_run(args, run, engine, engine_input, labels, reference, per_phase) for run in range(args.runs)]
 
-    one_thread = sgemm_rate(1)
-    all_threads = sgemm_rate(args.threads)
-    gpu = sgemm_rate(1, "cuda") if device == "cuda" else None  # under the same TF32 setting
-    flops = cfg.training_flops_per_image() * args.batch
-    engine_s, reference_s = median["engine"], median["reference"]
 
-    print()
+def timed_run(args, run: int, engine, engine_input, labels, reference: PlainPyTorch, per_phase: list[int]) -> dict:
+    """One run: engine and reference blocks alternating, then each tower alone; printed as it ends."""
+    times = defaultdict(list)
+    for n in per_phase:
+        times["engine"] += pipelined_steps(engine, engine_input, labels, n)
+        times["reference"] += reference.steps(n)
+    solo = [statistics.median(s) for s in engine.solo_step_seconds(engine_input, labels, args.solo_steps)]
+    engine_s, reference_s = statistics.median(times["engine"]), statistics.median(times["reference"])
+    print(
+        f"run {run + 1}/{args.runs}: engine {engine_s:.4f} s/step, plain PyTorch {reference_s:.4f}, "
+        f"{reference_s / engine_s:.3f}x; solo towers {', '.join(f'{s:.4f}' for s in solo)}; "
+        f"floor {engine_s - max(solo):.4f} s",
+        flush=True,
+    )
+    return {
+        "engine": engine_s,
+        "reference": reference_s,
+        "solo": max(solo),
+        "solo_sum": sum(solo),
+        "floor": engine_s - max(solo),
+        "ratio": reference_s / engine_s,
+    }
+
+
+def sgemm_rates(args, device: str) -> dict:
+    return {
+        "one_thread": sgemm_rate(1),
+        "all_threads": sgemm_rate(args.threads),
+        "gpu": sgemm_rate(1, "cuda") if device == "cuda" else None,  # under the same TF32 setting
+    }
+
+
+def print_setup(args, engine, device: str) -> None:
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; torch {torch.__version__}")
     print(
         f"towers: {engine.placement.kind}, on {', '.join(t['device'] for t in engine.towers)}, exchanging over "
@@ -247,6 +262,10 @@ def main() -> None:
         f"{args.threads} threads per side"
         + (f"; {args.replicas} replica groups of {args.batch // args.replicas} images" if args.replicas > 1 else "")
     )
+
+
+def print_speed(args, median: dict, stats: dict, steps: int) -> None:
+    engine_s, reference_s = median["engine"], median["reference"]
     label = f"median of {args.runs} runs' medians" if args.runs > 1 else "median"
     print(f"engine    {engine_s:7.4f} s/step  {args.batch / engine_s:8.1f} images/s  ({label})")
     print(f"reference {reference_s:7.4f} s/step  {args.batch / reference_s:8.1f} images/s")
@@ -257,7 +276,12 @@ def main() -> None:
         f"; engine / sum of solo towers: {engine_s / median['solo_sum']:.2f}"
     )
     print(f"Ray calls per step: {stats['tower_calls'] / steps:g} (one per tower; the coordinator is not on the path)")
-    print()
+
+
+def print_flops(args, cfg, engine, median: dict, rates: dict) -> None:
+    flops = cfg.training_flops_per_image() * args.batch
+    engine_s, reference_s = median["engine"], median["reference"]
+    one_thread, all_threads, gpu = rates["one_thread"], rates["all_threads"], rates["gpu"]
     print(f"sgemm: {one_thread / 1e9:.0f} GFLOP/s on 1 thread, {all_threads / 1e9:.0f} GFLOP/s on {args.threads}")
     if gpu:
         print(
@@ -276,7 +300,8 @@ def main() -> None:
         f"reference {flops / reference_s / 1e9:.0f} GFLOP/s"
     )
 
-    print()
+
+def print_stages(args, stats: dict, steps: int) -> None:
     print("per step, seconds (compute forward/backward per stage, the update, then the waits in exchanges):")
     for t, tower in enumerate(stats["towers"]):
         compute = tower["compute_seconds"]
@@ -297,15 +322,42 @@ def main() -> None:
             f"{(sum(compute.values()) + tower['update_seconds']) / steps:.4f}  exchange wait {wait:.4f}{allreduce}"
         )
 
+
+def print_exchange_bytes(args, cfg, stats: dict, steps: int) -> None:
     measured = defaultdict(int)
     for tower in stats["towers"]:
         for (point, direction), n in tower["exchange_bytes"].items():
             measured["logits" if point == "logits" else direction] += n
     expected = theoretical_exchange_bytes(cfg, args.batch)
-    print()
     print("bytes exchanged between towers per step (measured vs all-gather + reduce-scatter theory):")
     for direction in ("forward", "backward", "logits"):
         print(f"  {direction:8s} {measured[direction] / steps / 1e6:9.3f} MB  vs {expected[direction] / 1e6:9.3f} MB")
+
+
+def main() -> None:
+    args = parse_args()
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+
+    import ray
+
+    engine = start_engine(args)
+    crops, pixels, labels = batch_for(args, args.num_classes)
+    reference = PlainPyTorch(args, engine, device, pixels, labels)
+    engine_input = crops if args.input == "crops" else pixels.contiguous(memory_format=torch.channels_last)
+    runs = timed_runs(args, engine, engine_input, labels, reference)
+    stats = engine.take_stats()
+    steps = args.runs * args.steps
+    median = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+    rates = sgemm_rates(args, device)
+    print()
+    print_setup(args, engine, device)
+    print_speed(args, median, stats, steps)
+    print()
+    print_flops(args, reference.model.config, engine, median, rates)
+    print()
+    print_stages(args, stats, steps)
+    print()
+    print_exchange_bytes(args, reference.model.config, stats, steps)
     engine.shutdown()
     ray.shutdown()
 

@@ -122,34 +122,61 @@ class ServerProcess:
 
 def run_demo(options, preset: str = "demo", overrides: dict | None = None) -> int:
     """The demo on a server with these ServeOptions (a taken port is swapped for a free one)."""
-    from coordinator.data import patterns
-
     started = time.monotonic()
     console.rule("[bold]alexnet-mp demo: the 2012 two-tower AlexNet on Ray, served over gRPC")
+    root = generate_dataset()
+    val = sorted((root / "val").rglob("*.jpg"))
+    console.print(
+        f"dataset: {root} ({len(list((root / 'train').rglob('*.jpg')))} training, {len(val)} held-out images)"
+    )
+    log_path = root.parent / "demo-server.log"
+    try:
+        server = start_server(options, log_path)
+    except RuntimeError as error:
+        console.print(f"[red]the server did not start: {error}")
+        return 2
+    target, metrics = announce(options.host, server)
+    try:
+        with AlexNetClient(target) as client:
+            client.wait_ready()
+            print_serving(client.info())
+            job = client.train(builtin=True, preset=preset, overrides=overrides)
+            console.print(f"training job {job.job_id}: preset {preset}, full-size AlexNet on two towers")
+            job = follow(client, job.job_id)
+            if job.state != pb.FINISHED:
+                return 1
+            print_accuracy(root, val, *classify_held_out(client, val))
+            print_where_to_look(client, job, log_path, metrics)
+            console.print(f"demo wall time: {time.monotonic() - started:.0f} s")
+    finally:
+        server.stop()
+    return 0
+
+
+def generate_dataset() -> Path:
+    """The built-in dataset, generated with a progress bar (at once where it exists)."""
+    from coordinator.data import patterns
 
     with Progress(
         TextColumn("generating the built-in dataset"), BarColumn(), MofNCompleteColumn(), console=console
     ) as bar:
         task = bar.add_task("", total=None)
-        root = patterns.generate(
+        return patterns.generate(
             patterns.default_root(), progress=lambda done, total: bar.update(task, completed=done, total=total)
         )
-    val = sorted((root / "val").rglob("*.jpg"))
-    console.print(
-        f"dataset: {root} ({len(list((root / 'train').rglob('*.jpg')))} training, {len(val)} held-out images)"
-    )
 
+
+def start_server(options, log_path: Path) -> ServerProcess:
     host = options.host
     options = dataclasses.replace(
         options, port=free_or_any(host, options.port), metrics_port=free_or_any(host, options.metrics_port)
     )
-    log_path = root.parent / "demo-server.log"
     console.print(f"starting Ray and the server (two serving towers); its log, Ray's messages included: {log_path}")
-    try:
-        server = ServerProcess(options, log_path)
-    except RuntimeError as error:
-        console.print(f"[red]the server did not start: {error}")
-        return 2
+    return ServerProcess(options, log_path)
+
+
+def announce(host: str, server: ServerProcess) -> tuple[str, str | None]:
+    """Where the server answers: its gRPC target, and its metrics' address (None without metrics)."""
     target = f"{host}:{server.port}"
     metrics = f"http://{host}:{server.metrics_port}/metrics" if server.metrics_port else None
     console.print(
@@ -157,66 +184,68 @@ def run_demo(options, preset: str = "demo", overrides: dict | None = None) -> in
     )
     if metrics:
         console.print("\n".join(observability_commands(server.metrics_port)), highlight=False)
-    try:
-        with AlexNetClient(target) as client:
-            client.wait_ready()
-            info = client.info()
-            towers = ", ".join(f"tower {t.index} on {t.device}" for t in info.towers)
-            console.print(f"serving: {towers}")
-            console.print(
-                f"arithmetic: {info.precision}"
-                + (
-                    " (bf16 layers over float32 weights: this machine computes "
-                    "bf16; --precision float32 for the paper's arithmetic)"
-                    if info.precision != "float32"
-                    else " (this machine has no bf16 arithmetic)"
-                )
-            )
-            job = client.train(builtin=True, preset=preset, overrides=overrides)
-            console.print(f"training job {job.job_id}: preset {preset}, full-size AlexNet on two towers")
-            job = follow(client, job.job_id)
-            if job.state != pb.FINISHED:
-                return 1
+    return target, metrics
 
-            labels = dict(line.split(" ", 1) for line in (root / "train" / "classes.txt").read_text().splitlines())
-            results, response = [], None
-            with Progress(
-                TextColumn("classifying held-out images via gRPC"), BarColumn(), MofNCompleteColumn(), console=console
-            ) as bar:
-                task = bar.add_task("", total=len(val))
-                for start in range(0, len(val), 32):
-                    response = client.classify(val[start : start + 32], top_k=5)
-                    results.extend(response.results)
-                    bar.update(task, advance=len(response.results))
-            correct = sum(r.top[0].label == labels[p.parent.name] for p, r in zip(val, results))
-            picks = [len(val) * i // 3 for i in range(3)]  # three different classes (the list is by class)
-            shown = pb.ClassifyResponse(
-                results=[results[i] for i in picks],
-                model_version=response.model_version,
-                model_note=response.model_note,
-            )
-            console.print(predictions_table([f"{val[i].parent.name}/{val[i].name}" for i in picks], shown))
-            accuracy = correct / len(val)
-            console.rule("[bold]result")
-            console.print(f"held-out accuracy through gRPC: [bold]{pct(accuracy)}[/] top-1 on {len(val)} images")
-            console.print(
-                f"training: {job.progress.step} steps in {job.progress.elapsed_seconds:.0f} s; "
-                f"validation top-1 {pct(job.progress.top1_accuracy)}, top-5 {pct(job.progress.top5_accuracy)}"
-            )
-            figure = client.kernels()  # of the version just served: the run's last
-            figure_path = log_path.with_name("figure3.png")
-            figure_path.write_bytes(figure.png)
-            console.print(f"the paper's Figure 3, each tower's conv1 kernels (tower 0 above tower 1): {figure_path}")
-            console.print(colour_lines(figure), highlight=False)
-            tensorboard = Path(sys.executable).with_name("tensorboard")
-            console.print(
-                f"TensorBoard (curves, kernels every epoch, weight histograms): {tensorboard} --logdir {job.log_dir}",
-                highlight=False,
-            )
-            if metrics:
-                console.print(f"metrics: {metrics} (training, towers, exchanges, serving, gRPC)")
-            console.print(f"the server's log: {log_path}; Ray's own logs: {RAY_LOGS}")
-            console.print(f"demo wall time: {time.monotonic() - started:.0f} s")
-    finally:
-        server.stop()
-    return 0
+
+def print_serving(info) -> None:
+    towers = ", ".join(f"tower {t.index} on {t.device}" for t in info.towers)
+    console.print(f"serving: {towers}")
+    console.print(
+        f"arithmetic: {info.precision}"
+        + (
+            " (bf16 layers over float32 weights: this machine computes "
+            "bf16; --precision float32 for the paper's arithmetic)"
+            if info.precision != "float32"
+            else " (this machine has no bf16 arithmetic)"
+        )
+    )
+
+
+def classify_held_out(client, val: list[Path]) -> tuple[list, pb.ClassifyResponse]:
+    """Every held-out image through gRPC, 32 a request: their results, and the last response."""
+    results, response = [], None
+    with Progress(
+        TextColumn("classifying held-out images via gRPC"), BarColumn(), MofNCompleteColumn(), console=console
+    ) as bar:
+        task = bar.add_task("", total=len(val))
+        for start in range(0, len(val), 32):
+            response = client.classify(val[start : start + 32], top_k=5)
+            results.extend(response.results)
+            bar.update(task, advance=len(response.results))
+    return results, response
+
+
+def print_accuracy(root: Path, val: list[Path], results: list, response: pb.ClassifyResponse) -> None:
+    """A few top-5 answers, then the held-out accuracy."""
+    labels = dict(line.split(" ", 1) for line in (root / "train" / "classes.txt").read_text().splitlines())
+    correct = sum(r.top[0].label == labels[p.parent.name] for p, r in zip(val, results))
+    picks = [len(val) * i // 3 for i in range(3)]  # three different classes (the list is by class)
+    picked = pb.ClassifyResponse(
+        results=[results[i] for i in picks],
+        model_version=response.model_version,
+        model_note=response.model_note,
+    )
+    console.print(predictions_table([f"{val[i].parent.name}/{val[i].name}" for i in picks], picked))
+    console.rule("[bold]result")
+    console.print(f"held-out accuracy through gRPC: [bold]{pct(correct / len(val))}[/] top-1 on {len(val)} images")
+
+
+def print_where_to_look(client, job, log_path: Path, metrics: str | None) -> None:
+    """The run's figures, Figure 3 written beside the log, and where its curves, metrics and logs are."""
+    console.print(
+        f"training: {job.progress.step} steps in {job.progress.elapsed_seconds:.0f} s; "
+        f"validation top-1 {pct(job.progress.top1_accuracy)}, top-5 {pct(job.progress.top5_accuracy)}"
+    )
+    figure = client.kernels()  # of the version just served: the run's last
+    figure_path = log_path.with_name("figure3.png")
+    figure_path.write_bytes(figure.png)
+    console.print(f"the paper's Figure 3, each tower's conv1 kernels (tower 0 above tower 1): {figure_path}")
+    console.print(colour_lines(figure), highlight=False)
+    tensorboard = Path(sys.executable).with_name("tensorboard")
+    console.print(
+        f"TensorBoard (curves, kernels every epoch, weight histograms): {tensorboard} --logdir {job.log_dir}",
+        highlight=False,
+    )
+    if metrics:
+        console.print(f"metrics: {metrics} (training, towers, exchanges, serving, gRPC)")
+    console.print(f"the server's log: {log_path}; Ray's own logs: {RAY_LOGS}")

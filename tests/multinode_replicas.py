@@ -27,23 +27,9 @@ REMOVE_AFTER_STEP = 3
 
 
 def main(workdir: Path) -> None:
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})  # the driver's node: no group fits
-    workers = [cluster.add_node(num_cpus=2) for _ in range(3)]  # a group needs 2 CPUs on one node; one spare
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address, log_to_driver=False)
+    cluster, workers = start_cluster()
     data = generate(workdir / "patterns", train_per_class=8, val_per_class=2)
-    plan = recipe(
-        "demo",
-        {
-            "width": "0.125",
-            "batch_size": "8",
-            "epochs": "2",
-            "snapshot_every": "2",
-            "publish_every": "1000",
-            "replicas": "2",
-            "init": "pytorch",
-        },
-    )
+    plan = small_plan()
     engine = ModelParallelAlexNet(
         num_classes=10,
         dropout=plan.dropout,
@@ -55,31 +41,18 @@ def main(workdir: Path) -> None:
         replicas=2,
     )
     before = [dict(tower) for tower in engine.towers]
-
-    def coordinator_node() -> str:
-        return ray.get(engine._coordinator.__ray_call__.remote(lambda _: ray.get_runtime_context().get_node_id()))
-
-    coordinator_before = coordinator_node()
-    events, removed = [], []
-    group1_node = next(w for w in workers if w.node_id == before[2]["node"])
-
-    def on_event(progress):
-        events.append({"kind": progress.kind, "step": progress.step, "message": progress.message})
-        if progress.kind == "step" and progress.step == REMOVE_AFTER_STEP and not removed:
-            removed.append(group1_node.node_id)
-            # From another thread: remove_node waits for the raylet to go, while the run goes on.
-            threading.Thread(target=cluster.remove_node, args=(group1_node,), daemon=True).start()
-
-    result = train(data / "train", plan, engine=engine, on_event=on_event, checkpoint_dir=workdir / "checkpoints")
+    coordinator_before = coordinator_node(engine)
+    loss = NodeLoss(cluster, next(w for w in workers if w.node_id == before[2]["node"]))
+    result = train(data / "train", plan, engine=engine, on_event=loss.on_event, checkpoint_dir=workdir / "checkpoints")
     print(
         json.dumps(
             {
                 "before": [{"node": t["node"], "tower": t["tower"]} for t in before],
                 "after": [{"node": t["node"], "tower": t["tower"]} for t in engine.towers],
-                "removed": removed,
+                "removed": loss.removed,
                 "driver_node": ray.get_runtime_context().get_node_id(),
-                "coordinator_nodes": [coordinator_before, coordinator_node()],
-                "events": events,
+                "coordinator_nodes": [coordinator_before, coordinator_node(engine)],
+                "events": loss.events,
                 "checksums": engine.replica_checksums(),
                 "state": result.state,
                 "steps": result.steps,
@@ -90,6 +63,39 @@ def main(workdir: Path) -> None:
     engine.shutdown()
     ray.shutdown()
     cluster.shutdown()
+
+
+def start_cluster() -> tuple[Cluster, list]:
+    """A head node where no group fits (the driver's), and three worker nodes: one spare. Ray joined to it."""
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    workers = [cluster.add_node(num_cpus=2) for _ in range(3)]  # a group needs 2 CPUs on one node
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    return cluster, workers
+
+
+def small_plan():
+    overrides = {"width": "0.125", "batch_size": "8", "epochs": "2", "snapshot_every": "2"}
+    return recipe("demo", {**overrides, "publish_every": "1000", "replicas": "2", "init": "pytorch"})
+
+
+def coordinator_node(engine) -> str:
+    return ray.get(engine._coordinator.__ray_call__.remote(lambda _: ray.get_runtime_context().get_node_id()))
+
+
+class NodeLoss:
+    """Records the run's events, and removes a group's node after step REMOVE_AFTER_STEP."""
+
+    def __init__(self, cluster, node):
+        self.cluster, self.node = cluster, node
+        self.events, self.removed = [], []
+
+    def on_event(self, progress) -> None:
+        self.events.append({"kind": progress.kind, "step": progress.step, "message": progress.message})
+        if progress.kind == "step" and progress.step == REMOVE_AFTER_STEP and not self.removed:
+            self.removed.append(self.node.node_id)
+            # From another thread: remove_node waits for the raylet to go, while the run goes on.
+            threading.Thread(target=self.cluster.remove_node, args=(self.node,), daemon=True).start()
 
 
 if __name__ == "__main__":

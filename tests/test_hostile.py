@@ -67,8 +67,25 @@ def world(ray_session, tmp_path_factory):
     srv.stop()
 
 
+LONG = "x" * 100_000  # a field far longer than any valid one
+
+
 def cases(root, tmp):
-    """(name, rpc, request or raw bytes, code, words the message must hold)."""
+    """(name, rpc, request or raw bytes, code, words the message must hold), by RPC."""
+    val_extra = write_bad_files(tmp)
+    return [
+        *classify_cases(),
+        *dataset_cases(root, tmp, val_extra),
+        *recipe_cases(root),
+        *resume_and_init_cases(root, tmp),
+        *job_cases(),
+        *model_cases(),
+        ("unknown method", "Explode", pb.JobRef(), grpc.StatusCode.UNIMPLEMENTED, ""),
+    ]
+
+
+def write_bad_files(tmp):
+    """Files a request may name that training must refuse; returns a val folder with a class more."""
     val_extra = generate(tmp / "val-extra", train_per_class=2, val_per_class=1) / "val"
     (val_extra / "unicorns").mkdir()
     Image.new("RGB", (8, 8)).save(val_extra / "unicorns" / "0.png")
@@ -76,9 +93,16 @@ def cases(root, tmp):
     other = AlexNet(num_classes=10, width=0.25)  # the requests below train the demo preset's full width
     (tmp / "narrow.safetensors").write_bytes(to_safetensors(other.state_dict(), other.config))
     (tmp / "cut.safetensors").write_bytes((tmp / "narrow.safetensors").read_bytes()[:5000])
+    return val_extra
+
+
+def spec_on(root):
+    """A TrainingSpec maker: the generated training folder, and the fields a case sets."""
+    return lambda **fields: pb.TrainingSpec(**{"data_dir": str(root / "train"), **fields})
+
+
+def classify_cases():
     truncated = jpeg_bytes()[:200]
-    train, long = str(root / "train"), "x" * 100_000
-    spec = lambda **f: pb.TrainingSpec(**{"data_dir": train, **f})  # noqa: E731
     c = lambda *images, top_k=1: pb.ClassifyRequest(images=list(images), top_k=top_k)  # noqa: E731
     return [
         ("no images", "Classify", c(), INVALID, "no images"),
@@ -112,11 +136,17 @@ def cases(root, tmp):
             "split the request",
         ),
         ("not protobuf: Classify", "Classify", b"\xff\xff\xff\xff", INVALID, "not a valid Classify message"),
-        ("not protobuf: model", "GetModelInfo", b"\x0a\xff", INVALID, "not a valid GetModelInfo message"),
+    ]
+
+
+def dataset_cases(root, tmp, val_extra):
+    """StartTraining's folders and files: missing, outside the data roots, or not what they must be."""
+    train, spec = str(root / "train"), spec_on(root)
+    return [
         ("no dataset", "StartTraining", pb.TrainingSpec(), INVALID, "no dataset"),
         ("NUL in path", "StartTraining", spec(data_dir=train + "\0/x"), INVALID, "NUL byte"),
-        ("long path", "StartTraining", spec(data_dir="/" + long), DENIED, "outside the server's data roots"),
-        ("long path inside", "StartTraining", spec(data_dir=str(tmp / long[:5000])), INVALID, "name too long"),
+        ("long path", "StartTraining", spec(data_dir="/" + LONG), DENIED, "outside the server's data roots"),
+        ("long path inside", "StartTraining", spec(data_dir=str(tmp / LONG[:5000])), INVALID, "name too long"),
         ("root of the disk", "StartTraining", spec(data_dir="/"), DENIED, "outside the server's data roots"),
         ("dot-dot", "StartTraining", spec(data_dir=str(root / ".." / ".." / ".." / ".." / "etc")), DENIED, "outside"),
         ("proc", "StartTraining", spec(data_dir="/proc"), DENIED, "outside the server's data roots"),
@@ -139,14 +169,29 @@ def cases(root, tmp):
         ("logs in a file", "StartTraining", spec(log_dir=str(tmp / "torn.pt")), INVALID, "is not a folder"),
         ("val with a class more", "StartTraining", spec(val_dir=str(val_extra)), INVALID, "lacks: unicorns"),
         ("names missing", "StartTraining", spec(class_names_file=str(tmp / "none.txt")), INVALID, "does not exist"),
+    ]
+
+
+def recipe_cases(root):
+    """StartTraining's preset and overrides."""
+    spec = spec_on(root)
+    return [
         ("unknown preset", "StartTraining", spec(preset="fast"), INVALID, "unknown preset 'fast'"),
-        ("huge preset", "StartTraining", spec(preset=long), INVALID, "unknown preset"),
+        ("huge preset", "StartTraining", spec(preset=LONG), INVALID, "unknown preset"),
         ("unknown override", "StartTraining", spec(overrides={"learning_rate": "1"}), INVALID, "unknown override"),
-        ("huge override", "StartTraining", spec(overrides={long: "1"}), INVALID, "unknown override"),
+        ("huge override", "StartTraining", spec(overrides={LONG: "1"}), INVALID, "unknown override"),
         ("bad value", "StartTraining", spec(overrides={"epochs": "many"}), INVALID, "is not a valid int"),
         ("NaN rate", "StartTraining", spec(overrides={"lr": "nan"}), INVALID, "lr must be a finite number"),
         ("batch of a billion", "StartTraining", spec(overrides={"batch_size": "1000000000"}), INVALID, "at most 4096"),
         ("width of a thousand", "StartTraining", spec(overrides={"width": "1000"}), INVALID, "width must be in (0, 4]"),
+        ("not protobuf: start", "StartTraining", b"\x0a\x05ab", INVALID, "not a valid StartTraining message"),
+    ]
+
+
+def resume_and_init_cases(root, tmp):
+    """StartTraining from a checkpoint or a served version that is missing, torn or does not fit."""
+    spec = spec_on(root)
+    return [
         ("resume nothing", "StartTraining", pb.TrainingSpec(resume_from=str(tmp / "none")), MISSING, "no checkpoint"),
         ("resume torn", "StartTraining", pb.TrainingSpec(resume_from=str(tmp / "torn.pt")), INVALID, "not a readable"),
         ("resume outside", "StartTraining", pb.TrainingSpec(resume_from="/etc/passwd"), DENIED, "resume_from"),
@@ -157,7 +202,6 @@ def cases(root, tmp):
             INVALID,
             "leave preset empty",
         ),
-        ("not protobuf: start", "StartTraining", b"\x0a\x05ab", INVALID, "not a valid StartTraining message"),
         (
             "init and resume",
             "StartTraining",
@@ -178,17 +222,30 @@ def cases(root, tmp):
         ),
         ("init version not a number", "StartTraining", spec(init_from="version:latest"), INVALID, "version:N takes"),
         ("init version unknown", "StartTraining", spec(init_from="version:4242"), MISSING, "model version 4242 is not"),
+    ]
+
+
+def job_cases():
+    """GetTraining, StopTraining and WatchTraining."""
+    return [
         ("bad UTF-8 in a string", "GetTraining", b"\x0a\x02\xff\xfe", INVALID, "not a valid GetTraining message"),
         ("empty job id", "GetTraining", pb.JobRef(), INVALID, "job_id is empty"),
         ("unknown job", "GetTraining", pb.JobRef(job_id="nope"), MISSING, "no training job 'nope'"),
-        ("huge job id", "GetTraining", pb.JobRef(job_id=long), MISSING, "no training job"),
+        ("huge job id", "GetTraining", pb.JobRef(job_id=LONG), MISSING, "no training job"),
         ("stop unknown", "StopTraining", pb.JobRef(job_id="nope"), MISSING, "no training job"),
         ("watch unknown", "WatchTraining", pb.JobRef(job_id="nope"), MISSING, "no training job"),
         ("watch empty", "WatchTraining", pb.JobRef(), INVALID, "job_id is empty"),
         ("watch not protobuf", "WatchTraining", b"\x0a", INVALID, "not a valid WatchTraining message"),
+    ]
+
+
+def model_cases():
+    """ModelService: GetModelInfo, GetKernels and ExportModel."""
+    return [
+        ("not protobuf: model", "GetModelInfo", b"\x0a\xff", INVALID, "not a valid GetModelInfo message"),
         ("kernels: unknown job", "GetKernels", pb.GetKernelsRequest(job_id="nope"), MISSING, "no training job 'nope'"),
         ("kernels: empty job id", "GetKernels", pb.GetKernelsRequest(job_id=""), INVALID, "job_id is empty"),
-        ("kernels: huge job id", "GetKernels", pb.GetKernelsRequest(job_id=long), MISSING, "no training job"),
+        ("kernels: huge job id", "GetKernels", pb.GetKernelsRequest(job_id=LONG), MISSING, "no training job"),
         (
             "kernels: unknown version",
             "GetKernels",
@@ -221,7 +278,6 @@ def cases(root, tmp):
             "model version 77 is not served now",
         ),
         ("export: not protobuf", "ExportModel", b"\x18\xff", INVALID, "not a valid ExportModel message"),
-        ("unknown method", "Explode", pb.JobRef(), grpc.StatusCode.UNIMPLEMENTED, ""),
     ]
 
 

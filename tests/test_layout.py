@@ -1,5 +1,5 @@
-"""The layout's rules, checked: one way for imports between coordinator's packages, modules of a
-readable size, one owner for what goes into the object store, and Ray Data workers that stay light."""
+"""The layout's rules, checked: one way for imports between coordinator's packages, functions of a
+readable length, one owner for what goes into the object store, and Ray Data workers that stay light."""
 
 import ast
 import pickle
@@ -55,6 +55,23 @@ def test_imports_between_packages_go_one_way():
         for target in imported_packages(path) - ALLOWED[package] - {package}:
             wrong.append(f"{path.relative_to(ROOT)} imports coordinator.{target}")
     assert wrong == []
+
+
+# The project's own code; proto/ holds generated code, which no one reads.
+OWN_CODE = ("benchmarks", "client", "coordinator", "deploy", "tests", "towers")
+LONGEST_FUNCTION = 60
+
+
+def test_no_function_is_longer_than_a_reader_holds():
+    """A function a reader takes in whole: split a longer one into named steps."""
+    long = []
+    for folder in OWN_CODE:
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    if (length := node.end_lineno - node.lineno + 1) > LONGEST_FUNCTION:
+                        long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({length} lines)")
+    assert long == [], "split these into named steps:\n" + "\n".join(long)
 
 
 def test_only_the_engines_batches_go_into_the_object_store():
