@@ -54,7 +54,7 @@ def main() -> None:
             if kills_at and event.step == kills_at[0]:
                 kills_at.pop(0)
                 tower = len(killed) % 2
-                os.kill(engine.towers[tower]["pid"], signal.SIGKILL)
+                os.kill(engine.tower_info[tower]["pid"], signal.SIGKILL)
                 killed.append({"at": time.perf_counter(), "tower": tower, "step": event.step})
         elif event.kind == "recovered":
             rows.append((event.step_seconds, event.message))

@@ -54,10 +54,10 @@ def main(workdir: Path) -> None:
         image_size=227,
         replicas=2,
     )
-    before = [dict(tower) for tower in engine.towers]
+    before = [dict(tower) for tower in engine.tower_info]
 
     def coordinator_node() -> str:
-        return ray.get(engine._coordinator.__ray_call__.remote(lambda _: ray.get_runtime_context().get_node_id()))
+        return ray.get(engine.coordinator.__ray_call__.remote(lambda _: ray.get_runtime_context().get_node_id()))
 
     coordinator_before = coordinator_node()
     events, removed = [], []
@@ -75,7 +75,7 @@ def main(workdir: Path) -> None:
         json.dumps(
             {
                 "before": [{"node": t["node"], "tower": t["tower"]} for t in before],
-                "after": [{"node": t["node"], "tower": t["tower"]} for t in engine.towers],
+                "after": [{"node": t["node"], "tower": t["tower"]} for t in engine.tower_info],
                 "removed": removed,
                 "driver_node": ray.get_runtime_context().get_node_id(),
                 "coordinator_nodes": [coordinator_before, coordinator_node()],
