@@ -139,13 +139,14 @@ class FailurePolicy:
         given_up.__cause__, given_up.__suppress_context__ = error, True  # as `raise ... from error`
         return given_up
 
-    def healthy_group(self, engine, error: BaseException, lost: Lost) -> Optional[int]:
-        """With replica groups, after a step that failed before any update: a group that kept all its
-        towers, whose weights and momentum every group can take (no step lost), or None."""
-        if engine.replicas == 1 or not failed_before_update(error):
+    def healthy_group(self, error: BaseException, lost: Lost, replicas: int, towers: int) -> Optional[int]:
+        """With replica groups (of `towers` towers each), after a step that failed before any update:
+        a group that kept all its towers, whose weights and momentum every group can take (no step
+        lost), or None."""
+        if replicas == 1 or not failed_before_update(error):
             return None
-        hit = {t // engine.config.towers for t in lost.towers}
-        return next((g for g in range(engine.replicas) if g not in hit), None)
+        hit = {t // towers for t in lost.towers}
+        return next((g for g in range(replicas) if g not in hit), None)
 
 
 def replace(engine, lost: Lost) -> list[str]:

@@ -190,7 +190,7 @@ class Trainer:
         lost = probe(self.engine, error)
         if self.failures.decide(error, lost, self.restarts) is FailureDecision.RAISE:
             raise self.failures.raised(error, lost, self.restarts)
-        group = self.failures.healthy_group(self.engine, error, lost)
+        group = self.failures.healthy_group(error, lost, self.engine.replicas, self.engine.config.towers)
         message = self._restart_from_snapshot(lost) if group is None else self._restart_from_group(group, lost)
         self.restarts += 1
         self.in_flight.clear()
