@@ -123,6 +123,8 @@ class FailurePolicy:
         self.max_restarts = max_restarts
 
     def decide(self, error: Optional[BaseException], lost: Lost, restarts: int = 0) -> FailureDecision:
+        """From the error that ended a call (None: an idle probe), what the probe found, and the
+        restarts made so far in the run."""
         if not lost:
             return FailureDecision.NOOP if error is None else FailureDecision.RAISE
         if error is not None and not from_lost_actor(error):

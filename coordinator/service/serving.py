@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 from coordinator.data import to_tensor
-from coordinator.engine import FailureDecision, FailurePolicy, ModelParallelAlexNet
-from coordinator.engine.failures import Lost, probe, replace
+from coordinator.engine import ModelParallelAlexNet
+from coordinator.engine.failures import FailureDecision, FailurePolicy, Lost, probe, replace
 from coordinator.service.errors import DeadlineExceeded, InvalidRequest, ResourceExhausted, Unavailable
 from coordinator.service.metrics import Metrics
 from coordinator.service.serving_policy import ServingShare

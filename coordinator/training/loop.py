@@ -22,8 +22,8 @@ from typing import Callable, Optional
 
 from coordinator.data import ColourStats, Dataset, open_dataset
 from coordinator.data.loader import EarlyStart, check_room_for_loading
-from coordinator.engine import FailureDecision, FailurePolicy, ModelParallelAlexNet, error_summary
-from coordinator.engine.failures import Lost, probe, replace
+from coordinator.engine import ModelParallelAlexNet, error_summary
+from coordinator.engine.failures import FailureDecision, FailurePolicy, Lost, probe, replace
 from coordinator.training.board import TrainingBoard
 from coordinator.training.checkpoints import check_resumable, load_checkpoint, save_checkpoint, snapshot_of
 from coordinator.training.passes import SkipLog, evaluate, training_pass, validation_pass
