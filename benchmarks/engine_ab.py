@@ -66,7 +66,7 @@ def main() -> None:
     steps = args.blocks * args.steps
     for name, engine in engines.items():
         compute = [sum(t["compute_seconds"].values()) / steps for t in engine.take_stats()["towers"]]
-        memory = [resident_mb(t["pid"]) for t in engine.towers]
+        memory = [resident_mb(t["pid"]) for t in engine.tower_info]
         print(
             f"{name} {json.dumps(variants[name])}: median {statistics.median(times[name]):.3f} s/step "
             f"(all: {', '.join(f'{t:.2f}' for t in times[name])}); towers' compute "

@@ -47,7 +47,7 @@ class Kills:
             if self.kills_at and event.step == self.kills_at[0]:
                 self.kills_at.pop(0)
                 tower = len(self.killed) % 2
-                os.kill(self.engine.towers[tower]["pid"], signal.SIGKILL)
+                os.kill(self.engine.tower_info[tower]["pid"], signal.SIGKILL)
                 self.killed.append({"at": time.perf_counter(), "tower": tower, "step": event.step})
         elif event.kind == "recovered":
             self.recoveries.append((event.recovery_seconds, event.message))

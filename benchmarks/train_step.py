@@ -243,13 +243,13 @@ def sgemm_rates(args, device: str) -> dict:
 def print_setup(args, engine, device: str) -> None:
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; torch {torch.__version__}")
     print(
-        f"towers: {engine.placement.kind}, on {', '.join(t['device'] for t in engine.towers)}, exchanging over "
+        f"towers: {engine.placement.kind}, on {', '.join(t['device'] for t in engine.tower_info)}, exchanging over "
         f"{engine.transport}; reference on {device}; the engine fed {args.input}"
     )
     print(
         f"precision: {args.precision}"
         + (
-            f" (bf16 by {engine.towers[0]['bf16']}; plain PyTorch under torch.autocast)"
+            f" (bf16 by {engine.tower_info[0]['bf16']}; plain PyTorch under torch.autocast)"
             if args.precision == "bfloat16"
             else ""
         )

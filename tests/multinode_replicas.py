@@ -40,7 +40,7 @@ def main(workdir: Path) -> None:
         image_size=227,
         replicas=2,
     )
-    before = [dict(tower) for tower in engine.towers]
+    before = [dict(tower) for tower in engine.tower_info]
     coordinator_before = coordinator_node(engine)
     loss = NodeLoss(cluster, next(w for w in workers if w.node_id == before[2]["node"]))
     result = train(data / "train", plan, engine=engine, on_event=loss.on_event, checkpoint_dir=workdir / "checkpoints")
@@ -48,7 +48,7 @@ def main(workdir: Path) -> None:
         json.dumps(
             {
                 "before": [{"node": t["node"], "tower": t["tower"]} for t in before],
-                "after": [{"node": t["node"], "tower": t["tower"]} for t in engine.towers],
+                "after": [{"node": t["node"], "tower": t["tower"]} for t in engine.tower_info],
                 "removed": loss.removed,
                 "driver_node": ray.get_runtime_context().get_node_id(),
                 "coordinator_nodes": [coordinator_before, coordinator_node(engine)],
@@ -80,7 +80,7 @@ def small_plan():
 
 
 def coordinator_node(engine) -> str:
-    return ray.get(engine._coordinator.__ray_call__.remote(lambda _: ray.get_runtime_context().get_node_id()))
+    return ray.get(engine.coordinator.__ray_call__.remote(lambda _: ray.get_runtime_context().get_node_id()))
 
 
 class NodeLoss:

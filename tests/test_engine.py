@@ -174,17 +174,17 @@ def test_each_exchange_moves_the_all_gather_and_reduce_scatter_volume(small_engi
 
 def test_towers_get_a_cpu_core_each(small_engine):
     assert small_engine.placement.kind == "cpu"
-    assert [t["tower"] for t in small_engine.towers] == [0, 1]
-    assert len({t["pid"] for t in small_engine.towers}) == 2  # two processes
-    assert all(t["threads"] == 1 and t["device"] == "cpu" for t in small_engine.towers)
-    assert sum(t["parameters"] for t in small_engine.towers) == small_engine.config.parameter_count()
-    assert all(t["keeps_freed_memory"] for t in small_engine.towers)  # this machine's libc is glibc
+    assert [t["tower"] for t in small_engine.tower_info] == [0, 1]
+    assert len({t["pid"] for t in small_engine.tower_info}) == 2  # two processes
+    assert all(t["threads"] == 1 and t["device"] == "cpu" for t in small_engine.tower_info)
+    assert sum(t["parameters"] for t in small_engine.tower_info) == small_engine.config.parameter_count()
+    assert all(t["keeps_freed_memory"] for t in small_engine.tower_info)  # this machine's libc is glibc
 
 
 def test_towers_can_be_told_to_return_freed_memory(ray_session):
     engine = ModelParallelAlexNet(**SMALL, keep_freed_memory=False)
     try:
-        assert not any(t["keeps_freed_memory"] for t in engine.towers)
+        assert not any(t["keeps_freed_memory"] for t in engine.tower_info)
         assert engine.train_step(torch.randn(2, 3, 99, 99), torch.tensor([0, 1])) > 0
     finally:
         engine.shutdown()
@@ -298,10 +298,10 @@ def test_towers_can_yield_the_cpu(ray_session):
     # Ray starts its workers at a priority of its own (RAY_worker_niceness, 15): the towers go below it.
     base = ray_session.get(ray_session.remote(lambda: os.getpriority(os.PRIO_PROCESS, 0)).remote())
     with ModelParallelAlexNet(**SMALL, nice=2) as engine:
-        assert [t["nice"] for t in engine.towers] == [min(19, base + 2)] * 2 and base + 2 <= 19
+        assert [t["nice"] for t in engine.tower_info] == [min(19, base + 2)] * 2 and base + 2 <= 19
         # Every thread, torch's pool too (started by the first step), runs at that priority.
         engine.train_step(torch.randn(2, 3, 99, 99), torch.tensor([0, 1]))
-        pid = engine.towers[0]["pid"]
+        pid = engine.tower_info[0]["pid"]
         threads = [int(tid) for tid in os.listdir(f"/proc/{pid}/task")]
         assert {os.getpriority(os.PRIO_PROCESS, tid) for tid in threads} == {base + 2}
 

@@ -73,7 +73,7 @@ def test_a_killed_serving_tower_is_replaced_and_the_same_version_served_again(se
     wait_for(lambda: client.classify([jpeg_bytes(1)]).model_version == version, timeout=60)
     before = client.classify([jpeg_bytes(1)], top_k=10)
 
-    pid = server.classifier.engine.towers[1]["pid"]
+    pid = server.classifier.engine.tower_info[1]["pid"]
     os.kill(pid, signal.SIGKILL)
     with pytest.raises(grpc.RpcError) as refused:
         client.classify([jpeg_bytes(1)])
@@ -93,13 +93,13 @@ def test_a_killed_serving_tower_is_replaced_and_the_same_version_served_again(se
         torch.tensor([p.probability for p in before.results[0].top]),
         atol=1e-6,
     )
-    assert pid not in [t["pid"] for t in server.classifier.engine.towers]
+    assert pid not in [t["pid"] for t in server.classifier.engine.tower_info]
     assert restarts(server) == restarted + 1
 
 
 def test_an_idle_server_notices_a_dead_serving_tower_without_a_request(server, client):
     before = restarts(server)
-    os.kill(server.classifier.engine.towers[0]["pid"], signal.SIGKILL)
+    os.kill(server.classifier.engine.tower_info[0]["pid"], signal.SIGKILL)
     wait_for(lambda: restarts(server) > before, timeout=120, every=0.2)  # found by the idle check, rebuilt
     assert health(client) == health_pb2.HealthCheckResponse.SERVING
     assert client.classify([jpeg_bytes(2)]).results[0].top

@@ -47,7 +47,7 @@ def test_a_killed_tower_fails_the_steps_in_flight_naming_it_and_a_replacement_ca
     engine.train_step(images, labels)
     saved = engine.state_dict()
     steps = [engine.submit_step(images, labels) for _ in range(4)]  # a run in flight
-    os.kill(engine.towers[1]["pid"], signal.SIGKILL)
+    os.kill(engine.tower_info[1]["pid"], signal.SIGKILL)
     start = time.monotonic()
     with pytest.raises(TowerFailure, match=r"tower 1 died during the step, which was abandoned") as failure:
         steps[0].result()
@@ -58,7 +58,7 @@ def test_a_killed_tower_fails_the_steps_in_flight_naming_it_and_a_replacement_ca
             later.result()
 
     engine.restart_tower(1)
-    assert engine.towers[1]["pid"] != engine.towers[0]["pid"]
+    assert engine.tower_info[1]["pid"] != engine.tower_info[0]["pid"]
     engine.load_state_dict(saved)
     new_images, new_labels = batch(1)
     loss = engine.forward_backward(new_images, new_labels)
@@ -70,7 +70,7 @@ def test_a_killed_tower_fails_the_steps_in_flight_naming_it_and_a_replacement_ca
 def test_a_hung_tower_fails_the_step_after_the_timeout_naming_it_and_the_engine_recovers(engine):
     images, labels = batch(2)
     engine.train_step(images, labels)
-    pid = engine.towers[1]["pid"]
+    pid = engine.tower_info[1]["pid"]
     os.kill(pid, signal.SIGSTOP)
     try:
         start = time.monotonic()
@@ -91,7 +91,7 @@ def test_a_hung_tower_fails_the_step_after_the_timeout_naming_it_and_the_engine_
 def test_a_hung_tower_fails_an_inference_pass_after_the_exchange_timeout_naming_it(engine):
     images, _ = batch(3)
     expected = engine.predict(images)
-    pid = engine.towers[0]["pid"]
+    pid = engine.tower_info[0]["pid"]
     os.kill(pid, signal.SIGSTOP)
     try:
         start = time.monotonic()
@@ -115,7 +115,7 @@ def test_a_step_killed_at_any_point_leaves_no_error_for_ray_to_log(ray_session, 
     try:
         images, labels = batch(5)
         steps = [engine.submit_step(images, labels) for _ in range(3)]
-        os.kill(engine.towers[0]["pid"], signal.SIGKILL)
+        os.kill(engine.tower_info[0]["pid"], signal.SIGKILL)
         with caplog.at_level(logging.WARNING, logger="ray"), pytest.raises(TowerFailure):
             steps[0].result()
         del steps

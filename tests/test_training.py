@@ -175,7 +175,7 @@ def test_a_tower_killed_mid_run_is_replaced_and_the_run_ends_as_if_nothing_happe
     def on_event(event):
         events.append(event)
         if event.kind == "step" and event.step == 5 and not killed:
-            killed.append(engine.towers[1]["pid"])
+            killed.append(engine.tower_info[1]["pid"])
             os.kill(killed[0], signal.SIGKILL)
 
     try:
@@ -187,7 +187,7 @@ def test_a_tower_killed_mid_run_is_replaced_and_the_run_ends_as_if_nothing_happe
             on_publish=lambda step, state: None,
             log_dir=tmp_path / "killed",
         )
-        assert killed[0] not in [t["pid"] for t in engine.towers]  # a new process hosts tower 1
+        assert killed[0] not in [t["pid"] for t in engine.tower_info]  # a new process hosts tower 1
         weights = engine.state_dict()
     finally:
         engine.shutdown()
@@ -228,7 +228,7 @@ def test_a_replica_group_that_loses_a_tower_takes_a_healthy_groups_weights_and_l
     def on_event(event):
         events.append(event)
         if event.kind == "step" and event.step == 5 and not killed:  # step 6 has just been submitted
-            killed.append(engine.towers[2]["pid"])
+            killed.append(engine.tower_info[2]["pid"])
             os.kill(killed[0], signal.SIGKILL)
 
     try:

@@ -17,7 +17,8 @@ from typing import Any, Callable
 import numpy as np
 import ray
 
-from coordinator.engine.coordinator_actor import TowerFailure, in_groups
+from coordinator.engine.coordinator_actor import in_groups
+from coordinator.engine.failures import TowerFailure
 from coordinator.engine.links import PeerFailed, error_summary
 
 
@@ -60,7 +61,7 @@ class Pending:
 class TowerCalls:
     """An engine's calls of its towers: submitted in one order, collected with their timings,
     their failures named by the coordinator. `towers` and `coordinator` give the engine's
-    actors of the moment (repair replaces them); `link` has the coordinator link the towers again."""
+    actors of the moment (the failure policy replaces them); `link` has the coordinator link the towers again."""
 
     def __init__(self, towers: Callable[[], list], coordinator: Callable[[], Any], link: Callable[[], None]):
         self.towers, self.coordinator, self.link = towers, coordinator, link
@@ -113,7 +114,7 @@ class TowerCalls:
             failure = cause
         except ray.exceptions.RayTaskError as lost:
             self.relink, failure = True, lost.cause if isinstance(lost.cause, TowerFailure) else lost
-        except ray.exceptions.RayActorError as gone:  # the coordinator itself: repair() replaces it
+        except ray.exceptions.RayActorError as gone:  # the coordinator itself: the failure policy replaces it
             self.relink, failure = True, gone
         for other in self.in_flight:  # but for those already ended well, the towers ran them after the failed one
             if other is not pending and other.done() and not any(not _succeeded(call) for call in other.calls):

@@ -3,7 +3,8 @@
 It carries no tensor, and it is not on a step's path. From the layer table it makes the exchange
 plan (the points, each tower's share, the ranks) and forms the towers' process groups, in
 generations (links.py): again after any failed call, and with a replaced tower. When a call of
-the towers fails, it probes them and names the ones that died or hung (TowerFailure).
+the towers fails, it probes them and names the ones that died or hung (TowerFailure: the failure
+policy's probe, failures.py).
 
 Each step is one call to each tower, which runs the whole step, its exchanges inside it; the
 driver's handle (model.py) submits those calls itself: through this actor they would cost a hop
@@ -16,44 +17,9 @@ from typing import Sequence
 
 import ray
 
+from coordinator.engine.failures import TowerFailure, named, unanswered
 from coordinator.engine.links import JOIN_TIMEOUT, ExchangePlan
 from towers import NetConfig
-
-
-class TowerFailure(RuntimeError):
-    """A step that failed because towers died or stopped answering; `towers` are their indices.
-    before_update: the step failed before any tower that is still there applied an update."""
-
-    def __init__(self, message: str, towers: list[int], before_update: bool = False):
-        super().__init__(message)
-        self.towers, self.before_update = towers, before_update
-
-    def __reduce__(self):  # Ray pickles it on its way to the driver
-        return TowerFailure, (str(self), self.towers, self.before_update)
-
-
-# How long a tower may take to answer a liveness check after a failed step.
-PROBE_SECONDS = 10.0
-
-
-def unanswered(probes: list) -> dict[int, str]:
-    """Which towers did not answer their probe (a call to each, in tower order), and why ("died")."""
-    ready, _ = ray.wait(probes, num_returns=len(probes), timeout=PROBE_SECONDS)
-    lost = {}
-    for t, probe in enumerate(probes):
-        if probe not in ready:
-            lost[t] = f"did not answer within {PROBE_SECONDS:g} s"
-            continue
-        try:
-            ray.get(probe)
-        except ray.exceptions.RayActorError:
-            lost[t] = "died"
-    return lost
-
-
-def named(lost: dict[int, str]) -> str:
-    """unanswered()'s towers as a phrase: "tower 1 died; tower 0 did not answer within 10 s"."""
-    return "; ".join(f"tower {t} {why}" for t, why in lost.items())
 
 
 def in_groups(per_tower: list, towers: int) -> list[list]:

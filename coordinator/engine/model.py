@@ -12,7 +12,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from coordinator.engine.batches import check_images, check_labels, put_batch
 from coordinator.engine.calls import Pending, TowerCalls, agreed_loss, result
-from coordinator.engine.coordinator_actor import PROBE_SECONDS, Coordinator, in_groups, unanswered
+from coordinator.engine.coordinator_actor import Coordinator, in_groups
 from coordinator.engine.links import EXCHANGE_TIMEOUT, backend_for, check_transport
 from coordinator.engine.placement import Placement, ensure_ray, free_devices
 from coordinator.engine.tower_actor import TowerActor
@@ -31,7 +31,10 @@ class ModelParallelAlexNet:
     its own, else shared memory between towers on one host and Gloo between hosts), "gloo" or
     "nccl" (links.backend_for). exchange_timeout is how long
     a tower waits for its peers in an exchange before the step fails (a TowerFailure then names the
-    towers that died or stopped answering); restart_tower replaces one.
+    towers that died or stopped answering); restart_tower replaces one, and after a failure the
+    failure policy (coordinator.engine.failures) finds the lost actors and replaces them.
+    tower_actors holds the towers' actor handles, tower_info what each said of itself (pid, host,
+    node, device, ...), both group-major; coordinator is the coordinator actor's handle.
     cpus_per_tower sets each CPU tower's cores and threads; dtype is float32 or float64; tf32 lets
     CUDA towers use TensorFloat-32 (faster, no longer equal to the reference at 1e-5); precision
     "bfloat16" computes the layers in bf16 over float32 weights where the towers' devices have bf16
@@ -72,23 +75,8 @@ class ModelParallelAlexNet:
         precision: str = "float32",
         **config,
     ):
-        for name, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)):
-            if not value >= 0:
-                raise ValueError(f"{name} must be non-negative, got {value}")
+        _check_arguments(lr, momentum, weight_decay, dtype, precision, transport, replicas, nice, exchange_timeout)
         self.config = NetConfig(num_classes=num_classes, dropout=dropout, **config)
-        if dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-        if check_precision(precision) == "bfloat16" and dtype == torch.float64:
-            raise ValueError(
-                "precision bfloat16 computes in bf16 over float32 weights: it takes dtype float32, not float64"
-            )
-        check_transport(transport)
-        if not (isinstance(replicas, int) and replicas >= 1):
-            raise ValueError(f"replicas must be a whole number of at least 1, got {replicas!r}")
-        if not 0 <= nice <= 19:
-            raise ValueError(f"nice must be between 0 and 19, got {nice}")
-        if not exchange_timeout > 0:
-            raise ValueError(f"exchange_timeout must be positive, got {exchange_timeout}")
         self.lr, self.seed, self.steps, self.dtype, self.precision = lr, seed, 0, dtype, precision
         ensure_ray()
         self.replicas = replicas
@@ -110,12 +98,17 @@ class ModelParallelAlexNet:
             timeout=exchange_timeout,
             precision=precision,
         )
-        self._towers = [self._start_tower(i) for i in range(self.config.towers * replicas)]
-        self._coordinator = None
-        self.repaired: list[int] = []  # the towers the last repair() replaced
-        self.calls = TowerCalls(lambda: self._towers, lambda: self._coordinator, lambda: self._link(self._towers))
+        self.tower_actors = [self._start_tower(i) for i in range(self.config.towers * replicas)]
+        self.coordinator = None
+        self.calls = TowerCalls(lambda: self.tower_actors, lambda: self.coordinator, self.link)
+        self.tower_info = self._described_towers(start_timeout)
+        self._start_coordinator()
+
+    def _described_towers(self, start_timeout: float) -> list[dict]:
+        """Each tower's description once all have started (the engine is shut down if they do not,
+        or lack the bf16 arithmetic asked for)."""
         try:
-            self.towers = ray.get([t.describe.remote() for t in self._towers], timeout=start_timeout)
+            described = ray.get([t.describe.remote() for t in self.tower_actors], timeout=start_timeout)
         except ray.exceptions.GetTimeoutError:
             self.shutdown()
             raise RuntimeError(
@@ -123,28 +116,31 @@ class ModelParallelAlexNet:
                 f"{self.placement.actor_options}, and the cluster has {free_devices()} free; "
                 "shut down another model (engine.shutdown()) or add nodes"
             ) from None
-        if precision == "bfloat16" and (without := [t for t in self.towers if not t["bf16"]]):
+        if self.precision == "bfloat16" and (without := [t for t in described if not t["bf16"]]):
             self.shutdown()
             require_bf16(without[0]["device"] if without[0]["device"] == "cpu" else "cuda")  # raises, saying what to do
-        self._start_coordinator()
+        return described
 
     def _start_coordinator(self) -> None:
         # The coordinator carries no tensor and computes nothing: it needs no core of its own. It stays
         # beside the driver, so that losing a node of towers does not take it too. Not soft: Ray
         # 2.60 places a soft-pinned actor of no CPUs elsewhere, and the driver's node always fits it.
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        self._coordinator = (
+        self.coordinator = (
             ray.remote(Coordinator)
             .options(num_cpus=0, scheduling_strategy=here)
-            .remote(self._towers, self.config, self.backend, self.exchange_timeout, self.replicas)
+            .remote(self.tower_actors, self.config, self.backend, self.exchange_timeout, self.replicas)
         )
-        self._link()  # surfaces towers that could not be linked
+        self._note_transport()  # surfaces towers that could not be linked
 
-    def _link(self, towers: Optional[list] = None) -> None:
-        """Have the coordinator link the towers (again), and note what carries their exchanges."""
-        if towers is not None:
-            ray.get(self._coordinator.connect.remote(towers))
-        self.transport = result(self._coordinator.describe.remote())
+    def link(self) -> None:
+        """Have the coordinator link the towers again, as the groups' next generation."""
+        self.calls.relink = True  # until they are: a link that fails is tried again
+        ray.get(self.coordinator.connect.remote(self.tower_actors))
+        self._note_transport()
+
+    def _note_transport(self) -> None:
+        self.transport = result(self.coordinator.describe.remote())
         self.calls.relink = False
 
     def _start_tower(self, i: int):
@@ -153,45 +149,23 @@ class ModelParallelAlexNet:
         options = {**self.placement.actor_options, **self.placement.in_group(self._groups, group)}
         return ray.remote(TowerActor).options(**options).remote(self.config, t, **self._tower_args)
 
-    def repair(self) -> list[str]:
-        """Replace every actor of the model that is dead or hung: what was replaced, e.g. "tower 1
-        (died; pid 123 on host)". Replaced towers start from their initial weights: load the
-        model's state before going on. Empty when every actor answered."""
-        replaced, self.repaired = [], []
-        for t, why in self.lost_towers().items():
-            old = self.towers[t]
-            self.repaired.append(t)
-            name = f"tower {t}" if self.replicas == 1 else "group {} tower {}".format(*divmod(t, self.config.towers))
-            replaced.append(f"{name} ({why}; pid {old['pid']} on {old['host']})")
-            self.restart_tower(t, relink=False)
-        try:
-            ray.get(self._coordinator.ping.remote(), timeout=PROBE_SECONDS)
-            if replaced or self.calls.relink:
-                self._link(self._towers)
-        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as error:
-            replaced.append(
-                f"the coordinator ({'died' if isinstance(error, ray.exceptions.RayActorError) else 'hung'})"
-            )
-            ray.kill(self._coordinator)
-            self._start_coordinator()
-        return replaced
-
     def restart_tower(self, t: int, relink: bool = True) -> None:
         """Replace tower t with a new actor (the old one is killed if it still runs) and link it
         in: the transport forms its next generation. The new tower has its initial weights and
-        no momentum; load the model's weights (load_state_dict) before training on."""
-        if not 0 <= t < len(self._towers):
-            raise ValueError(f"tower must be in [0, {len(self._towers)}), got {t}")
-        ray.kill(self._towers[t])
-        self._towers[t] = self._start_tower(t)
-        self.towers[t] = ray.get(self._towers[t].describe.remote())
+        no momentum; load the model's weights (load_state_dict) before training on. After a
+        failure, the failure policy (failures.py) finds the lost towers and replaces them."""
+        if not 0 <= t < len(self.tower_actors):
+            raise ValueError(f"tower must be in [0, {len(self.tower_actors)}), got {t}")
+        ray.kill(self.tower_actors[t])
+        self.tower_actors[t] = self._start_tower(t)
+        self.tower_info[t] = ray.get(self.tower_actors[t].describe.remote())
         if relink:
-            self._link(self._towers)
+            self.link()
 
-    def lost_towers(self) -> dict[int, str]:
-        """The towers that are dead or do not answer within seconds, each with what happened to it
-        ("died"; coordinator.engine.named makes a phrase of them)."""
-        return unanswered([t.describe.remote() for t in self._towers])
+    def restart_coordinator(self) -> None:
+        """Replace the coordinator with a new actor (the old one is killed if it still runs), which links the towers."""
+        ray.kill(self.coordinator)
+        self._start_coordinator()
 
     # --- input checks -------------------------------------------------------------------------
     def _check_images(self, images) -> np.ndarray | Crops:
@@ -225,7 +199,7 @@ class ModelParallelAlexNet:
 
     def apply_update(self) -> None:
         self.calls.submit(
-            [(t, (self.lr,)) for t in self._towers], "apply_update", lambda results: None, stats=lambda r: r
+            [(t, (self.lr,)) for t in self.tower_actors], "apply_update", lambda results: None, stats=lambda r: r
         ).result()
         self.steps += 1
 
@@ -254,7 +228,7 @@ class ModelParallelAlexNet:
         firsts = np.cumsum([0] + [len(shard) for shard in labels[:-1]])
         calls = [
             (tower, (shard, group_labels, dropout_seed, int(first), *extra))
-            for group, shard, group_labels, first in zip(self._by_group(self._towers), shards, labels, firsts)
+            for group, shard, group_labels, first in zip(self._by_group(self.tower_actors), shards, labels, firsts)
             for tower in group
         ]
 
@@ -310,41 +284,36 @@ class ModelParallelAlexNet:
         """Load canonical weights into every group. The optimiser's momentum starts again from zero:
         it belonged to other weights."""
         pieces = [{k: v.numpy() for k, v in p.items()} for p in split_state_dict(state, self.config)] * self.replicas
-        ray.get([t.set_state.remote(p) for t, p in zip(self._towers, pieces)])
+        ray.get([t.set_state.remote(p) for t, p in zip(self.tower_actors, pieces)])
 
     def optimizer_state(self, group: int = 0) -> list:
         """Each tower's optimiser state (momentum buffers; a group's), for checkpoints."""
         return self._gather("get_optimizer_state", self._group(group))
 
-    def intact_group(self) -> Optional[int]:
-        """With replicas: a group none of whose towers the last repair() replaced, or None."""
-        lost = {t // self.config.towers for t in self.repaired}
-        return next((g for g in range(self.replicas) if g not in lost), None) if self.replicas > 1 else None
-
     def load_optimizer_state(self, states: list) -> None:
         """Each tower's optimiser state, as optimizer_state() gave it (after load_state_dict, which
         clears it), into every group."""
-        ray.get([t.set_optimizer_state.remote(s) for t, s in zip(self._towers, list(states) * self.replicas)])
+        ray.get([t.set_optimizer_state.remote(s) for t, s in zip(self.tower_actors, list(states) * self.replicas)])
 
     def replica_checksums(self) -> list[list[str]]:
         """Each group's towers' digests of weights and momentum: the groups agree while the lists do."""
         return self._by_group(self._gather("checksum"))
 
     def _group(self, g: int) -> list:
-        return self._by_group(self._towers)[g]
+        return self._by_group(self.tower_actors)[g]
 
     def _by_group(self, per_tower: list) -> list[list]:
         return in_groups(per_tower, self.config.towers)
 
     def _gather(self, method: str, towers: Optional[list] = None) -> list:
-        return ray.get([getattr(t, method).remote() for t in (self._towers if towers is None else towers)])
+        return ray.get([getattr(t, method).remote() for t in (self.tower_actors if towers is None else towers)])
 
     def shutdown(self) -> None:
         self.calls.close(wait=1.0)
-        for actor in [self._coordinator, *self._towers]:
+        for actor in [self.coordinator, *self.tower_actors]:
             if actor is not None:
                 ray.kill(actor)
-        self._towers = []
+        self.tower_actors = []
         self.placement.release_groups(self._groups)
         self._groups = None
 
@@ -353,6 +322,28 @@ class ModelParallelAlexNet:
 
     def __exit__(self, *exc):
         self.shutdown()
+
+
+def _check_arguments(
+    lr, momentum, weight_decay, dtype, precision: str, transport: str, replicas, nice: int, exchange_timeout: float
+) -> None:
+    """Refuses, saying what to change, the constructor's arguments that no engine could run with."""
+    for name, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)):
+        if not value >= 0:
+            raise ValueError(f"{name} must be non-negative, got {value}")
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    if check_precision(precision) == "bfloat16" and dtype == torch.float64:
+        raise ValueError(
+            "precision bfloat16 computes in bf16 over float32 weights: it takes dtype float32, not float64"
+        )
+    check_transport(transport)
+    if not (isinstance(replicas, int) and replicas >= 1):
+        raise ValueError(f"replicas must be a whole number of at least 1, got {replicas!r}")
+    if not 0 <= nice <= 19:
+        raise ValueError(f"nice must be between 0 and 19, got {nice}")
+    if not exchange_timeout > 0:
+        raise ValueError(f"exchange_timeout must be positive, got {exchange_timeout}")
 
 
 def _tensors(arrays: dict) -> dict:

@@ -157,7 +157,7 @@ def classify_response(top: list[list[Prediction]], version: ModelVersion) -> pb.
 
 # --- the model ---------------------------------------------------------------------------------
 def tower_infos(towers: list[dict], per_group: int) -> list[pb.TowerInfo]:
-    """An engine's towers (ModelParallelAlexNet.towers, group-major) as TowerInfo messages."""
+    """An engine's towers (ModelParallelAlexNet.tower_info, group-major) as TowerInfo messages."""
     return [
         pb.TowerInfo(
             index=t["tower"],
@@ -192,7 +192,7 @@ def model_info(engine, version: ModelVersion, training: Optional[tuple[list[dict
     training_towers, replicas = training or ([], 0)
     return pb.ModelInfo(
         layers=layers,
-        towers=tower_infos(engine.towers, config.towers),
+        towers=tower_infos(engine.tower_info, config.towers),
         training_towers=tower_infos(training_towers, config.towers),
         training_replicas=replicas,
         classes=version.labels,
@@ -203,7 +203,7 @@ def model_info(engine, version: ModelVersion, training: Optional[tuple[list[dict
         transport=engine.transport,
         precision=engine.precision
         if engine.precision == "float32"
-        else f"{engine.precision} ({engine.towers[0]['bf16']})",
+        else f"{engine.precision} ({engine.tower_info[0]['bf16']})",
     )
 
 

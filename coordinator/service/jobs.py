@@ -78,7 +78,7 @@ class JobManager:
     def training_towers(self) -> Optional[tuple[list[dict], int]]:
         """The running job's towers (kept current through repairs) and its replica groups, or None."""
         engine = self._training_engine()
-        return None if engine is None else (list(engine.towers), engine.replicas)
+        return None if engine is None else (list(engine.tower_info), engine.replicas)
 
     def training(self) -> bool:
         """A job has its towers up: serving keeps to its share (serving_policy.ServingShare)."""

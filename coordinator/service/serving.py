@@ -4,9 +4,10 @@ Training publishes a version every `publish_every` steps and at its end; the bat
 it between two batches, so a classification never waits for a training step and never mixes two
 versions.
 
-A serving tower that dies is found by the batch that fails on it, or by the batcher's check
-every WATCH_SECONDS when idle. The batcher then refuses requests (UNAVAILABLE, "retry"), reports
-not serving, and starts a new pair with the version it was serving before it serves again.
+A serving tower (or the pair's coordinator) that dies or hangs is found by the failure policy's
+probe (coordinator.engine.failures) after a batch that fails, or every WATCH_SECONDS when idle.
+On its RESTART the batcher refuses requests (UNAVAILABLE, "retry"), reports not serving, replaces
+the lost actors and loads the version it was serving into the pair before it serves again.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ import numpy as np
 import torch
 
 from coordinator.data import to_tensor
-from coordinator.engine import ModelParallelAlexNet, named
+from coordinator.engine import ModelParallelAlexNet
+from coordinator.engine.failures import FailureDecision, FailurePolicy, Lost, probe, replace
 from coordinator.service.errors import DeadlineExceeded, InvalidRequest, ResourceExhausted, Unavailable
 from coordinator.service.metrics import Metrics
 from coordinator.service.serving_policy import ServingShare
@@ -69,8 +71,9 @@ class Classifier:
         self.nice = nice  # the serving towers' CPU priority, lowered by this: training beside them keeps its pace
         self.precision = precision  # the serving towers' arithmetic (towers.precision)
         self.share = share or ServingShare(1.0)  # how much of the time serving may compute while a job trains
-        self.on_serving = on_serving  # told False while the serving pair is rebuilt, True when it serves again
-        self._rebuilding: str | None = None  # why requests are refused meanwhile
+        self.on_serving = on_serving  # told False while lost serving actors are replaced, True when it serves again
+        self.failures = FailurePolicy()  # a lost serving actor is always replaced: no max_restarts
+        self._restarting: str | None = None  # why requests are refused meanwhile
         self.engine: ModelParallelAlexNet | None = None
         self.current: ModelVersion | None = None
         self._next: ModelVersion | None = None
@@ -136,7 +139,7 @@ class Classifier:
 
     def ready(self) -> bool:
         """Serving now: the towers are up, not being replaced, and the server is not closing."""
-        return self._thread is not None and not self._rebuilding and not self._closing
+        return self._thread is not None and not self._restarting and not self._closing
 
     def _answer_to(self, request: _Request):
         """Waits for the request's answer while its client is there; one that leaves (cancels, or
@@ -174,8 +177,8 @@ class Classifier:
             )
         if self._closing:
             raise Unavailable("the server is shutting down")
-        if self._rebuilding:
-            raise Unavailable(self._rebuilding)
+        if self._restarting:
+            raise Unavailable(self._restarting)
         self._drop_unwanted()  # requests whose clients left hold no place
         waiting = sum(len(r.items) for r in self._queue)
         if waiting + images > self.max_queue:
@@ -241,9 +244,7 @@ class Classifier:
                 idle = not self._queue and self._next is None
                 version, self._next = self._next, None
             if idle:
-                lost = self.engine.lost_towers()
-                if lost:
-                    self._rebuild(lost, [])
+                self._after_failure(None, [])  # a probe: a tower may have died meanwhile
                 continue
             if version is not None:
                 self._activate(version)  # between batches: no batch ever sees two versions
@@ -291,12 +292,7 @@ class Classifier:
             probs = self.engine.predict(torch.stack(inputs)).softmax(dim=1)
             self.share.spent(time.perf_counter() - started)  # before any answer: the next request sees the rest
         except Exception as exc:
-            lost = self.engine.lost_towers()
-            if lost:
-                self._rebuild(lost, batch)
-                return
-            for request in batch:
-                request.done.set_exception(exc)
+            self._after_failure(exc, batch)
             return
         offset = 0
         for request in batch:
@@ -304,28 +300,34 @@ class Classifier:
             request.done.set_result((probs[offset : offset + n], version))
             offset += n
 
-    def _rebuild(self, lost: dict[int, str], batch: list[_Request]) -> None:
-        """Serving towers died: refuse requests, then start a new pair with the version served.
+    def _after_failure(self, error: Exception | None, batch: list[_Request]) -> None:
+        """The failure policy after a batch failed with `error` (None: an idle check): RESTART replaces
+        the lost actors, RAISE gives the batch its error, NOOP leaves all as it is."""
+        lost = probe(self.engine, error)
+        decision = self.failures.decide(error, lost)
+        if decision is FailureDecision.RESTART:
+            self._restart(lost, batch)
+        elif decision is FailureDecision.RAISE:
+            for request in batch:
+                request.done.set_exception(error)  # the batch's own error: nothing was lost
 
-        The new pair replaces the old only once it is whole and loaded; until then requests are
-        refused at once, never queued behind the rebuild."""
-        version, start = self.current, time.perf_counter()
+    def _restart(self, lost: Lost, batch: list[_Request]) -> None:
+        """Serving actors were lost: refuse requests, replace the lost actors, and load the version served.
+
+        Until the pair is whole and loaded, requests are refused at once, never queued behind it."""
+        version, start, replaced = self.current, time.perf_counter(), len(lost.names)
+        what = "a serving tower" if lost.towers else "the serving towers' coordinator"
         reason = (
-            f"a serving tower was lost ({named(lost)}); the server is starting new serving "
+            f"{what} was lost ({lost.phrase()}); the server is starting new serving "
             f"towers with model version {version.version}: retry in a few seconds"
         )
         log.error("%s", reason)
-        with self._cv:
-            self._rebuilding = reason
-            refused, self._queue = [*batch, *self._queue], collections.deque()
-            self.metrics.observe_queue(self._queue)
-        self.on_serving(False)
-        for request in refused:
-            request.done.set_exception(Unavailable(reason))
-        self.engine.shutdown()
+        self._refuse_all(reason, batch)
         while not self._closing:
             try:
-                self.engine = self._serving_engine(version)
+                replace(self.engine, lost)
+                if version.state is not None:  # else the initial weights, which new towers start from
+                    self.engine.load_state_dict(version.state)
                 break
             except Exception:
                 log.exception(
@@ -334,10 +336,11 @@ class Classifier:
                     WATCH_SECONDS,
                 )
                 time.sleep(WATCH_SECONDS)
-        self.metrics.tower_restarts.labels("serving").inc(len(lost))
+                lost = probe(self.engine)
+        self.metrics.tower_restarts.labels("serving").inc(replaced)
         self.metrics.recovery_seconds.labels("serving").inc(time.perf_counter() - start)
         with self._cv:
-            self._rebuilding = None
+            self._restarting = None
         if not self._closing:
             self.on_serving(True)
             log.warning(
@@ -345,3 +348,14 @@ class Classifier:
                 version.version,
                 time.perf_counter() - start,
             )
+
+    def _refuse_all(self, reason: str, batch: list[_Request]) -> None:
+        """Until the serving actors are replaced: the batch and every queued request are refused, and
+        so are those that come meanwhile; health says not serving."""
+        with self._cv:
+            self._restarting = reason
+            refused, self._queue = [*batch, *self._queue], collections.deque()
+            self.metrics.observe_queue(self._queue)
+        self.on_serving(False)
+        for request in refused:
+            request.done.set_exception(Unavailable(reason))

@@ -23,12 +23,13 @@ from typing import Callable, Optional
 from coordinator.data import ColourStats, Dataset, open_dataset
 from coordinator.data.loader import EarlyStart, check_room_for_loading
 from coordinator.engine import ModelParallelAlexNet, error_summary
+from coordinator.engine.failures import FailureDecision, FailurePolicy, Lost, probe, replace
 from coordinator.training.board import TrainingBoard
 from coordinator.training.checkpoints import check_resumable, load_checkpoint, save_checkpoint, snapshot_of
 from coordinator.training.passes import SkipLog, evaluate, training_pass, validation_pass
 from coordinator.training.pipeline import FinishedStep, StepPipeline
 from coordinator.training.recipe import Recipe, schedule_for
-from coordinator.training.recovery import Snapshot, failed_before_update, recover, restore, take_snapshot
+from coordinator.training.recovery import Snapshot, restore, take_snapshot
 from coordinator.training.reports import Progress, Result
 from towers.figures import colour_specialisation
 
@@ -67,6 +68,7 @@ class Trainer:
         self.board = board
         self.on_event, self.on_publish, self.on_stats, self.meta = on_event, on_publish, on_stats, meta
         self.schedule = schedule_for(plan)
+        self.failures = FailurePolicy(plan.max_restarts)  # what a failed step leads to (_recover)
         engine.lr = plan.lr
         self.per_epoch = math.ceil(len(dataset.train) / plan.batch_size)
         if plan.steps_per_epoch:
@@ -178,42 +180,19 @@ class Trainer:
             self.snapshot = self._snapshot()
 
     def _recover(self, error: Exception) -> None:
-        """Replace the actors that died; re-raise what is not that. With replica groups, when a step
-        failed before any update and a group kept all its towers, every group takes that group's
-        weights and momentum and only the failed steps are redone; otherwise the run goes back to
-        its last snapshot."""
+        """After a failed step, the failure policy (coordinator.engine.failures) probes the engine's
+        actors and decides: RAISE re-raises, or says that max_restarts recoveries were made already;
+        RESTART replaces the lost actors and goes on from a healthy replica group's state, or from
+        the last snapshot."""
         start = time.perf_counter()
         self.pipeline.abandon()
         self._close_passes()  # the data goes back too: its pass starts while actors are replaced
-        keep = self.engine.replicas > 1 and failed_before_update(error)
-        redo_from = self.in_flight[0] if self.in_flight else self.position
-        self.upcoming = self._start_pass(
-            *((self.epoch, redo_from) if keep else (self.snapshot.epoch, self.snapshot.position))
-        )
-        replaced = recover(self.engine, error, self.restarts, self.plan.max_restarts)
+        lost = probe(self.engine, error)
+        if self.failures.decide(error, lost, self.restarts) is FailureDecision.RAISE:
+            raise self.failures.raised(error, lost, self.restarts)
+        group = self.failures.healthy_group(error, lost, self.engine.replicas, self.engine.config.towers)
+        message = self._restart_from_snapshot(lost) if group is None else self._restart_from_group(group, lost)
         self.restarts += 1
-        source = self.engine.intact_group() if keep else None
-        if source is not None:
-            self.engine.steps -= len(self.in_flight)  # the failed steps draw their dropout masks again
-            self._go_back_to(
-                take_snapshot(
-                    self.engine, self.step, self.epoch, redo_from, self.schedule, self.top1, self.top5, group=source
-                )
-            )
-            message = (
-                f"replaced {', '.join(replaced)}; every group took group {source}'s weights and momentum: "
-                f"no step lost, {len(self.in_flight)} failed step(s) to redo from step {self.step}"
-            )
-        else:
-            if keep:  # no group kept all its towers: the snapshot's place after all
-                self._close_passes()
-                self.upcoming = self._start_pass(self.snapshot.epoch, self.snapshot.position)
-            lost = self.step - self.snapshot.step
-            self._go_back_to(self.snapshot)
-            message = (
-                f"replaced {', '.join(replaced)}; went back to the snapshot at step {self.step} "
-                f"(epoch {self.epoch + 1}, batch {self.position} of {self.per_epoch}): {lost} steps to redo"
-            )
         self.in_flight.clear()
         log.warning("recovery %d: %s (%s)", self.restarts, message, error_summary(error))
         if self.board:
@@ -222,8 +201,34 @@ class Trainer:
             "recovered",
             self.epoch,
             recovery_seconds=time.perf_counter() - start,
-            replaced=len(replaced),
+            replaced=len(lost.names),
             message=message,
+        )
+
+    def _restart_from_group(self, group: int, lost: Lost) -> str:
+        """Replace the lost actors, and every group takes that group's weights and momentum: only the
+        failed steps (those in flight) are redone. Returns what was done, for the report."""
+        redo_from = self.in_flight[0] if self.in_flight else self.position
+        self.upcoming = self._start_pass(self.epoch, redo_from)  # it starts while the actors are replaced
+        replaced = replace(self.engine, lost)
+        self.engine.steps -= len(self.in_flight)  # the failed steps draw their dropout masks again
+        state = take_snapshot(self.engine, self.step, self.epoch, redo_from, self.schedule, self.top1, self.top5, group)
+        self._go_back_to(state)
+        return (
+            f"replaced {', '.join(replaced)}; every group took group {group}'s weights and momentum: "
+            f"no step lost, {len(self.in_flight)} failed step(s) to redo from step {self.step}"
+        )
+
+    def _restart_from_snapshot(self, lost: Lost) -> str:
+        """Replace the lost actors and go back to the last snapshot, replaying the batches since it.
+        Returns what was done, for the report."""
+        self.upcoming = self._start_pass(self.snapshot.epoch, self.snapshot.position)  # while actors are replaced
+        replaced = replace(self.engine, lost)
+        redone = self.step - self.snapshot.step
+        self._go_back_to(self.snapshot)
+        return (
+            f"replaced {', '.join(replaced)}; went back to the snapshot at step {self.step} "
+            f"(epoch {self.epoch + 1}, batch {self.position} of {self.per_epoch}): {redone} steps to redo"
         )
 
     def _validate(self) -> None:
@@ -358,18 +363,7 @@ def train(
     With a log_dir, the run writes its TensorBoard log there (board.py). `init_state`: canonical
     weights to start from instead of the recipe's initialisation (all, or some: fine-tuning).
     """
-    if not isinstance(plan, Recipe):
-        raise TypeError(
-            f"plan must be a Recipe (training.recipe(preset, overrides) makes one), got {type(plan).__name__}"
-        )
-    if not isinstance(dataset, Dataset):
-        dataset = open_dataset(dataset, val_fraction=plan.val_fraction)
-    snapshot = None
-    if resume is not None:
-        payload = resume if isinstance(resume, dict) else load_checkpoint(resume)
-        check_resumable(payload, dataset)
-        dataset = dataclasses.replace(dataset, stats=ColourStats(**payload["stats"]))  # as the run had them
-        snapshot = snapshot_of(payload)
+    dataset, snapshot = _run_start(dataset, plan, resume)
     own_engine = engine is None
     if own_engine:
         engine = engine_for(plan, dataset.num_classes)
@@ -399,3 +393,19 @@ def train(
             board.close()
         if own_engine:
             engine.shutdown()
+
+
+def _run_start(dataset, plan: Recipe, resume) -> tuple[Dataset, Optional[Snapshot]]:
+    """train's dataset, opened, and the snapshot that a resumed run goes on from (None for a new run)."""
+    if not isinstance(plan, Recipe):
+        raise TypeError(
+            f"plan must be a Recipe (training.recipe(preset, overrides) makes one), got {type(plan).__name__}"
+        )
+    if not isinstance(dataset, Dataset):
+        dataset = open_dataset(dataset, val_fraction=plan.val_fraction)
+    if resume is None:
+        return dataset, None
+    payload = resume if isinstance(resume, dict) else load_checkpoint(resume)
+    check_resumable(payload, dataset)
+    dataset = dataclasses.replace(dataset, stats=ColourStats(**payload["stats"]))  # as the run had them
+    return dataset, snapshot_of(payload)

@@ -1,4 +1,4 @@
-"""Recovery during training: snapshots of a run, and going back to one when actors die.
+"""Snapshots of a run: what a recovery after lost actors goes back to, and what a checkpoint holds.
 
 A snapshot holds everything that decides the rest of a run besides its recipe and data: the
 weights, each tower's momentum, the learning rate and schedule, and the counters that the random
@@ -8,11 +8,11 @@ a checkpoint (checkpoints.py), does again exactly what it did after it.
 
 A snapshot is taken every `snapshot_every` steps, between two steps (none in flight), and kept in
 the driver, outside the actors that may die. When a step fails because a tower or the
-coordinator died or hung, the engine replaces them (ModelParallelAlexNet.repair) and the run
-goes back to the snapshot, replaying the batches since it (at most `snapshot_every` steps).
+coordinator died or hung, the failure policy (coordinator.engine.failures) replaces them and the
+run goes back to the snapshot, replaying the batches since it (at most `snapshot_every` steps).
 With replica groups, a step that failed before any update, while a group kept all its towers,
 needs no snapshot: a snapshot of that group, taken then, puts every group back where the run was,
-and only the failed steps are redone (Trainer._recover).
+and only the failed steps are redone (Trainer._restart_from_group).
 """
 
 from __future__ import annotations
@@ -20,10 +20,6 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-
-import ray
-
-from coordinator.engine import TowerFailure, error_summary
 
 
 @dataclass
@@ -59,34 +55,7 @@ def take_snapshot(
     )
 
 
-def failed_before_update(error: BaseException) -> bool:
-    """Whether a failed step ended before any tower applied its update (TowerFailure.before_update)."""
-    cause = getattr(error, "cause", error)  # through Ray's RayTaskError
-    return isinstance(cause, TowerFailure) and cause.before_update
-
-
 def restore(engine, snapshot: Snapshot) -> None:
     engine.load_state_dict(snapshot.weights)
     engine.load_optimizer_state(snapshot.momentum)
     engine.lr, engine.steps = snapshot.lr, snapshot.engine_steps
-
-
-def lost_actors(error: BaseException) -> bool:
-    """Whether an error can come from a dead or hung actor (then the engine is worth repairing)."""
-    return isinstance(error, (TowerFailure, ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError))
-
-
-def recover(engine, error: BaseException, restarts: int, max_restarts: int) -> list[str]:
-    """After `error`: replace the engine's dead or hung actors (the caller then restores a
-    snapshot); returns what was replaced. Re-raises an error that no lost actor explains, and gives up (RuntimeError)
-    after max_restarts recoveries."""
-    if not lost_actors(error):
-        raise error
-    replaced = engine.repair()
-    if not replaced:
-        raise error
-    if restarts >= max_restarts:
-        raise RuntimeError(
-            f"{', '.join(replaced)} lost after {restarts} recoveries already (max_restarts): {error_summary(error)}"
-        ) from error
-    return replaced
