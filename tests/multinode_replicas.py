@@ -21,7 +21,7 @@ from ray.cluster_utils import Cluster  # noqa: E402
 
 from coordinator import ModelParallelAlexNet  # noqa: E402
 from coordinator.data.patterns import generate  # noqa: E402
-from coordinator.training import recipe, train  # noqa: E402
+from coordinator.training import run_spec, train  # noqa: E402
 
 REMOVE_AFTER_STEP = 3
 
@@ -32,7 +32,7 @@ def main(workdir: Path) -> None:
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False)
     data = generate(workdir / "patterns", train_per_class=8, val_per_class=2)
-    plan = recipe(
+    spec = run_spec(
         "demo",
         {
             "width": "0.125",
@@ -46,11 +46,11 @@ def main(workdir: Path) -> None:
     )
     engine = ModelParallelAlexNet(
         num_classes=10,
-        dropout=plan.dropout,
-        lr=plan.lr,
-        seed=plan.seed,
-        init=plan.init,
-        width=plan.width,
+        dropout=spec.recipe.dropout,
+        lr=spec.recipe.lr,
+        seed=spec.recipe.seed,
+        init=spec.recipe.init,
+        width=spec.recipe.width,
         image_size=227,
         replicas=2,
     )
@@ -70,7 +70,7 @@ def main(workdir: Path) -> None:
             # From another thread: remove_node waits for the raylet to go, while the run goes on.
             threading.Thread(target=cluster.remove_node, args=(group1_node,), daemon=True).start()
 
-    result = train(data / "train", plan, engine=engine, on_event=on_event, checkpoint_dir=workdir / "checkpoints")
+    result = train(data / "train", spec, engine=engine, on_event=on_event, checkpoint_dir=workdir / "checkpoints")
     print(
         json.dumps(
             {
