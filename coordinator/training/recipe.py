@@ -1,9 +1,9 @@
 """What a training run is asked to do: its recipe (the mathematics) and its run options (how it is
 operated), the presets that name both, and the one parser of `--set NAME=VALUE` overrides.
 
-A resumed run keeps its recipe and may change any run option: no field of Recipe is read by a
-run option's code, and no run option changes the arithmetic of a step (epochs only says where to
-stop). This module imports neither torch nor Ray: the client's commands read its preset names.
+A resumed run keeps its recipe and may change any run option: the options say where and in
+which arithmetic the steps run, how the run is kept and when it stops, never what a step computes.
+This module imports neither torch nor Ray: the client's commands read its preset names.
 """
 
 from __future__ import annotations
@@ -65,8 +65,8 @@ class Recipe:
 
 @dataclass(frozen=True)
 class RunOptions:
-    """How a run is operated: how long, how it is kept and recovered, and where its towers compute.
-    None changes what a step computes, so a resumed run may change any of them."""
+    """How a run is operated: how long, how it is kept and recovered, and where and in which
+    arithmetic its towers compute; never what a step computes, so a resumed run may change any."""
 
     epochs: int = 90  # where the run stops: a resumed run may go further
     publish_every: int = 50  # steps between published model versions (see training.train's on_publish)
