@@ -24,7 +24,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", type=int, default=3)
     parser.add_argument("--steps", type=int, default=20, help="steps per run (one epoch, then its validation)")
-    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="override a recipe field")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="NAME=VALUE", help="override a recipe field or run option"
+    )
     args = parser.parse_args()
 
     import ray
@@ -32,23 +34,28 @@ def main() -> None:
     from coordinator import ModelParallelAlexNet
     from coordinator.data import open_dataset
     from coordinator.data.patterns import generate
-    from coordinator.training import board, recipe, train
+    from coordinator.training import board, run_spec, train
 
     overrides = dict(item.split("=", 1) for item in args.set)
-    plan = recipe("demo", {"epochs": 1, "steps_per_epoch": args.steps, "val_images": 64, **overrides})
+    spec = run_spec("demo", {"epochs": 1, "steps_per_epoch": args.steps, "val_images": 64, **overrides})
+    recipe, options = spec
     ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)  # before the dataset, which uses Ray Data
     root = generate(Path(tempfile.gettempdir()) / "alexnet-mp-board-bench")
     dataset = open_dataset(root / "train", root / "val")
     engine = ModelParallelAlexNet(
-        num_classes=dataset.num_classes, width=plan.width, init=plan.init, seed=plan.seed, precision=plan.precision
+        num_classes=dataset.num_classes,
+        width=recipe.width,
+        init=recipe.init,
+        seed=recipe.seed,
+        precision=options.precision,
     )
     board_seconds = timed_board(board.TrainingBoard)
     print(
-        f"recipe: demo, width {plan.width}, batch {plan.batch_size}, {args.steps} steps a run, publish every "
-        f"{plan.publish_every}, precision {plan.precision}; histograms every {board.HISTOGRAM_EVERY} steps"
+        f"recipe: demo, width {recipe.width}, batch {recipe.batch_size}, {args.steps} steps a run, publish every "
+        f"{options.publish_every}, precision {options.precision}; histograms every {board.HISTOGRAM_EVERY} steps"
     )
     try:
-        train(dataset, plan, engine=engine, on_publish=lambda step, state: None)  # warm-up: first-call costs
+        train(dataset, spec, engine=engine, on_publish=lambda step, state: None)  # warm-up: first-call costs
         pairs = []
         with tempfile.TemporaryDirectory() as logs:
             for pair in range(args.pairs):
@@ -56,7 +63,7 @@ def main() -> None:
                 for logged in (True, False) if pair % 2 == 0 else (False, True):
                     log_dir = Path(logs) / f"run{pair}" if logged else None
                     start = time.perf_counter()
-                    result = train(dataset, plan, engine=engine, on_publish=lambda step, state: None, log_dir=log_dir)
+                    result = train(dataset, spec, engine=engine, on_publish=lambda step, state: None, log_dir=log_dir)
                     seconds[logged] = (time.perf_counter() - start) / result.steps
                 pairs.append(seconds)
                 print(

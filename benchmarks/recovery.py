@@ -27,7 +27,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--every", type=int, default=15, help="steps between kills")
     parser.add_argument("--kills", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="override a recipe field")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="NAME=VALUE", help="override a recipe field or run option"
+    )
     return parser.parse_args()
 
 
@@ -73,21 +75,24 @@ def main() -> None:
     from coordinator import ModelParallelAlexNet
     from coordinator.data import open_dataset
     from coordinator.data.patterns import generate
-    from coordinator.training import recipe, train
+    from coordinator.training import run_spec, train
 
     overrides = dict(item.split("=", 1) for item in args.set)
-    plan = recipe("demo", {"epochs": args.epochs, "max_restarts": args.kills, **overrides})
+    spec = run_spec("demo", {"epochs": args.epochs, "max_restarts": args.kills, **overrides})
+    recipe = spec.recipe
     ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)  # before the dataset, which uses Ray Data
     root = generate(Path(tempfile.gettempdir()) / "alexnet-mp-recovery-bench")
     dataset = open_dataset(root / "train", root / "val")
-    engine = ModelParallelAlexNet(num_classes=dataset.num_classes, width=plan.width, init=plan.init, seed=plan.seed)
+    engine = ModelParallelAlexNet(
+        num_classes=dataset.num_classes, width=recipe.width, init=recipe.init, seed=recipe.seed
+    )
     kills = Kills(engine, [args.kill_at + i * args.every for i in range(args.kills)])
     print(
-        f"demo recipe, snapshot_every {plan.snapshot_every}, width {plan.width}, batch {plan.batch_size}; "
+        f"demo recipe, snapshot_every {spec.options.snapshot_every}, width {recipe.width}, batch {recipe.batch_size}; "
         f"kills after steps {kills.kills_at}",
         flush=True,
     )
-    result = train(dataset, plan, on_event=kills.on_event, engine=engine)
+    result = train(dataset, spec, on_event=kills.on_event, engine=engine)
     engine.shutdown()
     print()
     kills.report()

@@ -1,7 +1,7 @@
 """alexnet-mp: serve, train, watch, classify and inspect the two-tower AlexNet.
 
     alexnet-mp serve [--ray-address ADDR] [--host 127.0.0.1] [--port 50051] [--metrics-port 9464]
-    alexnet-mp train --data DIR [--preset demo|paper] [--set lr=0.005] [--follow]
+    alexnet-mp train --data DIR [--preset demo|paper] [--set lr=0.005] [--set snapshot_every=50] [--follow]
     alexnet-mp train --builtin --follow
     alexnet-mp train --resume JOB|CHECKPOINT [--set epochs=20] [--follow]
     alexnet-mp status [JOB]        alexnet-mp watch JOB        alexnet-mp stop JOB
@@ -27,6 +27,7 @@ from alexnet_api.v1 import alexnet_pb2 as pb
 from client import DEFAULT_TARGET, AlexNetClient, read_token
 from client.demo import demo_precision, run_demo
 from client.views import STATE, colour_lines, console, follow, jobs_table, predictions_table, show_model
+from coordinator.training.recipe import PRESETS  # torch-free and Ray-free, as a client command must stay
 
 
 def overrides(args) -> dict:
@@ -281,7 +282,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--client-key", help="the client certificate's key (PEM)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log details")
     sub = parser.add_subparsers(dest="command", required=True)
+    add_serve_command(sub)
+    add_train_command(sub)
+    add_job_commands(sub)
+    add_model_commands(sub)
+    add_demo_command(sub)
+    return parser
 
+
+def add_run_arguments(parser: argparse.ArgumentParser, preset_default=None, preset_help=None) -> None:
+    """--preset and --set: what a run is asked to do (coordinator.training.recipe)."""
+    parser.add_argument("--preset", default=preset_default, choices=tuple(PRESETS), help=preset_help)
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="override a recipe field or a run option (e.g. lr=0.005, snapshot_every=50)",
+    )
+
+
+def add_serve_command(sub) -> None:
     serve = sub.add_parser("serve", help="run the gRPC server (a Ray driver)")
     add_serve_arguments(serve, 50051, 9464)
     serve.add_argument(
@@ -311,6 +332,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="keep version N in the state dir whatever its age (repeatable)",
     )
+    add_access_arguments(serve)
+    serve.set_defaults(run=cmd_serve)
+
+
+def add_access_arguments(serve: argparse.ArgumentParser) -> None:
+    """Who may call the server, and which folders its requests may name."""
     serve.add_argument(
         "--auth-token-file",
         help="tokens clients must send, one per line, optionally 'read:' or "
@@ -338,24 +365,22 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="allow a non-loopback --host without tokens (only on a network you trust)",
     )
-    serve.set_defaults(run=cmd_serve)
 
+
+def add_train_command(sub) -> None:
     train = sub.add_parser("train", help="start a training job")
     source = train.add_mutually_exclusive_group()
     source.add_argument("--data", help="ImageFolder training folder (root/<class>/<image>)")
     source.add_argument("--builtin", action="store_true", help="the built-in pattern dataset")
     train.add_argument("--val", help="held-out validation folder (default: hold out a share of --data)")
     train.add_argument("--classes", help="class names file: lines like 'n01440764 tench'")
-    train.add_argument(
-        "--preset", choices=("demo", "paper"), help="the recipe (default demo; a resumed run keeps its own)"
-    )
-    train.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="override a recipe field")
+    add_run_arguments(train, preset_help="the recipe and run options (default demo; a resumed run keeps its recipe)")
     train.add_argument("--checkpoint-dir", help="write checkpoints here after every epoch")
     train.add_argument(
         "--resume",
         metavar="JOB|CHECKPOINT",
         help="go on with an earlier run exactly where it stopped: a job id, a checkpoint file, "
-        "or a checkpoint folder (its latest)",
+        "or a checkpoint folder (its latest); --set may change its run options",
     )
     train.add_argument(
         "--init-from",
@@ -372,6 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--follow", action="store_true", help="show a live progress bar until the job ends")
     train.set_defaults(run=cmd_train)
 
+
+def add_job_commands(sub) -> None:
     watch = sub.add_parser("watch", help="follow a job's progress")
     watch.add_argument("job")
     watch.set_defaults(run=cmd_watch)
@@ -384,6 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
     stop.add_argument("job")
     stop.set_defaults(run=cmd_stop)
 
+
+def add_model_commands(sub) -> None:
     classify = sub.add_parser("classify", help="classify image files")
     classify.add_argument("images", nargs="+", metavar="IMAGE")
     classify.add_argument("--top-k", type=int, default=5)
@@ -410,12 +439,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("-o", "--output", required=True, help="the file to write")
     export.set_defaults(run=cmd_export)
 
+
+def add_demo_command(sub) -> None:
     demo = sub.add_parser("demo", help="start a server, train on the built-in data, classify through gRPC")
     add_serve_arguments(demo, 50051, 9464)
-    demo.add_argument("--preset", default="demo", choices=("demo", "paper"))
-    demo.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="override a recipe field")
+    add_run_arguments(demo, preset_default="demo")
     demo.set_defaults(run=cmd_demo, precision="auto")  # bfloat16 where this machine computes it, else float32
-    return parser
 
 
 def main(argv=None) -> int:

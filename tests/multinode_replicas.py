@@ -21,7 +21,7 @@ from ray.cluster_utils import Cluster  # noqa: E402
 
 from coordinator import ModelParallelAlexNet  # noqa: E402
 from coordinator.data.patterns import generate  # noqa: E402
-from coordinator.training import recipe, train  # noqa: E402
+from coordinator.training import run_spec, train  # noqa: E402
 
 REMOVE_AFTER_STEP = 3
 
@@ -29,21 +29,21 @@ REMOVE_AFTER_STEP = 3
 def main(workdir: Path) -> None:
     cluster, workers = start_cluster()
     data = generate(workdir / "patterns", train_per_class=8, val_per_class=2)
-    plan = small_plan()
+    spec = small_spec()
     engine = ModelParallelAlexNet(
         num_classes=10,
-        dropout=plan.dropout,
-        lr=plan.lr,
-        seed=plan.seed,
-        init=plan.init,
-        width=plan.width,
+        dropout=spec.recipe.dropout,
+        lr=spec.recipe.lr,
+        seed=spec.recipe.seed,
+        init=spec.recipe.init,
+        width=spec.recipe.width,
         image_size=227,
         replicas=2,
     )
     before = [dict(tower) for tower in engine.tower_info]
     coordinator_before = coordinator_node(engine)
     loss = NodeLoss(cluster, next(w for w in workers if w.node_id == before[2]["node"]))
-    result = train(data / "train", plan, engine=engine, on_event=loss.on_event, checkpoint_dir=workdir / "checkpoints")
+    result = train(data / "train", spec, engine=engine, on_event=loss.on_event, checkpoint_dir=workdir / "checkpoints")
     print(
         json.dumps(
             {
@@ -74,9 +74,9 @@ def start_cluster() -> tuple[Cluster, list]:
     return cluster, workers
 
 
-def small_plan():
+def small_spec():
     overrides = {"width": "0.125", "batch_size": "8", "epochs": "2", "snapshot_every": "2"}
-    return recipe("demo", {**overrides, "publish_every": "1000", "replicas": "2", "init": "pytorch"})
+    return run_spec("demo", {**overrides, "publish_every": "1000", "replicas": "2", "init": "pytorch"})
 
 
 def coordinator_node(engine) -> str:

@@ -19,7 +19,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from coordinator import ModelParallelAlexNet
 from coordinator.data import open_dataset
 from coordinator.data.patterns import generate
-from coordinator.training import recipe, train
+from coordinator.training import run_spec, train
 from coordinator.training.board import (
     KERNELS_IMAGE,
     STEP_SCALARS,
@@ -40,7 +40,7 @@ def run(ray_session, tmp_path_factory):
     """A short run with a TensorBoard log, and its towers' conv1 kernels at the end."""
     root = generate(tmp_path_factory.mktemp("patterns") / "p", train_per_class=8, val_per_class=2)
     dataset = open_dataset(root / "train", root / "val")
-    plan = recipe(
+    spec = run_spec(
         "demo",
         {
             "width": WIDTH,
@@ -53,7 +53,7 @@ def run(ray_session, tmp_path_factory):
     log_dir = tmp_path_factory.mktemp("runs") / "first"
     engine = ModelParallelAlexNet(num_classes=dataset.num_classes, width=WIDTH, init="kaiming")
     try:
-        result = train(dataset, plan, engine=engine, log_dir=log_dir, on_publish=lambda step, state: None)
+        result = train(dataset, spec, engine=engine, log_dir=log_dir, on_publish=lambda step, state: None)
         kernels = engine.tower_weights("conv1")
     finally:
         engine.shutdown()

@@ -98,12 +98,12 @@ def test_loader_gives_tensors_and_counts_skips(ray_session, mixed_folder):
 
 
 def test_training_survives_bad_files_and_reports_them(ray_session, mixed_folder, caplog):
-    from coordinator.training import recipe, train
+    from coordinator.training import run_spec, train
 
     events = []
     result = train(
         mixed_folder / "train",
-        recipe("demo", {"epochs": 2, "batch_size": 4, "width": 0.125, "val_fraction": 0.5, "steps_per_epoch": 2}),
+        run_spec("demo", {"epochs": 2, "batch_size": 4, "width": 0.125, "val_fraction": 0.5, "steps_per_epoch": 2}),
         on_event=events.append,
     )
     assert result.state == "finished" and result.steps > 0

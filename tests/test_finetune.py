@@ -15,7 +15,7 @@ from client import AlexNetClient
 from coordinator.data import open_dataset
 from coordinator.data.patterns import KINDS, generate
 from coordinator.service import ServeOptions, Server
-from coordinator.training import recipe, train
+from coordinator.training import run_spec, train
 from coordinator.training.board import KERNELS_IMAGE
 from test_service import wait_for
 from towers import AlexNet, NetConfig
@@ -33,13 +33,13 @@ def source():
 
 def test_a_run_starts_from_the_files_layers_with_fc8_afresh(ray_session, source, tmp_path):
     root = generate(tmp_path / "patterns", train_per_class=4, val_per_class=1)  # ten classes
-    plan = recipe("demo", {"width": WIDTH, "epochs": 1, "batch_size": 8, "steps_per_epoch": 2})
+    spec = run_spec("demo", {"width": WIDTH, "epochs": 1, "batch_size": 8, "steps_per_epoch": 2})
     start, renewed = fitted(source, NetConfig(num_classes=10, width=WIDTH))
     assert renewed and "fc8.weight" not in start and start.keys() == source.keys() - {"fc8.weight", "fc8.bias"}
     states = []
     result = train(
         open_dataset(root / "train", root / "val"),
-        plan,
+        spec,
         init_state=start,
         log_dir=tmp_path / "log",
         on_publish=lambda step, state: states.append(state),

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -164,3 +165,33 @@ def test_the_protocol_adapters_are_siblings():
     assert not imports("kserve.py") & {v1, "coordinator.service.convert"}
     assert kserve not in imports("servicers.py") | imports("convert.py")
     assert "coordinator.service.protocol" in imports("kserve.py") & imports("servicers.py")
+
+
+_HELP = """
+import contextlib, io, sys
+from client.cli import main
+for argv in (["--help"], ["train", "--help"], ["demo", "--help"]):
+    with contextlib.redirect_stdout(io.StringIO()) as shown, contextlib.suppress(SystemExit):
+        main(argv)
+    assert "usage: alexnet-mp" in shown.getvalue(), argv
+print(sorted({m.split(".")[0] for m in sys.modules} & {"torch", "ray", "torchvision"}))
+"""
+
+
+def test_client_commands_load_neither_torch_nor_ray():
+    """`alexnet-mp --help` and the client's commands start at once: the presets they offer come from
+    the recipe module, which imports neither."""
+    run = subprocess.run([sys.executable, "-c", _HELP], capture_output=True, text=True, check=True)
+    assert run.stdout.split() == ["[]"], run.stderr
+
+
+def test_the_clis_presets_are_the_recipe_modules(capsys):
+    from client.cli import build_parser
+    from coordinator.training.recipe import PRESETS
+
+    parser = build_parser()
+    for command in ("train", "demo"):
+        assert [parser.parse_args([command, "--preset", name]).preset for name in PRESETS] == list(PRESETS)
+        with pytest.raises(SystemExit):
+            parser.parse_args([command, "--preset", "fast"])
+        assert "invalid choice: 'fast'" in capsys.readouterr().err

@@ -30,8 +30,7 @@ from conftest import relative_error
 from coordinator import ModelParallelAlexNet
 from coordinator.data import open_dataset
 from coordinator.data.patterns import generate
-from coordinator.training import recipe, train
-from coordinator.training.checkpoints import resume_recipe
+from coordinator.training import resume_spec, run_spec, train
 from coordinator.training.loop import engine_for
 from coordinator.training.passes import SkipLog, evaluate, training_pass, validation_pass
 from towers import AlexNet, paper_sgd
@@ -64,14 +63,14 @@ def engines(ray_session):
 
 def run(patterns, engines, precision: str) -> dict:
     events, published = [], []
-    plan = recipe("demo", {**PLAN, "precision": precision})
-    engines[precision] = engine = engine_for(plan, patterns.num_classes)
+    spec = run_spec("demo", {**PLAN, "precision": precision})
+    engines[precision] = engine = engine_for(spec.recipe, spec.options, patterns.num_classes)
     result = train(
-        patterns, plan, engine=engine, on_event=events.append, on_publish=lambda step, state: published.append(state)
+        patterns, spec, engine=engine, on_event=events.append, on_publish=lambda step, state: published.append(state)
     )
     # Each run evaluated as it trained, on every held-out image.
-    top1, _ = evaluate(engine, validation_pass(patterns, dataclasses.replace(plan, val_images=0)), SkipLog())
-    return {"result": result, "events": events, "state": published[-1], "top1": top1, "plan": plan}
+    top1, _ = evaluate(engine, validation_pass(patterns, dataclasses.replace(spec.recipe, val_images=0)), SkipLog())
+    return {"result": result, "events": events, "state": published[-1], "top1": top1, "recipe": spec.recipe}
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +110,7 @@ def test_bf16_learns_as_well_as_float32_within_3_points(float32_run, bf16_run):
 
 @needs_bf16
 def test_a_float32_model_gives_the_same_classes_evaluated_in_bf16(patterns, engines, float32_run, bf16_run):
-    held_out = list(validation_pass(patterns, dataclasses.replace(float32_run["plan"], val_images=0)))
+    held_out = list(validation_pass(patterns, dataclasses.replace(float32_run["recipe"], val_images=0)))
     classes = {}
     for precision, engine in engines.items():
         engine.load_state_dict(float32_run["state"])
@@ -125,7 +124,7 @@ def test_a_float32_model_gives_the_same_classes_evaluated_in_bf16(patterns, engi
 def trained(patterns, engines, float32_run, bf16_run):
     """The float32 run's weights: start() loads them into the bf16 engine and a fresh reference;
     and four batches of real training images."""
-    with closing(training_pass(patterns, float32_run["plan"], epoch=3, steps=4)) as loader:
+    with closing(training_pass(patterns, float32_run["recipe"], epoch=3, steps=4)) as loader:
         batches = [batch for _, batch in zip(range(4), loader)]
 
     def start():
@@ -210,6 +209,7 @@ def test_bf16_is_refused_where_nothing_computes_it_and_a_resume_may_change_preci
     with pytest.raises(ValueError, match="precision bfloat16 .* takes dtype float32, not float64"):
         ModelParallelAlexNet(num_classes=10, width=0.125, precision="bfloat16", dtype=torch.float64)
     with pytest.raises(ValueError, match="precision must be one of float32, bfloat16, got 'half'"):
-        recipe("demo", {"precision": "half"})
-    saved = {"recipe": dataclasses.asdict(recipe("demo"))}  # a run trained in float32 ...
-    assert resume_recipe(saved, {"precision": "bfloat16"}).precision == "bfloat16"  # ... goes on in bf16
+        run_spec("demo", {"precision": "half"})
+    recipe, options = run_spec("demo")  # a run trained in float32 ...
+    saved = {"recipe": dataclasses.asdict(recipe), "options": dataclasses.asdict(options)}
+    assert resume_spec(saved, {"precision": "bfloat16"}).options.precision == "bfloat16"  # ... goes on in bf16

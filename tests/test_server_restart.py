@@ -205,7 +205,8 @@ def test_a_resume_request_is_checked_before_it_is_accepted(tmp_path):
         return check_request(TrainingRequest(**{"resume_from": str(tmp_path / "ckpt"), **fields}))
 
     plan = check(data_dir=str(tmp_path / "ab"), overrides={"epochs": "9"})
-    assert plan.resume["step"] == 8 and plan.recipe.epochs == 9 and plan.recipe.lr == 0.003  # the latest, the demo's lr
+    assert plan.resume["step"] == 8 and plan.spec.options.epochs == 9  # the latest checkpoint
+    assert plan.spec.recipe.lr == 0.003  # the demo's, as the checkpoint keeps it
     assert plan.checkpoint_dir == tmp_path / "ckpt" and plan.request.checkpoint_dir == str(tmp_path / "ckpt")
     assert (
         check_request(

@@ -1,5 +1,6 @@
 """The training loop: presets and overrides, schedules, stopping, checkpoints, and real learning."""
 
+import dataclasses
 import math
 import os
 import signal
@@ -14,42 +15,61 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from coordinator import ModelParallelAlexNet
 from coordinator.data import Batch, open_dataset
 from coordinator.data.patterns import generate
-from coordinator.training import PRESETS, PlateauSchedule, StepSchedule, recipe, train
+from coordinator.training import PRESETS, PlateauSchedule, Recipe, RunOptions, StepSchedule, run_spec, train
 from coordinator.training.passes import SkipLog, class_probabilities, evaluate, validation_pass
+from coordinator.training.recipe import RUN_OPTIONS
 from towers.inputs import crops_of
 
 
 def test_paper_preset_is_the_papers_recipe():
-    paper = PRESETS["paper"]
+    paper, options = PRESETS["paper"]
     assert (paper.batch_size, paper.lr, paper.momentum, paper.weight_decay) == (128, 0.01, 0.9, 5e-4)
-    assert (paper.init, paper.epochs, paper.dropout, paper.schedule) == ("paper", 90, 0.5, "plateau")
+    assert (paper.init, options.epochs, paper.dropout, paper.schedule) == ("paper", 90, 0.5, "plateau")
     assert paper.max_drops == 3 and paper.width == 1.0 and not paper.normalise
 
 
 def test_demo_preset_keeps_the_network():
-    demo = PRESETS["demo"]
+    demo = PRESETS["demo"].recipe
     assert demo.width == 1.0 and demo.dropout == 0.5  # the same network: only the recipe is tuned
 
 
 def test_overrides_are_converted_and_checked():
-    plan = recipe("paper", {"epochs": "3", "lr": "0.02", "lr_epochs": "2,4", "ten_crop": "true"})
-    assert (plan.epochs, plan.lr, plan.lr_epochs, plan.ten_crop) == (3, 0.02, (2, 4), True)
+    spec = run_spec("paper", {"epochs": "3", "lr": "0.02", "lr_epochs": "2,4", "ten_crop": "true"})
+    assert (spec.options.epochs, spec.recipe.lr, spec.recipe.lr_epochs, spec.recipe.ten_crop) == (3, 0.02, (2, 4), True)
     with pytest.raises(ValueError, match="unknown preset 'fast'"):
-        recipe("fast")
-    with pytest.raises(ValueError, match="unknown override colour"):
-        recipe("demo", {"colour": "red"})
+        run_spec("fast")
+    with pytest.raises(ValueError, match="unknown override colour: the recipe's are batch_size, lr,"):
+        run_spec("demo", {"colour": "red"})
+    with pytest.raises(ValueError, match="unknown override x{37}\\.\\.\\.: "):  # a long name is cut short
+        run_spec("demo", {"x" * 10_000: "1"})
     with pytest.raises(ValueError, match="lr must be"):
-        recipe("demo", {"lr": "-0.1"})
+        run_spec("demo", {"lr": "-0.1"})
     with pytest.raises(ValueError, match="dropout must be in"):
-        recipe("demo", {"dropout": "1.5"})
+        run_spec("demo", {"dropout": "1.5"})
     with pytest.raises(ValueError, match="ten_crop='maybe' is not a valid bool"):
-        recipe("demo", {"ten_crop": "maybe"})
+        run_spec("demo", {"ten_crop": "maybe"})
+    with pytest.raises(ValueError, match="snapshot_every must be at least 1, got 0"):
+        run_spec("demo", {"snapshot_every": "0"})
     with pytest.raises(ValueError, match="transport must be one of auto, gloo, nccl, got 'pigeon'"):
-        recipe("demo", {"transport": "pigeon"})
-    assert recipe("demo", {"transport": "gloo"}).transport == "gloo"
+        run_spec("demo", {"transport": "pigeon"})
+    with pytest.raises(ValueError, match=r"batch_size \(64\) must be a multiple of replicas \(3\)"):
+        run_spec("demo", {"replicas": "3"})
+    assert run_spec("demo", {"transport": "gloo"}).options.transport == "gloo"
     # A transport retired with the one-call step still reads, as saved recipes and checkpoints name it
     # (the engine maps it).
-    assert recipe("demo", {"transport": "object_store"}).transport == "object_store"
+    assert run_spec("demo", {"transport": "object_store"}).options.transport == "object_store"
+
+
+def test_each_override_goes_to_the_recipe_or_the_run_options_that_has_it():
+    """One parser: a field of the mathematics lands in the recipe, one of operating the run in the
+    run options; the preset's other values stay."""
+    recipe, options = run_spec("demo", {"lr": "0.005", "snapshot_every": "50", "replicas": "2", "width": "0.5"})
+    assert (recipe.lr, recipe.width, recipe.batch_size) == (0.005, 0.5, 64)
+    assert (options.snapshot_every, options.replicas, options.epochs, options.publish_every) == (50, 2, 5, 10)
+    recipe_fields = {f.name for f in dataclasses.fields(Recipe)}
+    assert recipe_fields.isdisjoint(f.name for f in dataclasses.fields(RunOptions))
+    assert {"epochs", "snapshot_every", "max_restarts", "transport", "replicas", "precision"} <= set(RUN_OPTIONS)
+    assert {"lr", "batch_size", "width", "schedule", "seed"} <= recipe_fields
 
 
 def test_plateau_schedule_divides_when_validation_error_stalls():
@@ -89,7 +109,7 @@ def test_stop_ends_at_a_step_boundary_with_a_checkpoint(ray_session, patterns, t
 
     result = train(
         patterns,
-        recipe(
+        run_spec(
             "demo",
             {
                 "width": 0.125,
@@ -124,7 +144,7 @@ def test_stop_ends_at_a_step_boundary_with_a_checkpoint(ray_session, patterns, t
 
 def test_a_diverging_run_fails_with_advice(ray_session, patterns):
     with pytest.raises(FloatingPointError, match="lower lr"):
-        train(patterns, recipe("demo", {"width": 0.125, "lr": 1e6, "epochs": 1, "batch_size": 16, "init": "pytorch"}))
+        train(patterns, run_spec("demo", {"width": 0.125, "lr": 1e6, "epochs": 1, "batch_size": 16, "init": "pytorch"}))
 
 
 class MeanColourClassifier:
@@ -149,12 +169,12 @@ def test_ten_crop_probabilities_average_each_images_ten_softmaxes():
 
 
 def test_ten_crop_validation_ranks_the_averaged_softmax(ray_session, patterns):
-    plan = recipe("demo", {"ten_crop": "true", "val_images": 12, "width": 0.125})
+    spec = run_spec("demo", {"ten_crop": "true", "val_images": 12, "width": 0.125})
     with ModelParallelAlexNet(num_classes=10, width=0.125, dropout=0.0, init="pytorch", seed=4) as engine:
-        [batch] = list(validation_pass(patterns, plan))
+        [batch] = list(validation_pass(patterns, spec.recipe))
         assert batch.images.shape == (12, 10, 3, 227, 227)  # the paper's ten views of each image
         probs = class_probabilities(engine, batch)
-        top1, top5 = evaluate(engine, validation_pass(patterns, plan), SkipLog())
+        top1, top5 = evaluate(engine, validation_pass(patterns, spec.recipe), SkipLog())
     ranked = probs.argsort(dim=1, descending=True)
     assert top1 == (ranked[:, 0] == batch.labels).float().mean().item()
     assert top5 == (ranked[:, :5] == batch.labels[:, None]).any(dim=1).float().mean().item()
@@ -164,11 +184,11 @@ def test_a_tower_killed_mid_run_is_replaced_and_the_run_ends_as_if_nothing_happe
     """kill -9 of a training tower: the run replaces it, goes back to its last snapshot, replays the
     batches since, and ends with the weights of a run that was never interrupted. Its TensorBoard
     log draws each step once, as the uninterrupted run's does."""
-    plan = recipe("demo", {"width": 0.125, "epochs": 2, "batch_size": 16, "steps_per_epoch": 8, "snapshot_every": 3})
+    spec = run_spec("demo", {"width": 0.125, "epochs": 2, "batch_size": 16, "steps_per_epoch": 8, "snapshot_every": 3})
     engine = ModelParallelAlexNet(num_classes=patterns.num_classes, width=0.125, init="kaiming")
     untouched = []
     straight = train(
-        patterns, plan, on_publish=lambda step, state: untouched.append(state), log_dir=tmp_path / "straight"
+        patterns, spec, on_publish=lambda step, state: untouched.append(state), log_dir=tmp_path / "straight"
     )
     events, killed = [], []
 
@@ -181,7 +201,7 @@ def test_a_tower_killed_mid_run_is_replaced_and_the_run_ends_as_if_nothing_happe
     try:
         result = train(
             patterns,
-            plan,
+            spec,
             on_event=on_event,
             engine=engine,
             on_publish=lambda step, state: None,
@@ -216,12 +236,12 @@ def test_a_replica_group_that_loses_a_tower_takes_a_healthy_groups_weights_and_l
     """Two replica groups; kill -9 of group 1's tower 0 mid-step: group 1 is rebuilt from group 0's
     weights and momentum, only the failed step is redone (no snapshot), and the run ends with the
     weights of one that was never interrupted."""
-    plan = recipe(
+    spec = run_spec(
         "demo",
         {"width": 0.125, "epochs": 1, "batch_size": 16, "steps_per_epoch": 8, "snapshot_every": 3, "replicas": 2},
     )
     untouched = []
-    straight = train(patterns, plan, on_publish=lambda step, state: untouched.append(state))
+    straight = train(patterns, spec, on_publish=lambda step, state: untouched.append(state))
     engine = ModelParallelAlexNet(num_classes=patterns.num_classes, width=0.125, init="kaiming", replicas=2)
     events, killed = [], []
 
@@ -232,7 +252,7 @@ def test_a_replica_group_that_loses_a_tower_takes_a_healthy_groups_weights_and_l
             os.kill(killed[0], signal.SIGKILL)
 
     try:
-        result = train(patterns, plan, on_event=on_event, engine=engine, on_publish=lambda step, state: None)
+        result = train(patterns, spec, on_event=on_event, engine=engine, on_publish=lambda step, state: None)
         weights = engine.state_dict()
         group0, group1 = engine.replica_checksums()
     finally:
@@ -260,15 +280,17 @@ def assert_same_weights(ours: dict, theirs: dict, rtol: float = 1e-6) -> None:
 def test_a_stopped_run_resumed_from_its_checkpoint_ends_exactly_as_a_straight_run(ray_session, patterns, tmp_path):
     """N steps straight equal N/2, a stop, a resume from the checkpoint, and the rest: the weights,
     momentum, schedule (plateau counters), data position and random streams all come back."""
-    from coordinator.training import ResumeMismatch, load_checkpoint, resume_recipe
+    from coordinator.training import ResumeMismatch, load_checkpoint, resume_spec
     from coordinator.training.checkpoints import check_resumable
 
-    plan = recipe("demo", {"width": 0.125, "epochs": 3, "batch_size": 16, "steps_per_epoch": 3, "schedule": "plateau"})
+    spec = run_spec(
+        "demo", {"width": 0.125, "epochs": 3, "batch_size": 16, "steps_per_epoch": 3, "schedule": "plateau"}
+    )
     straight_weights, resumed_weights, stop = [], [], threading.Event()
-    straight = train(patterns, plan, on_publish=lambda step, state: straight_weights.append(state))
+    straight = train(patterns, spec, on_publish=lambda step, state: straight_weights.append(state))
     first = train(
         patterns,
-        plan,
+        spec,
         stop=stop,
         checkpoint_dir=tmp_path,
         on_event=lambda e: e.kind == "step" and e.step == 5 and stop.set(),
@@ -277,25 +299,92 @@ def test_a_stopped_run_resumed_from_its_checkpoint_ends_exactly_as_a_straight_ru
     assert first.state == "stopped" and payload["step"] == first.steps in (5, 6)  # mid-way through the second epoch
     assert (payload["epochs_done"], payload["position"]) == (1, first.steps - 3)
     assert payload["schedule"]["best"] < 1 and payload["engine_steps"] == first.steps
+    old = written_before_run_options(payload, tmp_path / "old.pt")  # an older server's checkpoint resumes too
     second = train(
         patterns,
-        resume_recipe(payload, {"epochs": "3"}),
-        resume=tmp_path,
+        resume_spec(load_checkpoint(old), {"epochs": "3"}),
+        resume=old,
         checkpoint_dir=tmp_path,
         on_publish=lambda step, state: resumed_weights.append(state),
     )
     assert second.state == "finished" and second.steps == straight.steps == 9 and second.epochs_done == 3
     assert second.top1 == straight.top1 and second.loss == pytest.approx(straight.loss, rel=1e-5)
     assert_same_weights(resumed_weights[-1], straight_weights[-1])
-    assert load_checkpoint(tmp_path)["step"] == 9
+    assert load_checkpoint(tmp_path)["step"] == 9 and load_checkpoint(tmp_path)["options"]["epochs"] == 3
 
     other = generate(tmp_path / "other", train_per_class=8, val_per_class=2)  # same classes, other files
     with pytest.raises(ResumeMismatch, match="same classes but other files"):
         check_resumable(payload, open_dataset(other / "train", other / "val"))
     with pytest.raises(ResumeMismatch, match="network's shape differs: the checkpoint has width 0.125"):
-        resume_recipe(payload, {"width": "0.25"})
+        resume_spec(payload, {"width": "0.25"})
     with pytest.raises(ValueError, match="lr cannot change"):
-        resume_recipe(payload, {"lr": "0.1"})
+        resume_spec(payload, {"lr": "0.1"})
+
+
+def written_before_run_options(payload: dict, path):
+    """The checkpoint as a server wrote it before run options had a section of their own: in its recipe."""
+    old = {name: value for name, value in payload.items() if name not in ("options", "path")}
+    old["recipe"] = {**payload["recipe"], **payload["options"]}
+    torch.save(old, path)
+    return path
+
+
+# A checkpoint's recipe as written before run options had a section of their own (lists, as torch.save keeps them).
+OLD_RECIPE = {
+    "epochs": 5,
+    "batch_size": 64,
+    "lr": 0.003,
+    "momentum": 0.9,
+    "weight_decay": 5e-4,
+    "dropout": 0.5,
+    "init": "kaiming",
+    "normalise": True,
+    "schedule": "step",
+    "lr_epochs": [4],
+    "patience": 1,
+    "max_drops": 3,
+    "steps_per_epoch": 0,
+    "val_images": 0,
+    "ten_crop": False,
+    "val_fraction": 0.1,
+    "seed": 0,
+    "width": 0.125,
+    "publish_every": 10,
+    "transport": "object_store",
+    "replicas": 1,
+    "precision": "float32",
+    "snapshot_every": 7,
+    "checkpoint_every": 0,
+    "keep_checkpoints": 2,
+    "max_restarts": 1,
+}
+
+
+def test_a_resume_keeps_the_recipe_and_may_change_any_run_option():
+    """No list of resumable fields: every run option may change, no recipe field may (naming the
+    value the run has is no change). An older checkpoint's run options are read from its recipe."""
+    from coordinator.training import ResumeMismatch, resume_spec
+
+    payload = {"recipe": dict(OLD_RECIPE)}
+    everything = {name: str(OLD_RECIPE[name] + 1) for name in RUN_OPTIONS if isinstance(OLD_RECIPE[name], int)}
+    recipe, options = resume_spec(payload, {**everything, "transport": "gloo", "precision": "bfloat16", "replicas": 2})
+    assert (recipe.width, recipe.lr, recipe.lr_epochs, recipe.init, recipe.batch_size) == (
+        0.125,
+        0.003,
+        (4,),
+        "kaiming",
+        64,
+    )
+    assert (options.epochs, options.snapshot_every, options.keep_checkpoints, options.max_restarts) == (6, 8, 3, 2)
+    assert (options.transport, options.precision, options.replicas) == ("gloo", "bfloat16", 2)
+    assert resume_spec(payload).options == RunOptions(**{n: OLD_RECIPE[n] for n in RUN_OPTIONS})
+    assert resume_spec(payload, {"lr": "0.003", "width": "0.125"}).recipe.lr == 0.003
+    with pytest.raises(ValueError, match="a resumed run keeps its recipe: lr, seed cannot change"):
+        resume_spec(payload, {"lr": "0.01", "seed": "3"})
+    with pytest.raises(ResumeMismatch, match="the checkpoint has width 0.125, the request asks for 0.25"):
+        resume_spec(payload, {"width": "0.25"})
+    with pytest.raises(ValueError, match="unknown override colour"):
+        resume_spec(payload, {"colour": "red"})
 
 
 class WeightsOnly:
@@ -326,7 +415,7 @@ def saved_by(folder, steps_and_top1, keep, megabytes=1):
     )
     for step, top1 in steps_and_top1:
         snapshot = take_snapshot(WeightsOnly(megabytes, step), step, 0, step, StepSchedule(0.01, [1]), top1, math.nan)
-        save_checkpoint(folder, snapshot, dataset, recipe("demo"), keep=keep)
+        save_checkpoint(folder, snapshot, dataset, run_spec("demo"), keep=keep)
 
 
 def test_checkpoints_keep_the_last_ones_and_the_most_accurate(tmp_path):

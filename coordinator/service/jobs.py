@@ -152,7 +152,7 @@ class JobManager:
             else:
                 train_dir, val_dir, names = plan.train_dir, plan.val_dir, plan.class_names
             job.set_state(JobState.PENDING, "reading the dataset and its colour statistics")
-            dataset = open_dataset(train_dir, val_dir, val_fraction=plan.recipe.val_fraction, class_names=names)
+            dataset = open_dataset(train_dir, val_dir, val_fraction=plan.spec.recipe.val_fraction, class_names=names)
             if job.stop_event.is_set():
                 job.set_state(JobState.STOPPED, "stopped before training began")
                 return
@@ -162,19 +162,19 @@ class JobManager:
                 JobState.RUNNING, f"training on {len(dataset.train)} images of {dataset.num_classes} classes{resumed}"
             )
             watched.started()
-            net = dict(num_classes=dataset.num_classes, width=plan.recipe.width)
+            net = dict(num_classes=dataset.num_classes, width=plan.spec.recipe.width)
 
             def on_event(event: Progress) -> None:
                 watched.progress(event)
                 job.on_progress(event)
 
             def on_publish(step: int, state: dict) -> None:
-                version = ModelVersion(0, state, dataset.labels, dataset.stats, plan.recipe.normalise, net)
+                version = ModelVersion(0, state, dataset.labels, dataset.stats, plan.spec.recipe.normalise, net)
                 job.on_published(self.publish(version))
 
             result = train(
                 dataset,
-                plan.recipe,
+                plan.spec,
                 on_event=on_event,
                 stop=job.stop_event,
                 on_publish=on_publish,

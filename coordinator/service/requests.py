@@ -1,4 +1,4 @@
-"""A StartTraining request, as given and once checked: the recipe, the paths, and what it resumes.
+"""A StartTraining request, as given and once checked: the recipe and run options, the paths, and what it resumes.
 
 Everything that can be checked before a job is accepted is checked here, so that a refused
 request leaves nothing behind and an accepted one does not fail for a reason visible up front.
@@ -14,7 +14,7 @@ from typing import Optional
 
 from coordinator.data import check_folder, patterns
 from coordinator.service.errors import InvalidRequest, NotFound, PermissionDenied, PreconditionFailed
-from coordinator.training import CheckpointError, Recipe, ResumeMismatch, load_checkpoint, recipe, resume_recipe
+from coordinator.training import CheckpointError, ResumeMismatch, RunSpec, load_checkpoint, resume_spec, run_spec
 from coordinator.training.checkpoints import CheckpointMissing, shown
 from towers import NetConfig
 from towers.portable import PortableError, ShapeMismatch, fitted, from_safetensors, is_safetensors
@@ -85,9 +85,9 @@ class InitialWeights:
 
 @dataclass(frozen=True)
 class JobPlan:
-    """A request once checked: the parsed recipe and the paths to use."""
+    """A request once checked: the parsed recipe and run options, and the paths to use."""
 
-    recipe: Recipe
+    spec: RunSpec
     train_dir: Optional[Path]  # None: the built-in dataset
     val_dir: Optional[Path]
     class_names: Optional[Path]
@@ -149,10 +149,10 @@ def _checked(request: TrainingRequest, resume_source: Optional[Path], roots: Roo
                 raise InvalidRequest(
                     f"val_dir has classes the training folder lacks: {', '.join(shown(c, 40) for c in extra[:5])}"
                 )
-        plan = (
-            resume_recipe(payload, request.overrides)
+        spec = (
+            resume_spec(payload, request.overrides)
             if payload
-            else recipe(request.preset or "demo", request.overrides)
+            else run_spec(request.preset or "demo", request.overrides)
         )
     except ResumeMismatch as exc:
         raise PreconditionFailed(str(exc)) from None
@@ -166,8 +166,8 @@ def _checked(request: TrainingRequest, resume_source: Optional[Path], roots: Roo
             _check_writable(name, paths[name])
     init = None
     if request.init_from:
-        init = initial_weights(request.init_from, init_source, roots, len(classes or patterns.KINDS), plan.width)
-    return JobPlan(plan, train_dir, val_dir, class_names, checkpoint_dir, paths["log_dir"], request, payload, init)
+        init = initial_weights(request.init_from, init_source, roots, len(classes or patterns.KINDS), spec.recipe.width)
+    return JobPlan(spec, train_dir, val_dir, class_names, checkpoint_dir, paths["log_dir"], request, payload, init)
 
 
 def initial_weights(init_from: str, source, roots: Roots, classes: int, width: float) -> InitialWeights:
@@ -228,7 +228,7 @@ def _resumed(request: TrainingRequest, source: Path) -> tuple[dict, TrainingRequ
     if request.preset:
         raise InvalidRequest(
             "a resumed run keeps its checkpoint's recipe: leave preset empty (overrides may change "
-            "epochs and how the run is kept)"
+            "any run option: epochs, how the run is kept, where its towers compute)"
         )
     try:
         payload = load_checkpoint(source)

@@ -1,27 +1,45 @@
-"""Training: the recipe (presets, overrides, schedules), the loop, and checkpoints."""
+"""Training: the recipe and run options (presets, overrides, schedules), the loop, and checkpoints.
 
-from coordinator.training.checkpoints import (
-    CheckpointError,
-    ResumeMismatch,
-    load_checkpoint,
-    resume_recipe,
-    save_checkpoint,
+The recipe's names are imported at once (they load neither torch nor Ray: the client reads the
+presets); the loop and checkpoints, which load both, on first use.
+"""
+
+import importlib
+
+from coordinator.training.recipe import (
+    PRESETS,
+    PlateauSchedule,
+    Recipe,
+    RunOptions,
+    RunSpec,
+    StepSchedule,
+    run_spec,
 )
-from coordinator.training.loop import Progress, Result, train
-from coordinator.training.recipe import PRESETS, PlateauSchedule, Recipe, StepSchedule, recipe
+
+_LAZY = {
+    "CheckpointError": "checkpoints",
+    "ResumeMismatch": "checkpoints",
+    "load_checkpoint": "checkpoints",
+    "resume_spec": "checkpoints",
+    "save_checkpoint": "checkpoints",
+    "Progress": "loop",
+    "Result": "loop",
+    "train": "loop",
+}
 
 __all__ = [
     "PRESETS",
-    "CheckpointError",
     "PlateauSchedule",
-    "Progress",
     "Recipe",
-    "Result",
-    "ResumeMismatch",
+    "RunOptions",
+    "RunSpec",
     "StepSchedule",
-    "load_checkpoint",
-    "recipe",
-    "resume_recipe",
-    "save_checkpoint",
-    "train",
+    "run_spec",
+    *_LAZY,
 ]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"coordinator.training.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'coordinator.training' has no attribute {name!r}")

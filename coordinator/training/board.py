@@ -1,6 +1,6 @@
 """A run's TensorBoard log: what the network learns, where Prometheus shows the service's health.
 
-    train(dataset, plan, log_dir="runs/first")     # then: tensorboard --logdir runs
+    train(dataset, spec, log_dir="runs/first")     # then: tensorboard --logdir runs
 
 Written with torch.utils.tensorboard's SummaryWriter (the tensorboard package's event files):
 - scalars, every step: loss, learning rate, images/s, step time, bytes exchanged between towers;

@@ -9,7 +9,9 @@ accuracy. index.json (written atomically too) records each one's step and accura
 
 A checkpoint is read with torch.load(weights_only=True): tensors and plain values only, so a
 crafted file cannot run code. Resuming checks that the dataset and the network are the ones the
-run had (`check_resumable`), and lets only fields that leave the math alone change (`resume_recipe`).
+run had (`check_resumable`), and keeps the run's recipe while letting any run option change
+(`resume_spec`). A checkpoint written before the run options had a section of their own holds
+them in its recipe: they are read from there.
 """
 
 from __future__ import annotations
@@ -24,24 +26,12 @@ from typing import Optional
 import torch
 
 from coordinator.data import Dataset
-from coordinator.training.recipe import Recipe, recipe
+from coordinator.training.recipe import RECIPE_FIELDS, RUN_OPTIONS, Recipe, RunOptions, RunSpec, run_spec, shown
 from coordinator.training.recovery import Snapshot
 
 INDEX = "index.json"
 LATEST = "latest.pt"
 FORMAT = 2
-# Recipe fields a resumed run may change: how long it runs and how it is kept, never its math.
-RESUMABLE_OVERRIDES = (
-    "epochs",
-    "publish_every",
-    "snapshot_every",
-    "checkpoint_every",
-    "keep_checkpoints",
-    "max_restarts",
-    "transport",
-    "replicas",
-    "precision",
-)
 
 
 class CheckpointError(ValueError):
@@ -57,10 +47,10 @@ class ResumeMismatch(ValueError):
 
 
 def save_checkpoint(
-    folder, snapshot: Snapshot, dataset: Dataset, plan: Recipe, keep: Optional[int] = None, meta: Optional[dict] = None
+    folder, snapshot: Snapshot, dataset: Dataset, spec: RunSpec, keep: Optional[int] = None, meta: Optional[dict] = None
 ) -> Path:
     """Write checkpoint-step<N>.pt atomically (never over an existing one), point latest.pt at it,
-    and prune to the last `keep` (default plan.keep_checkpoints) plus the most accurate.
+    and prune to the last `keep` (default: the run option keep_checkpoints) plus the most accurate.
     `meta`: plain values the caller wants back on resume (the service keeps its request there)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -80,7 +70,8 @@ def save_checkpoint(
         "schedule": snapshot.schedule,
         "top1": top1,
         "top5": snapshot.top5,
-        "recipe": dataclasses.asdict(plan),
+        "recipe": dataclasses.asdict(spec.recipe),
+        "options": dataclasses.asdict(spec.options),
         "classes": list(dataset.classes),
         "labels": list(dataset.labels),
         "stats": dataclasses.asdict(dataset.stats),
@@ -96,7 +87,7 @@ def save_checkpoint(
     index = read_index(folder)
     index[path.name] = {"step": step, "top1": None if math.isnan(top1) else top1}
     write_atomically(folder / INDEX, lambda tmp: tmp.write_text(json.dumps(index, indent=1)))
-    prune(folder, plan.keep_checkpoints if keep is None else keep)
+    prune(folder, spec.options.keep_checkpoints if keep is None else keep)
     return path
 
 
@@ -147,30 +138,34 @@ def snapshot_of(payload: dict) -> Snapshot:
     )
 
 
-def resume_recipe(payload: dict, overrides: Optional[dict] = None) -> Recipe:
-    """The checkpoint's recipe, with only RESUMABLE_OVERRIDES changed. Another width is a
-    ResumeMismatch (the network's shape); other fields raise ValueError."""
-    overrides = dict(overrides or {})
-    saved = Recipe(
-        **{
-            name: tuple(v) if isinstance(v, list) else v
-            for name, v in payload["recipe"].items()
-            if name in {f.name for f in dataclasses.fields(Recipe)}
-        }
-    )
-    if "width" in overrides and recipe(overrides={"width": overrides["width"]}).width != saved.width:
+def saved_spec(payload: dict) -> RunSpec:
+    """The recipe and run options a checkpoint was written with. An older checkpoint keeps its run
+    options inside its recipe; a field no longer known is left out, one added since takes its default."""
+    stored = {**payload["recipe"], **payload.get("options", {})}
+    stored = {name: tuple(v) if isinstance(v, list) else v for name, v in stored.items()}
+    recipe = {name: v for name, v in stored.items() if name in RECIPE_FIELDS}
+    options = {name: v for name, v in stored.items() if name in RUN_OPTIONS}
+    return RunSpec(Recipe(**recipe), RunOptions(**options))
+
+
+def resume_spec(payload: dict, overrides: Optional[dict] = None) -> RunSpec:
+    """The checkpoint's recipe and run options, with run options changed by `overrides`. A recipe
+    field may be named only with the value the run has; another width is a ResumeMismatch (the
+    network's shape), another value of any other recipe field a ValueError."""
+    saved = saved_spec(payload)
+    asked = run_spec(overrides={k: v for k, v in (overrides or {}).items() if k in RECIPE_FIELDS}, base=saved).recipe
+    if asked.width != saved.recipe.width:
         raise ResumeMismatch(
-            f"the network's shape differs: the checkpoint has width {saved.width}, "
+            f"the network's shape differs: the checkpoint has width {saved.recipe.width}, "
             f"the request asks for {shown(overrides['width'], 40)}"
         )
-    overrides.pop("width", None)
-    changed = sorted(set(overrides) - set(RESUMABLE_OVERRIDES))
+    changed = [f.name for f in dataclasses.fields(asked) if getattr(asked, f.name) != getattr(saved.recipe, f.name)]
     if changed:
         raise ValueError(
-            f"a resumed run keeps its recipe: {', '.join(shown(c, 40) for c in changed[:5])} cannot change "
-            f"(only {', '.join(RESUMABLE_OVERRIDES)} can); start a new run to change them"
+            f"a resumed run keeps its recipe: {', '.join(changed[:5])} cannot change (the run options can: "
+            f"{', '.join(RUN_OPTIONS)}); start a new run to change them"
         )
-    return recipe(overrides=overrides, base=saved)
+    return run_spec(overrides=overrides, base=saved)
 
 
 def check_resumable(payload: dict, dataset: Dataset) -> None:
@@ -194,12 +189,6 @@ def check_resumable(payload: dict, dataset: Dataset) -> None:
             f"cannot resume {shown(payload.get('path', 'the checkpoint'))} on {shown(dataset.root)}: "
             + "; ".join(problems)
         )
-
-
-def shown(value, limit: int = 200) -> str:
-    """A path or name for a message, cut short: messages never carry unbounded input."""
-    text = str(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def read_index(folder) -> dict:

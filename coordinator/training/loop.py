@@ -1,6 +1,6 @@
 """The training loop: a recipe and a dataset driving the two towers, step by step, epoch by epoch.
 
-    result = train(open_dataset("imagenet/train"), recipe("paper", {"epochs": 10}), on_event=print)
+    result = train(open_dataset("imagenet/train"), run_spec("paper", {"epochs": 10}), on_event=print)
 
 `train` reports Progress events to a callback, publishes the weights every `publish_every`
 steps, checkpoints after every epoch, and stops cleanly at a step boundary when `stop` is set.
@@ -28,7 +28,7 @@ from coordinator.training.board import TrainingBoard
 from coordinator.training.checkpoints import check_resumable, load_checkpoint, save_checkpoint, snapshot_of
 from coordinator.training.passes import SkipLog, evaluate, training_pass, validation_pass
 from coordinator.training.pipeline import FinishedStep, StepPipeline
-from coordinator.training.recipe import Recipe, schedule_for
+from coordinator.training.recipe import Recipe, RunOptions, RunSpec, schedule_for
 from coordinator.training.recovery import Snapshot, restore, take_snapshot
 from coordinator.training.reports import Progress, Result
 from towers.figures import colour_specialisation
@@ -47,7 +47,7 @@ class Trainer:
     def __init__(
         self,
         dataset: Dataset,
-        plan: Recipe,
+        spec: RunSpec,
         engine,
         stop: threading.Event,
         checkpoint_dir,
@@ -58,21 +58,16 @@ class Trainer:
         meta: Optional[dict] = None,
         board: Optional[TrainingBoard] = None,
     ):
-        self.dataset, self.plan, self.engine, self.stop, self.checkpoint_dir = (
-            dataset,
-            plan,
-            engine,
-            stop,
-            checkpoint_dir,
-        )
+        self.dataset, self.engine, self.stop, self.checkpoint_dir = dataset, engine, stop, checkpoint_dir
+        self.spec, self.recipe, self.options = spec, spec.recipe, spec.options
         self.board = board
         self.on_event, self.on_publish, self.on_stats, self.meta = on_event, on_publish, on_stats, meta
-        self.schedule = schedule_for(plan)
-        self.failures = FailurePolicy(plan.max_restarts)  # what a failed step leads to (_recover)
-        engine.lr = plan.lr
-        self.per_epoch = math.ceil(len(dataset.train) / plan.batch_size)
-        if plan.steps_per_epoch:
-            self.per_epoch = min(self.per_epoch, plan.steps_per_epoch)
+        self.schedule = schedule_for(self.recipe)
+        self.failures = FailurePolicy(self.options.max_restarts)  # what a failed step leads to (_recover)
+        engine.lr = self.recipe.lr
+        self.per_epoch = math.ceil(len(dataset.train) / self.recipe.batch_size)
+        if self.recipe.steps_per_epoch:
+            self.per_epoch = min(self.per_epoch, self.recipe.steps_per_epoch)
         self.pipeline = StepPipeline(engine)
         self.in_flight: collections.deque[int] = collections.deque()  # places of the batches whose steps run
         self.upcoming: Optional[tuple[int, int, EarlyStart]] = (
@@ -95,7 +90,7 @@ class Trainer:
             self.snapshot = self.snapshot or self._snapshot()
             if self.board:
                 self._kernels()  # where the run starts from
-            while self.epoch < self.plan.epochs and not stopped:
+            while self.epoch < self.options.epochs and not stopped:
                 try:
                     self._train_epoch()
                     stopped = self.stop.is_set()
@@ -140,7 +135,7 @@ class Trainer:
                 self.position += 1
                 self._completed(self.pipeline.submit(batch.crops, batch.labels))
             else:
-                self.validation = EarlyStart(validation_pass(self.dataset, self.plan))
+                self.validation = EarlyStart(validation_pass(self.dataset, self.recipe))
         self._completed(self.pipeline.finish())
 
     def _training_pass(self) -> EarlyStart:
@@ -154,7 +149,11 @@ class Trainer:
 
     def _start_pass(self, epoch: int, from_batch: int) -> tuple[int, int, EarlyStart]:
         """That epoch's training pass from that batch, started now: (epoch, from_batch, the pass)."""
-        return epoch, from_batch, EarlyStart(training_pass(self.dataset, self.plan, epoch, self.per_epoch, from_batch))
+        return (
+            epoch,
+            from_batch,
+            EarlyStart(training_pass(self.dataset, self.recipe, epoch, self.per_epoch, from_batch)),
+        )
 
     def _completed(self, finished: Optional[FinishedStep]) -> None:
         if finished is None:
@@ -176,7 +175,7 @@ class Trainer:
             self._publish()
         if self._checkpoint_due(self.step):
             self._checkpoint()
-        elif self.step % self.plan.snapshot_every == 0:
+        elif self.step % self.options.snapshot_every == 0:
             self.snapshot = self._snapshot()
 
     def _recover(self, error: Exception) -> None:
@@ -233,9 +232,9 @@ class Trainer:
 
     def _validate(self) -> None:
         """Validate this epoch (its pass started beside the last step), step the schedule, checkpoint."""
-        if self.epoch + 1 < self.plan.epochs and self.upcoming is None:  # the next pass starts while this one runs
+        if self.epoch + 1 < self.options.epochs and self.upcoming is None:  # the next pass starts while this one runs
             self.upcoming = self._start_pass(self.epoch + 1, 0)
-        validation, self.validation = self.validation or EarlyStart(validation_pass(self.dataset, self.plan)), None
+        validation, self.validation = self.validation or EarlyStart(validation_pass(self.dataset, self.recipe)), None
         self.top1, self.top5 = evaluate(self.engine, validation, self.skips)
         colours = self._kernels()  # reported with the rate this epoch used:
         self._report("epoch", self.epoch + 1, top1=self.top1, top5=self.top5, colour_specialisation=colours)
@@ -266,7 +265,7 @@ class Trainer:
 
     def _checkpoint(self) -> None:
         self.snapshot = self._snapshot()  # nothing is in flight, and it is fresher than the last
-        save_checkpoint(self.checkpoint_dir, self.snapshot, self.dataset, self.plan, meta=self.meta)
+        save_checkpoint(self.checkpoint_dir, self.snapshot, self.dataset, self.spec, meta=self.meta)
 
     def _close_passes(self) -> None:
         for loader in (self.upcoming and self.upcoming[2], self.validation):
@@ -275,10 +274,10 @@ class Trainer:
         self.upcoming = self.validation = None
 
     def _checkpoint_due(self, step: int) -> bool:
-        return bool(self.checkpoint_dir and self.plan.checkpoint_every) and step % self.plan.checkpoint_every == 0
+        return bool(self.checkpoint_dir and self.options.checkpoint_every) and step % self.options.checkpoint_every == 0
 
     def _publish_due(self, step: int) -> bool:
-        return step % self.plan.publish_every == 0 and self._weights_wanted(step)
+        return step % self.options.publish_every == 0 and self._weights_wanted(step)
 
     def _weights_wanted(self, step: int) -> bool:
         """Whether anything takes that step's weights when published: a publisher, or the board's histograms."""
@@ -286,7 +285,7 @@ class Trainer:
 
     def _weights_due(self, step: int) -> bool:
         """Whether that step's weights will be read: published, or kept as a snapshot."""
-        return self._publish_due(step) or step % self.plan.snapshot_every == 0 or self._checkpoint_due(step)
+        return self._publish_due(step) or step % self.options.snapshot_every == 0 or self._checkpoint_due(step)
 
     def _publish(self) -> None:
         if self.step and self.published != self.step:
@@ -307,7 +306,7 @@ class Trainer:
                 lr=self.engine.lr,
                 skipped=len(self.skips),
                 steps_per_epoch=self.per_epoch,
-                epochs=self.plan.epochs,
+                epochs=self.options.epochs,
                 elapsed=self._elapsed(),
                 restarts=self.restarts,
                 **values,
@@ -318,26 +317,34 @@ class Trainer:
         return time.perf_counter() - self.started
 
 
-def engine_for(plan: Recipe, num_classes: int) -> ModelParallelAlexNet:
-    """The towers a recipe trains: its network, optimiser, seed and run options."""
+def engine_for(recipe: Recipe, options: RunOptions, num_classes: int) -> ModelParallelAlexNet:
+    """The towers a recipe trains (its network, optimiser and seed), placed and computing as the run options say."""
     return ModelParallelAlexNet(
         num_classes=num_classes,
-        dropout=plan.dropout,
-        lr=plan.lr,
-        momentum=plan.momentum,
-        weight_decay=plan.weight_decay,
-        seed=plan.seed,
-        init=plan.init,
-        width=plan.width,
-        transport=plan.transport,
-        replicas=plan.replicas,
-        precision=plan.precision,
+        dropout=recipe.dropout,
+        lr=recipe.lr,
+        momentum=recipe.momentum,
+        weight_decay=recipe.weight_decay,
+        seed=recipe.seed,
+        init=recipe.init,
+        width=recipe.width,
+        transport=options.transport,
+        replicas=options.replicas,
+        precision=options.precision,
     )
+
+
+def resumed(resume, dataset: Dataset) -> tuple[Dataset, Snapshot]:
+    """The checkpoint's snapshot (`resume`: a path or a loaded payload), and the dataset with the
+    colour statistics the run had; ResumeMismatch if it was taken on other data."""
+    payload = resume if isinstance(resume, dict) else load_checkpoint(resume)
+    check_resumable(payload, dataset)
+    return dataclasses.replace(dataset, stats=ColourStats(**payload["stats"])), snapshot_of(payload)
 
 
 def train(
     dataset,
-    plan: Recipe,
+    spec: RunSpec,
     *,
     on_event: Optional[Callable[[Progress], None]] = None,
     stop: Optional[threading.Event] = None,
@@ -351,7 +358,7 @@ def train(
     log_dir=None,
     init_state: Optional[dict] = None,
 ) -> Result:
-    """Train the two-tower network on `dataset` (a Dataset or a training folder path) by `plan`.
+    """Train the two-tower network on `dataset` (a Dataset or a training folder path) by `spec`.
 
     on_event gets a Progress after every step and every validation; on_publish(step, state_dict)
     gets the weights every `publish_every` steps and at the end; setting `stop` ends the run at
@@ -359,14 +366,16 @@ def train(
     With a checkpoint_dir, the run's state is saved there after every epoch, every `checkpoint_every`
     steps and when stopped (checkpoints.py), with `checkpoint_meta`. `resume` (a checkpoint file,
     a folder meaning its latest, or a loaded payload) goes on from where that run was, exactly: pass
-    the plan `resume_recipe` gives. An engine may be passed in to reuse its actors; on_engine gets it.
+    the spec `resume_spec` gives. An engine may be passed in to reuse its actors; on_engine gets it.
     With a log_dir, the run writes its TensorBoard log there (board.py). `init_state`: canonical
-    weights to start from instead of the recipe's initialisation (all, or some: fine-tuning).
-    """
-    dataset, snapshot = _run_start(dataset, plan, resume)
+    weights to start from instead of the recipe's initialisation (all, or some: fine-tuning)."""
+    if not isinstance(spec, RunSpec):
+        raise TypeError(f"spec must be a RunSpec (run_spec(preset, overrides) makes one), got {type(spec).__name__}")
+    if not isinstance(dataset, Dataset):
+        dataset = open_dataset(dataset, val_fraction=spec.recipe.val_fraction)
+    dataset, snapshot = resumed(resume, dataset) if resume is not None else (dataset, None)
     own_engine = engine is None
-    if own_engine:
-        engine = engine_for(plan, dataset.num_classes)
+    engine = engine_for(spec.recipe, spec.options, dataset.num_classes) if own_engine else engine
     board = None
     try:
         (on_engine or (lambda e: None))(engine)
@@ -376,7 +385,7 @@ def train(
         board = TrainingBoard(log_dir, engine.config, snapshot.step if snapshot else 0) if log_dir else None
         trainer = Trainer(
             dataset,
-            plan,
+            spec,
             engine,
             stop or threading.Event(),
             checkpoint_dir,
@@ -393,19 +402,3 @@ def train(
             board.close()
         if own_engine:
             engine.shutdown()
-
-
-def _run_start(dataset, plan: Recipe, resume) -> tuple[Dataset, Optional[Snapshot]]:
-    """train's dataset, opened, and the snapshot that a resumed run goes on from (None for a new run)."""
-    if not isinstance(plan, Recipe):
-        raise TypeError(
-            f"plan must be a Recipe (training.recipe(preset, overrides) makes one), got {type(plan).__name__}"
-        )
-    if not isinstance(dataset, Dataset):
-        dataset = open_dataset(dataset, val_fraction=plan.val_fraction)
-    if resume is None:
-        return dataset, None
-    payload = resume if isinstance(resume, dict) else load_checkpoint(resume)
-    check_resumable(payload, dataset)
-    dataset = dataclasses.replace(dataset, stats=ColourStats(**payload["stats"]))  # as the run had them
-    return dataset, snapshot_of(payload)

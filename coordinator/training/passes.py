@@ -30,26 +30,26 @@ class SkipLog:
         return len(self.paths)
 
 
-def validation_pass(dataset: Dataset, plan: Recipe, batch_size: int = 64):
+def validation_pass(dataset: Dataset, recipe: Recipe, batch_size: int = 64):
     """Batches of the validation set: centre crops, or with ten_crop the paper's ten views of each image."""
-    mode = "ten-crop" if plan.ten_crop else "eval"
+    mode = "ten-crop" if recipe.ten_crop else "eval"
     return batches(
-        dataset.val, dataset.stats, batch_size, mode, limit=plan.val_images or None, normalise=plan.normalise
+        dataset.val, dataset.stats, batch_size, mode, limit=recipe.val_images or None, normalise=recipe.normalise
     )
 
 
-def training_pass(dataset: Dataset, plan: Recipe, epoch: int, steps: int, from_batch: int = 0):
+def training_pass(dataset: Dataset, recipe: Recipe, epoch: int, steps: int, from_batch: int = 0):
     """The batches of one epoch's `steps` steps, shuffled and augmented for that epoch, from its `from_batch`th."""
     return batches(
         dataset.train,
         dataset.stats,
-        plan.batch_size,
+        recipe.batch_size,
         "train",
-        plan.seed,
+        recipe.seed,
         epoch,
-        steps * plan.batch_size,
-        plan.normalise,
-        start=from_batch * plan.batch_size,
+        steps * recipe.batch_size,
+        recipe.normalise,
+        start=from_batch * recipe.batch_size,
     )
 
 

@@ -1,20 +1,23 @@
-"""The recipe: everything that decides a training run besides the data. Presets, overrides, schedules."""
+"""What a training run is asked to do: its recipe (the mathematics) and its run options (how it is
+operated), the presets that name both, and the one parser of `--set NAME=VALUE` overrides.
+
+A resumed run keeps its recipe and may change any run option: the options say where and in
+which arithmetic the steps run, how the run is kept and when it stops, never what a step computes.
+This module imports neither torch nor Ray: the client's commands read its preset names.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
-
-from coordinator.engine import RETIRED_TRANSPORTS, TRANSPORT_CHOICES
-from towers.config import INITS
-from towers.precision import PRECISIONS
+from typing import NamedTuple, Optional, Sequence
 
 
 @dataclass(frozen=True)
 class Recipe:
-    epochs: int = 90
+    """The mathematics of a run: what each step computes. A resumed run keeps all of it."""
+
     batch_size: int = 128
     lr: float = 0.01
     momentum: float = 0.9
@@ -32,32 +35,13 @@ class Recipe:
     val_fraction: float = 0.1  # held out when no validation folder is given
     seed: int = 0
     width: float = 1.0  # 1.0 is the paper's network
-    publish_every: int = 50  # steps between published model versions (see training.train's on_publish)
-    transport: str = "auto"  # the backend of the towers' exchanges: auto, gloo or nccl (engine.links.backend_for)
-    replicas: int = 1  # data-parallel groups of the towers, each on batch_size / replicas images (engine.replicas)
-    precision: str = (
-        "float32"  # the towers' arithmetic: float32, or bfloat16 where the hardware has it (towers.precision)
-    )
-    snapshot_every: int = 100  # steps between in-memory snapshots that a run recovers from when actors die
-    checkpoint_every: int = 0  # steps between checkpoints, besides every epoch and on stop (0: those only)
-    keep_checkpoints: int = 3  # the last this many are kept, and the most accurate one
-    max_restarts: int = 3  # recoveries a run may make before it fails
 
     def validate(self) -> "Recipe":
-        problems = []
-        for name in ("epochs", "batch_size", "patience", "publish_every", "snapshot_every"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in (
-            "steps_per_epoch",
-            "val_images",
-            "max_drops",
-            "max_restarts",
-            "checkpoint_every",
-            "keep_checkpoints",
-        ):
-            if getattr(self, name) < 0:
-                problems.append(f"{name} must be 0 or more, got {getattr(self, name)}")
+        from towers.config import INITS  # here, not at the top: towers loads torch, and the client reads PRESETS
+
+        problems = at_least(self, 1, ("batch_size", "patience")) + at_least(
+            self, 0, ("steps_per_epoch", "val_images", "max_drops")
+        )
         for name in ("lr", "momentum", "weight_decay"):
             if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):
                 problems.append(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
@@ -75,73 +59,133 @@ class Recipe:
             problems.append(f"width must be in (0, 4] (1 is the paper's network), got {self.width}")
         if self.batch_size > 4096:
             problems.append(f"batch_size must be at most 4096 (the paper's is 128), got {self.batch_size}")
+        raise_problems(problems)
+        return self
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a run is operated: how long, how it is kept and recovered, and where and in which
+    arithmetic its towers compute; never what a step computes, so a resumed run may change any."""
+
+    epochs: int = 90  # where the run stops: a resumed run may go further
+    publish_every: int = 50  # steps between published model versions (see training.train's on_publish)
+    snapshot_every: int = 100  # steps between in-memory snapshots that a run recovers from when actors die
+    checkpoint_every: int = 0  # steps between checkpoints, besides every epoch and on stop (0: those only)
+    keep_checkpoints: int = 3  # the last this many are kept, and the most accurate one
+    max_restarts: int = 3  # recoveries a run may make before it fails
+    transport: str = "auto"  # the backend of the towers' exchanges: auto, gloo or nccl (engine.links.backend_for)
+    replicas: int = 1  # data-parallel groups of the towers, each on batch_size / replicas images (engine.replicas)
+    precision: str = "float32"  # the towers' arithmetic: float32, or bfloat16 where the hardware has it
+
+    def validate(self) -> "RunOptions":
+        # Here, not at the top: the engine and towers load torch and Ray, and the client reads PRESETS.
+        from coordinator.engine.links import RETIRED_TRANSPORTS, TRANSPORT_CHOICES
+        from towers.precision import PRECISIONS
+
+        problems = at_least(self, 1, ("epochs", "publish_every", "snapshot_every")) + at_least(
+            self, 0, ("checkpoint_every", "keep_checkpoints", "max_restarts")
+        )
         if self.epochs > 10000:
             problems.append(f"epochs must be at most 10000, got {self.epochs}")
         if not 1 <= self.replicas <= 64:
             problems.append(f"replicas must be between 1 and 64, got {self.replicas}")
-        elif self.batch_size % self.replicas:
-            problems.append(
-                f"batch_size ({self.batch_size}) must be a multiple of replicas ({self.replicas}): "
-                "each group takes an equal share"
-            )
         if self.precision not in PRECISIONS:
             problems.append(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if (
-            self.transport not in TRANSPORT_CHOICES + RETIRED_TRANSPORTS
-        ):  # a retired one, from an old checkpoint, reads as auto
+        if self.transport not in TRANSPORT_CHOICES + RETIRED_TRANSPORTS:  # a retired one, from an old checkpoint
             problems.append(f"transport must be one of {', '.join(TRANSPORT_CHOICES)}, got {self.transport!r}")
-        if problems:
-            raise ValueError("; ".join(problems))
+        raise_problems(problems)
+        return self
+
+
+class RunSpec(NamedTuple):
+    """What a run is asked to do: the recipe it computes and the options it is operated by."""
+
+    recipe: Recipe
+    options: RunOptions
+
+    def validate(self) -> "RunSpec":
+        self.recipe.validate()
+        self.options.validate()
+        if self.recipe.batch_size % self.options.replicas:
+            raise ValueError(
+                f"batch_size ({self.recipe.batch_size}) must be a multiple of replicas ({self.options.replicas}): "
+                "each group takes an equal share"
+            )
         return self
 
 
 PRESETS = {
     # Krizhevsky et al. 2012, section 5.
-    "paper": Recipe(),
+    "paper": RunSpec(Recipe(), RunOptions()),
     # The same network, tuned so that learning shows within minutes on a 2-core CPU: He
     # initialisation with a zero fc8 and unit-scale pixels leave the plateau at the start where the
     # paper's N(0, 0.01) takes epochs; the last epoch runs at a tenth of the rate (docs/performance.md,
     # "The demo and CI").
-    "demo": Recipe(
-        epochs=5,
-        batch_size=64,
-        lr=0.003,
-        init="kaiming",
-        normalise=True,
-        schedule="step",
-        lr_epochs=(4,),
-        publish_every=10,
-        snapshot_every=20,
+    "demo": RunSpec(
+        Recipe(batch_size=64, lr=0.003, init="kaiming", normalise=True, schedule="step", lr_epochs=(4,)),
+        RunOptions(epochs=5, publish_every=10, snapshot_every=20),
     ),
 }
+RECIPE_FIELDS = tuple(f.name for f in dataclasses.fields(Recipe))
+RUN_OPTIONS = tuple(f.name for f in dataclasses.fields(RunOptions))
 
 
-def recipe(preset: str = "demo", overrides: Optional[dict] = None, base: Optional[Recipe] = None) -> Recipe:
-    """A preset (or `base`) with overrides applied and checked; unknown names and bad values raise ValueError."""
+def run_spec(preset: str = "demo", overrides: Optional[dict] = None, base: Optional[RunSpec] = None) -> RunSpec:
+    """A preset (or `base`) with overrides applied and checked: each name goes to the recipe or the
+    run options, whichever has it. Unknown names and bad values raise ValueError."""
     if base is None and preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
+        raise ValueError(f"unknown preset {shown(repr(preset), 40)}: choose one of {', '.join(PRESETS)}")
     overrides = dict(overrides or {})
-    fields = {f.name: f for f in dataclasses.fields(Recipe)}
-    unknown = sorted(set(overrides) - set(fields))
+    unknown = sorted(set(overrides) - set(RECIPE_FIELDS) - set(RUN_OPTIONS))
     if unknown:
-        raise ValueError(f"unknown override {', '.join(unknown)}: known are {', '.join(fields)}")
+        raise ValueError(
+            f"unknown override {', '.join(shown(name, 40) for name in unknown[:5])}: the recipe's are "
+            f"{', '.join(RECIPE_FIELDS)}; the run options are {', '.join(RUN_OPTIONS)}"
+        )
     base = base or PRESETS[preset]
-    converted = {}
+    recipe = dataclasses.replace(base.recipe, **converted(base.recipe, overrides, RECIPE_FIELDS))
+    options = dataclasses.replace(base.options, **converted(base.options, overrides, RUN_OPTIONS))
+    return RunSpec(recipe, options).validate()
+
+
+def converted(base, overrides: dict, names: Sequence[str]) -> dict:
+    """The overrides that name one of `names`, each as the type `base` holds there."""
+    values = {}
     for name, value in overrides.items():
+        if name not in names:
+            continue
         kind = type(getattr(base, name))
         try:
             if kind is tuple:
                 items = value.split(",") if isinstance(value, str) else value
-                converted[name] = tuple(int(v) for v in items)
+                values[name] = tuple(int(v) for v in items)
             elif kind is bool and isinstance(value, str):
                 if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
                     raise ValueError(value)
-                converted[name] = value.lower() in ("true", "1", "yes")
+                values[name] = value.lower() in ("true", "1", "yes")
             else:
-                converted[name] = kind(value)
+                values[name] = kind(value)
         except (TypeError, ValueError):
-            raise ValueError(f"override {name}={value!r} is not a valid {kind.__name__}") from None
-    return dataclasses.replace(base, **converted).validate()
+            raise ValueError(f"override {name}={shown(repr(value), 40)} is not a valid {kind.__name__}") from None
+    return values
+
+
+def at_least(fields, minimum: int, names: Sequence[str]) -> list[str]:
+    """A problem for each of `names` below `minimum`."""
+    words = "at least 1" if minimum == 1 else f"{minimum} or more"
+    return [f"{name} must be {words}, got {getattr(fields, name)}" for name in names if getattr(fields, name) < minimum]
+
+
+def raise_problems(problems: list[str]) -> None:
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def shown(value, limit: int = 200) -> str:
+    """A path or name for a message, cut short: messages never carry unbounded input."""
+    text = str(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # --- learning-rate schedules -------------------------------------------------------------------
@@ -174,8 +218,8 @@ class StepSchedule:
         return self.lr
 
 
-def schedule_for(plan: Recipe):
+def schedule_for(recipe: Recipe):
     """The recipe's learning-rate schedule, at its starting rate."""
-    if plan.schedule == "plateau":
-        return PlateauSchedule(plan.lr, plan.patience, plan.max_drops)
-    return StepSchedule(plan.lr, plan.lr_epochs)
+    if recipe.schedule == "plateau":
+        return PlateauSchedule(recipe.lr, recipe.patience, recipe.max_drops)
+    return StepSchedule(recipe.lr, recipe.lr_epochs)
