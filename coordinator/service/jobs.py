@@ -162,7 +162,7 @@ class JobManager:
                 JobState.RUNNING, f"training on {len(dataset.train)} images of {dataset.num_classes} classes{resumed}"
             )
             self.metrics.running.set(1)
-            net = dict(num_classes=dataset.num_classes, width=plan.recipe.width)
+            net = dict(num_classes=dataset.num_classes, width=plan.recipe.width, network=plan.recipe.network)
 
             def on_event(event: Progress) -> None:
                 if event.kind == "step":

@@ -320,6 +320,7 @@ def engine_for(plan: Recipe, num_classes: int) -> ModelParallelAlexNet:
         seed=plan.seed,
         init=plan.init,
         width=plan.width,
+        network=plan.network,
         transport=plan.transport,
         replicas=plan.replicas,
         precision=plan.precision,

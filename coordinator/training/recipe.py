@@ -9,6 +9,7 @@ from typing import Optional, Sequence
 
 from coordinator.engine import RETIRED_TRANSPORTS, TRANSPORT_CHOICES
 from towers.config import INITS
+from towers.layers import network_table
 from towers.precision import PRECISIONS
 
 
@@ -32,6 +33,7 @@ class Recipe:
     val_fraction: float = 0.1  # held out when no validation folder is given
     seed: int = 0
     width: float = 1.0  # 1.0 is the paper's network
+    network: str = "paper"  # the published variant: paper, cuda-convnet-2012 or caffe (towers.layers.NETWORKS)
     publish_every: int = 50  # steps between published model versions (see training.train's on_publish)
     transport: str = "auto"  # the backend of the towers' exchanges: auto, gloo or nccl (engine.links.backend_for)
     replicas: int = 1  # data-parallel groups of the towers, each on batch_size / replicas images (engine.replicas)
@@ -67,6 +69,10 @@ class Recipe:
             problems.append(f"dropout must be in [0, 1), got {self.dropout}")
         if self.init not in INITS:
             problems.append(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
+        try:
+            network_table(self.network)
+        except ValueError as exc:
+            problems.append(str(exc))
         if self.schedule not in ("plateau", "step"):
             problems.append(f"schedule must be plateau or step, got {self.schedule!r}")
         if not 0 < self.val_fraction < 1:
