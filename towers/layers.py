@@ -172,5 +172,6 @@ def network_table(name: str) -> tuple[Layer, ...]:
 
 
 def with_lrn(layers: tuple[Layer, ...], lrn: LRN) -> tuple[Layer, ...]:
-    """The same table with every LRN replaced, e.g. Caffe's variant: with_lrn(ALEXNET_2012, LRN(k=1))."""
+    """The same table with every LRN replaced, e.g. Caffe's norms alone: with_lrn(ALEXNET_2012, LRN(k=1))
+    (CAFFE_BVLC_ALEXNET is the whole of Caffe's variant)."""
     return tuple(replace(row, then=tuple(lrn if isinstance(op, LRN) else op for op in row.then)) for row in layers)
