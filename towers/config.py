@@ -5,8 +5,9 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Optional
 
-from towers.layers import ALEXNET_2012, NUM_CLASSES, Layer, MaxPool
+from towers.layers import NUM_CLASSES, Layer, MaxPool, network_table
 
 INITS = ("paper", "pytorch", "kaiming")
 
@@ -18,10 +19,14 @@ class NetConfig:
     width: float = 1.0  # scales every hidden layer; 1.0 is the paper's network
     image_size: int = 227
     towers: int = 2
-    init: str = "paper"  # "paper": N(0, 0.01) and the table's biases; "pytorch": PyTorch's default; "kaiming"
-    layers: tuple[Layer, ...] = ALEXNET_2012
+    init: str = "paper"  # "paper": the table's N(0, weight_std^2) and biases; "pytorch": PyTorch's default; "kaiming"
+    network: str = "paper"  # a published variant: "paper", "cuda-convnet-2012" or "caffe" (towers.layers.NETWORKS)
+    layers: Optional[tuple[Layer, ...]] = None  # None: the network's table; else a table of one's own
 
     def __post_init__(self):
+        table = network_table(self.network)  # an unknown name fails here, naming the known ones
+        if self.layers is None:
+            object.__setattr__(self, "layers", table)
         if self.num_classes < self.towers:
             raise ValueError(
                 f"num_classes must be at least the number of towers ({self.towers}), got {self.num_classes}"

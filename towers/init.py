@@ -20,8 +20,9 @@ def tower_slice_init(cfg: NetConfig, shape: LayerShape, tower: int, seed: int) -
     weight_shape = (rows, *shape.weight_shape[1:])
     gen = torch.Generator().manual_seed(derive_seed(seed, "init", shape.name, tower))
     if cfg.init == "paper":
-        # Krizhevsky et al. 2012, section 5: weights from N(0, 0.01); biases 1 where the table says so.
-        weight = torch.randn(weight_shape, generator=gen) * 0.01
+        # Krizhevsky et al. 2012, section 5: weights from N(0, 0.01^2), biases 1 where the table says so;
+        # a variant's table sets its own (towers.layers).
+        weight = torch.randn(weight_shape, generator=gen) * shape.layer.weight_std
         bias = torch.full((rows,), float(shape.layer.bias_init))
     elif cfg.init == "kaiming":
         # He et al. 2015: N(0, 2/fan_in) keeps activations' scale through ReLUs; zero biases. The last

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from towers.config import derive_seed
 from towers.kernels import NormBlock, fused_norm
-from towers.layers import LRN, Dropout, MaxPool, Op, ReLU
+from towers.layers import LRN, Dropout, MaxPool, Op, ReLU, SpatialLRN
 
 
 def local_response_norm(x: torch.Tensor, op: LRN, groups: int = 1) -> torch.Tensor:
@@ -20,6 +20,13 @@ def local_response_norm(x: torch.Tensor, op: LRN, groups: int = 1) -> torch.Tens
     # (N, C, H, W) -> (N*groups, C/groups, H, W) is a view that puts each tower's channels in its own sample.
     y = F.local_response_norm(x.reshape(n * groups, c // groups, h, w), op.size, op.alpha, op.beta, op.k)
     return y.reshape(n, c, h, w)
+
+
+def spatial_response_norm(x: torch.Tensor, op: SpatialLRN) -> torch.Tensor:
+    """Each unit divided by (k + alpha/size^2 * the sum of squares in its size x size neighbourhood,
+    in its own channel) ** beta: an average pool that counts the zero padding is that sum / size^2."""
+    squares = F.avg_pool2d(x * x, op.size, stride=1, padding=op.size // 2, count_include_pad=True)
+    return x / (op.k + op.alpha * squares) ** op.beta
 
 
 def dropout_mask(
@@ -81,6 +88,8 @@ def apply_then(
             x = F.relu(x)
         elif isinstance(op, LRN):
             x = local_response_norm(x, op, groups)
+        elif isinstance(op, SpatialLRN):
+            x = spatial_response_norm(x.float() if x.dtype == torch.bfloat16 else x, op)  # sums in float32, as LRN
         elif isinstance(op, MaxPool):
             x = F.max_pool2d(x, op.kernel, op.stride)
         elif isinstance(op, Dropout):

@@ -20,7 +20,7 @@ from towers.config import NetConfig
 
 FORMAT = "alexnet-mp"  # the safetensors files' own metadata says so, with its version
 FORMAT_VERSION = "1"
-NET_FIELDS = ("num_classes", "width", "image_size", "towers")  # what fixes the shapes (with the layer table)
+NET_FIELDS = ("num_classes", "width", "image_size", "towers", "network")  # the network: shapes and table
 
 
 class PortableError(ValueError):
@@ -60,6 +60,7 @@ def from_safetensors(data: bytes) -> tuple[dict, NetConfig, dict]:
     try:
         net = json.loads(header.pop("network"))
         meta = {name: json.loads(value) for name, value in header.items() if name not in ("format", "format_version")}
+        net.setdefault("network", "paper")  # files written before the variants hold the paper's
         config = NetConfig(**{name: net[name] for name in NET_FIELDS})
     except (KeyError, TypeError, ValueError) as exc:
         raise PortableError(f"the file's metadata does not describe the network ({exc})") from None

@@ -26,6 +26,7 @@ def metadata(model: NamedModel) -> dict:
         "mean": list(model.stats.mean),
         "std": list(model.stats.std) if model.normalise else [1.0, 1.0, 1.0],
         "model_version": model.version,
+        "network_variant": model.config.network,  # towers.layers.NETWORKS; safetensors holds it in "network" too
         "source": model.source,
         "precision": "float32",
     }

@@ -162,7 +162,7 @@ class JobManager:
                 JobState.RUNNING, f"training on {len(dataset.train)} images of {dataset.num_classes} classes{resumed}"
             )
             watched.started()
-            net = dict(num_classes=dataset.num_classes, width=plan.spec.recipe.width)
+            net = dict(num_classes=dataset.num_classes, width=plan.spec.recipe.width, network=plan.spec.recipe.network)
 
             def on_event(event: Progress) -> None:
                 watched.progress(event)

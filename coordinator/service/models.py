@@ -79,7 +79,8 @@ def of_checkpoint(job_id: str, checkpoint: str) -> NamedModel:
 
 def from_payload(payload: dict, whose: str, stem: str = "checkpoint") -> NamedModel:
     """A loaded checkpoint's model (training.load_checkpoint)."""
-    config = NetConfig(num_classes=len(payload["classes"]), width=payload["recipe"]["width"])
+    network = payload["recipe"].get("network", "paper")  # checkpoints before the variants are the paper's
+    config = NetConfig(num_classes=len(payload["classes"]), width=payload["recipe"]["width"], network=network)
     normalise, stats = bool(payload["recipe"].get("normalise", False)), ColourStats(**payload["stats"])
     source = f"{whose}, checkpoint at step {payload['step']}"
     state = payload["state_dict"]

@@ -31,6 +31,7 @@ from coordinator.service.errors import DeadlineExceeded, InvalidRequest, Resourc
 from coordinator.service.metrics import Metrics
 from coordinator.service.serving_policy import ServingShare
 from coordinator.service.versions import ModelVersion, Prediction, check_top_k, top_classes
+from towers import NetConfig
 
 log = logging.getLogger(__name__)
 
@@ -264,8 +265,8 @@ class Classifier:
 
     def _activate(self, version: ModelVersion) -> None:
         try:
-            if version.net != self.current.net:
-                # Another shape of network (other classes, another width): a new pair of towers.
+            if NetConfig(**version.net) != NetConfig(**self.current.net):
+                # Another network (other classes, another width or variant): a new pair of towers.
                 old, self.engine = self.engine, self._serving_engine(version)
                 old.shutdown()
             elif version.state is not None:

@@ -328,6 +328,7 @@ def engine_for(recipe: Recipe, options: RunOptions, num_classes: int) -> ModelPa
         seed=recipe.seed,
         init=recipe.init,
         width=recipe.width,
+        network=recipe.network,
         transport=options.transport,
         replicas=options.replicas,
         precision=options.precision,
