@@ -147,6 +147,7 @@ def cases(root, tmp):
         ("NaN rate", "StartTraining", spec(overrides={"lr": "nan"}), INVALID, "lr must be a finite number"),
         ("batch of a billion", "StartTraining", spec(overrides={"batch_size": "1000000000"}), INVALID, "at most 4096"),
         ("width of a thousand", "StartTraining", spec(overrides={"width": "1000"}), INVALID, "width must be in (0, 4]"),
+        ("bad freeze", "StartTraining", spec(overrides={"freeze": "conv1-conv9"}), INVALID, "no layer 'conv9'"),
         ("resume nothing", "StartTraining", pb.TrainingSpec(resume_from=str(tmp / "none")), MISSING, "no checkpoint"),
         ("resume torn", "StartTraining", pb.TrainingSpec(resume_from=str(tmp / "torn.pt")), INVALID, "not a readable"),
         ("resume outside", "StartTraining", pb.TrainingSpec(resume_from="/etc/passwd"), DENIED, "resume_from"),

@@ -30,6 +30,7 @@ from coordinator.training.pipeline import FinishedStep, StepPipeline
 from coordinator.training.recipe import Recipe, schedule_for
 from coordinator.training.recovery import Snapshot, failed_before_update, recover, restore, take_snapshot
 from coordinator.training.reports import Progress, Result
+from towers import frozen_layers
 from towers.figures import colour_specialisation
 
 log = logging.getLogger(__name__)
@@ -323,7 +324,18 @@ def engine_for(plan: Recipe, num_classes: int) -> ModelParallelAlexNet:
         transport=plan.transport,
         replicas=plan.replicas,
         precision=plan.precision,
+        freeze=plan.freeze,
     )
+
+
+def fitting(engine: ModelParallelAlexNet, plan: Recipe) -> ModelParallelAlexNet:
+    """An engine passed in, if its towers freeze what the recipe does (their optimisers hold the rest)."""
+    if engine.frozen != frozen_layers(plan.freeze):
+        raise ValueError(
+            f"the engine freezes {', '.join(engine.frozen) or 'no layer'}, the recipe {plan.freeze or 'none'}: "
+            "make the engine with engine_for(plan, classes)"
+        )
+    return engine
 
 
 def train(
@@ -367,8 +379,7 @@ def train(
         dataset = dataclasses.replace(dataset, stats=ColourStats(**payload["stats"]))  # as the run had them
         snapshot = snapshot_of(payload)
     own_engine = engine is None
-    if own_engine:
-        engine = engine_for(plan, dataset.num_classes)
+    engine = engine_for(plan, dataset.num_classes) if own_engine else fitting(engine, plan)
     board = None
     try:
         (on_engine or (lambda e: None))(engine)

@@ -9,6 +9,7 @@ from typing import Optional, Sequence
 
 from coordinator.engine import RETIRED_TRANSPORTS, TRANSPORT_CHOICES
 from towers.config import INITS
+from towers.layers import frozen_layers
 from towers.precision import PRECISIONS
 
 
@@ -42,6 +43,7 @@ class Recipe:
     checkpoint_every: int = 0  # steps between checkpoints, besides every epoch and on stop (0: those only)
     keep_checkpoints: int = 3  # the last this many are kept, and the most accurate one
     max_restarts: int = 3  # recoveries a run may make before it fails
+    freeze: str = ""  # layers whose weights stay as the run starts them (fine-tuning): "conv1-conv5", "fc6,fc7"
 
     def validate(self) -> "Recipe":
         problems = []
@@ -90,6 +92,10 @@ class Recipe:
             self.transport not in TRANSPORT_CHOICES + RETIRED_TRANSPORTS
         ):  # a retired one, from an old checkpoint, reads as auto
             problems.append(f"transport must be one of {', '.join(TRANSPORT_CHOICES)}, got {self.transport!r}")
+        try:
+            frozen_layers(self.freeze)
+        except ValueError as exc:
+            problems.append(str(exc))
         if problems:
             raise ValueError("; ".join(problems))
         return self
