@@ -70,9 +70,9 @@ def starts_from_conv1_of(log_dir, state: dict) -> bool:
 # fresh network sits on a plateau at chance for its first epochs, and the run from scratch must
 # have left it: its top-1 must clear 30%, which guessing reaches in fewer than 1 draw of 120 in 10.
 # N = 60 (four epochs): with fewer, the run from scratch of some seeds we measured is still at
-# chance (one clears 30% only in its fourth epoch), and the fine-tuned run, which starts off the
-# plateau, is still far ahead at 60. Seeds differ mostly in how well the first model learns; the
-# top-1 and margins of several are in docs/performance.md, "Fine-tuning".
+# chance (one clears 30% only in its fourth epoch, one not even then), while the fine-tuned run,
+# which starts off the plateau, is far ahead at 60. Seeds differ mostly in how well the first
+# model learns; the top-1 and margins of several are in docs/performance.md, "Fine-tuning".
 FIRST, NEW = ("hstripes", "vstripes", "rings"), ("hwaves", "vwaves", "grid", "blobs")
 SMALLEST = {"width": "0.0625", "batch_size": "16", "dropout": "0", "seed": "3"}
 PRETRAIN = {**SMALLEST, "epochs": "8", "lr": "0.004", "lr_epochs": "7"}  # 96 steps, a tenth of the rate in the last
