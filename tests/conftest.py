@@ -30,5 +30,14 @@ def ray_session():
     # core worker while being printed, and the process would exit without a summary.
 
 
+@pytest.fixture(scope="session")
+def learning_patterns(tmp_path_factory):
+    """The built-in dataset at 60 training and 30 held-out images a class, made once a session
+    for the tests that measure learning (test_learning, test_finetune)."""
+    from coordinator.data.patterns import generate
+
+    return generate(tmp_path_factory.mktemp("patterns") / "p", train_per_class=60, val_per_class=30)
+
+
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual.double() - expected.double()).norm() / expected.double().norm().clamp_min(1e-30)).item()

@@ -185,6 +185,7 @@ def recipe_cases(root):
         ("batch of a billion", "StartTraining", spec(overrides={"batch_size": "1000000000"}), INVALID, "at most 4096"),
         ("width of a thousand", "StartTraining", spec(overrides={"width": "1000"}), INVALID, "width must be in (0, 4]"),
         ("unknown network", "StartTraining", spec(overrides={"network": "vgg"}), INVALID, "network must be one of"),
+        ("bad freeze", "StartTraining", spec(overrides={"freeze": "conv1-conv9"}), INVALID, "no layer 'conv9'"),
         ("not protobuf: start", "StartTraining", b"\x0a\x05ab", INVALID, "not a valid StartTraining message"),
     ]
 

@@ -29,7 +29,6 @@ import torch.nn.functional as F
 from conftest import relative_error
 from coordinator import ModelParallelAlexNet
 from coordinator.data import open_dataset
-from coordinator.data.patterns import generate
 from coordinator.training import resume_spec, run_spec, train
 from coordinator.training.loop import engine_for
 from coordinator.training.passes import SkipLog, evaluate, training_pass, validation_pass
@@ -47,9 +46,8 @@ PLAN = dict(
 
 
 @pytest.fixture(scope="module")
-def patterns(tmp_path_factory):
-    root = generate(tmp_path_factory.mktemp("patterns") / "p", train_per_class=60, val_per_class=30)
-    return open_dataset(root / "train", root / "val")
+def patterns(learning_patterns):
+    return open_dataset(learning_patterns / "train", learning_patterns / "val")
 
 
 @pytest.fixture(scope="module")

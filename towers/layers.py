@@ -175,3 +175,24 @@ def with_lrn(layers: tuple[Layer, ...], lrn: LRN) -> tuple[Layer, ...]:
     """The same table with every LRN replaced, e.g. Caffe's norms alone: with_lrn(ALEXNET_2012, LRN(k=1))
     (CAFFE_BVLC_ALEXNET is the whole of Caffe's variant)."""
     return tuple(replace(row, then=tuple(lrn if isinstance(op, LRN) else op for op in row.then)) for row in layers)
+
+
+def frozen_layers(spec: str, layers: tuple[Layer, ...] = ALEXNET_2012) -> tuple[str, ...]:
+    """The layers that a freeze `spec` names, in table order: "" for none, a range "conv1-conv5",
+    a list "fc6,fc7", or both ("conv1-conv3,fc6"). A name the table lacks, a range that runs
+    backwards, or every layer (nothing would train) is a ValueError saying what to write."""
+    names = [row.name for row in layers]
+    chosen: set[str] = set()
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        first, dash, last = (end.strip() for end in part.partition("-"))
+        last = last if dash else first
+        unknown = [end for end in (first, last) if end not in names]
+        if unknown:
+            raise ValueError(f"freeze: no layer {unknown[0][:20]!r} in the table: its layers are {', '.join(names)}")
+        start, stop = names.index(first), names.index(last)
+        if start > stop:
+            raise ValueError(f"freeze: the range {first}-{last} runs backwards: write {last}-{first}")
+        chosen.update(names[start : stop + 1])
+    if len(chosen) == len(names):
+        raise ValueError(f"freeze names every layer, which leaves nothing to train: leave {names[-1]} out at least")
+    return tuple(name for name in names if name in chosen)

@@ -6,7 +6,7 @@ canonical weight format: conv1..conv5 then fc6..fc8, each weight then bias.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -64,15 +64,19 @@ class AlexNet(nn.Module):
         return x
 
 
-def paper_sgd(model: nn.Module, lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 5e-4):
+def paper_sgd(
+    model: nn.Module, lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 5e-4, frozen: Sequence[str] = ()
+):
     """SGD as the paper trains: momentum, and weight decay on the weights (the 2012 code's `wc`), not the biases.
+    The layers named in `frozen` (fine-tuning) are left out: no update, no decay, no momentum.
 
     The paper writes v <- 0.9 v - 0.0005 e w - e g; w <- w + v. PyTorch keeps v' = -v/e instead:
     v' <- 0.9 v' + g + 0.0005 w; w <- w - e v'. The two are the same steps while e is constant; when e
     changes, PyTorch applies the new rate to the whole velocity, the paper only to the new gradient.
     """
-    decay = [p for n, p in model.named_parameters() if not n.endswith("bias")]
-    no_decay = [p for n, p in model.named_parameters() if n.endswith("bias")]
+    trained = [(n, p) for n, p in model.named_parameters() if n.split(".")[0] not in frozen]
+    decay = [p for n, p in trained if not n.endswith("bias")]
+    no_decay = [p for n, p in trained if n.endswith("bias")]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # The fused kernel updates all parameters in one pass per tensor, much faster on a CPU tower than
     # the per-parameter loop (docs/performance.md, "Training step").

@@ -19,6 +19,7 @@ from coordinator.engine.tower_actor import TowerActor
 from towers import NetConfig, merge_state_dicts, split_state_dict
 from towers.config import derive_seed
 from towers.inputs import Crops
+from towers.layers import frozen_layers
 from towers.precision import check_precision, require_bf16
 
 
@@ -44,7 +45,8 @@ class ModelParallelAlexNet:
     keep_freed_memory has each tower's allocator keep what it frees for the next step (glibc;
     faster steps on CPU for a step's peak memory staying resident: docs/performance.md, "Training step");
     False returns it. nice lowers the towers' CPU priority by 0 to 19: a serving pair that shares
-    CPUs with a training pair may yield to it.
+    CPUs with a training pair may yield to it. freeze names layers whose weights no step changes
+    (fine-tuning: "conv1-conv5", "fc6,fc7"; towers.layers.frozen_layers).
 
     replicas > 1 trains R data-parallel groups of the towers: each step's batch is split into R
     equal shards, one per group, and each tower's gradients are averaged with the same tower of
@@ -73,11 +75,13 @@ class ModelParallelAlexNet:
         nice: int = 0,
         replicas: int = 1,
         precision: str = "float32",
+        freeze: str = "",
         **config,
     ):
         _check_arguments(lr, momentum, weight_decay, dtype, precision, transport, replicas, nice, exchange_timeout)
         self.config = NetConfig(num_classes=num_classes, dropout=dropout, **config)
         self.lr, self.seed, self.steps, self.dtype, self.precision = lr, seed, 0, dtype, precision
+        self.frozen = frozen_layers(freeze, self.config.layers)  # their weights stay as loaded
         ensure_ray()
         self.replicas = replicas
         self.placement = Placement.plan(self.config.towers * replicas, cpus_per_tower)
@@ -97,6 +101,7 @@ class ModelParallelAlexNet:
             backend=self.backend[0],
             timeout=exchange_timeout,
             precision=precision,
+            frozen=self.frozen,
         )
         self.tower_actors = [self._start_tower(i) for i in range(self.config.towers * replicas)]
         self.coordinator = None

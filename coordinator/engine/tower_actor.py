@@ -13,7 +13,7 @@ import os
 import socket
 import time
 import warnings
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import ray
@@ -60,6 +60,7 @@ class TowerActor:
         backend: str = "gloo",  # the pair's and the replicas'
         timeout: float = EXCHANGE_TIMEOUT,
         precision: str = "float32",
+        frozen: Sequence[str] = (),
     ):
         lower_priority(nice)
         torch.set_num_threads(threads)
@@ -71,7 +72,7 @@ class TowerActor:
         self.precision = check_precision(precision)
         self.bf16 = bf16_arithmetic(self.device)  # what does bf16 here, if anything (describe says)
         self.exchange_dtype = exchange_dtype(dtype, precision)
-        self.hyper = dict(momentum=momentum, weight_decay=weight_decay)
+        self.hyper = dict(momentum=momentum, weight_decay=weight_decay, frozen=tuple(frozen))
         self.tower = Tower(config, index, seed).to(self.device, dtype)
         self.optimizer = paper_sgd(self.tower, lr, **self.hyper)
         self.pair = Link("pair", "tower", backend, timeout)
@@ -136,14 +137,14 @@ class TowerActor:
 
     def abandon_step(self) -> None:
         """Drop a half-done step: accumulated gradients, and what its exchanges still expected."""
-        self.optimizer.zero_grad(set_to_none=True)
+        self.tower.zero_grad(set_to_none=True)
         for link in (self.pair, self.replicas):
             link.expect([], self.dtype)
 
     def _exchanges(self, batch: int, backward: bool = False, update: bool = False):
         if self.plan is None:
             raise RuntimeError(f"tower {self.index} has not been linked to its peers (the coordinator links them)")
-        parameters = sum(p.numel() for p in self.tower.parameters()) if update else 0
+        parameters = sum(p.numel() for p in self._trained()) if update else 0
         return exchanges(
             self.plan,
             self.pair,
@@ -169,14 +170,18 @@ class TowerActor:
         return loss.item()
 
     def _update(self, step, lr: Optional[float]) -> None:
-        step.average([p.grad for p in self.tower.parameters() if p.grad is not None])
+        step.average([p.grad for p in self._trained() if p.grad is not None])
         step.check_flags()  # no tower updates while another failed the step
         if lr is not None:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
         self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.tower.zero_grad(set_to_none=True)  # the frozen layers' gradients too, which nothing applies
         step.updated()
+
+    def _trained(self) -> list[torch.Tensor]:
+        """The parameters the optimiser updates: all but the frozen layers' (recipe's freeze)."""
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
 
     def _images(self, batch) -> torch.Tensor:
         """The batch as it travelled (coordinator.engine.batches), on this tower's device."""
@@ -203,7 +208,7 @@ class TowerActor:
                 logits = torch.cat([tower(self._images(batch), exchange, dropout_seed)] * self.config.towers, dim=1)
             F.cross_entropy(logits[:, :classes].to(_output_dtype(self.dtype)), target).backward()
             optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            tower.zero_grad(set_to_none=True)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             seconds.append(time.perf_counter() - start)
@@ -229,7 +234,7 @@ class TowerActor:
     def set_state(self, state: dict) -> None:
         self.tower.load_state_dict({k: torch.as_tensor(np.array(v)) for k, v in state.items()})
         self.optimizer.state.clear()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.tower.zero_grad(set_to_none=True)
 
     def get_optimizer_state(self) -> dict:
         return self.optimizer.state_dict()

@@ -31,6 +31,7 @@ from coordinator.training.pipeline import FinishedStep, StepPipeline
 from coordinator.training.recipe import Recipe, RunOptions, RunSpec, schedule_for
 from coordinator.training.recovery import Snapshot, restore, take_snapshot
 from coordinator.training.reports import Progress, Result
+from towers import frozen_layers
 from towers.figures import colour_specialisation
 
 log = logging.getLogger(__name__)
@@ -332,6 +333,7 @@ def engine_for(recipe: Recipe, options: RunOptions, num_classes: int) -> ModelPa
         transport=options.transport,
         replicas=options.replicas,
         precision=options.precision,
+        freeze=recipe.freeze,
     )
 
 
@@ -341,6 +343,16 @@ def resumed(resume, dataset: Dataset) -> tuple[Dataset, Snapshot]:
     payload = resume if isinstance(resume, dict) else load_checkpoint(resume)
     check_resumable(payload, dataset)
     return dataclasses.replace(dataset, stats=ColourStats(**payload["stats"])), snapshot_of(payload)
+
+
+def fitting(engine: ModelParallelAlexNet, recipe: Recipe) -> ModelParallelAlexNet:
+    """An engine passed in, if its towers freeze what the recipe does (their optimisers hold the rest)."""
+    if engine.frozen != frozen_layers(recipe.freeze):
+        raise ValueError(
+            f"the engine freezes {', '.join(engine.frozen) or 'no layer'}, the recipe {recipe.freeze or 'none'}: "
+            "make the engine with engine_for(recipe, options, classes)"
+        )
+    return engine
 
 
 def train(
@@ -376,7 +388,7 @@ def train(
         dataset = open_dataset(dataset, val_fraction=spec.recipe.val_fraction)
     dataset, snapshot = resumed(resume, dataset) if resume is not None else (dataset, None)
     own_engine = engine is None
-    engine = engine_for(spec.recipe, spec.options, dataset.num_classes) if own_engine else engine
+    engine = engine_for(spec.recipe, spec.options, dataset.num_classes) if own_engine else fitting(engine, spec.recipe)
     board = None
     try:
         (on_engine or (lambda e: None))(engine)

@@ -36,10 +36,11 @@ class Recipe:
     seed: int = 0
     width: float = 1.0  # 1.0 is the paper's network
     network: str = "paper"  # the published variant: paper, cuda-convnet-2012 or caffe (towers.layers.NETWORKS)
+    freeze: str = ""  # layers whose weights stay as the run starts them (fine-tuning): "conv1-conv5", "fc6,fc7"
 
     def validate(self) -> "Recipe":
         from towers.config import INITS  # here, not at the top: towers loads torch, and the client reads PRESETS
-        from towers.layers import network_table
+        from towers.layers import frozen_layers, network_table
 
         problems = at_least(self, 1, ("batch_size", "patience")) + at_least(
             self, 0, ("steps_per_epoch", "val_images", "max_drops")
@@ -53,10 +54,11 @@ class Recipe:
             problems.append(f"dropout must be in [0, 1), got {self.dropout}")
         if self.init not in INITS:
             problems.append(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
-        try:
-            network_table(self.network)
-        except ValueError as exc:
-            problems.append(str(exc))
+        for check, value in ((network_table, self.network), (frozen_layers, self.freeze)):
+            try:
+                check(value)
+            except ValueError as exc:
+                problems.append(str(exc))
         if self.schedule not in ("plateau", "step"):
             problems.append(f"schedule must be plateau or step, got {self.schedule!r}")
         if not 0 < self.val_fraction < 1:
