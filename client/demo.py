@@ -42,7 +42,7 @@ RAY_LOGS = "/tmp/ray/session_latest/logs"  # where a local Ray keeps its process
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 
 
-def shown(path: Path) -> str:
+def as_typed(path: Path) -> str:
     """A path as the user would type it: relative where it lies under the current folder."""
     return os.path.relpath(path) if path.is_relative_to(Path.cwd()) else str(path)
 
@@ -53,9 +53,9 @@ def observability_commands(metrics_port: int) -> list[str]:
     edit = "" if metrics_port == 9464 else f" (edit its target, localhost:9464, to localhost:{metrics_port})"
     return [
         f"watch it in Prometheus, alerts included{edit}:",
-        f"  prometheus --config.file={shown(config)} --storage.tsdb.path=/tmp/alexnet-mp-prometheus",
+        f"  prometheus --config.file={as_typed(config)} --storage.tsdb.path=/tmp/alexnet-mp-prometheus",
         "then in Grafana, add that Prometheus (http://localhost:9090) "
-        f"and import {shown(DEPLOY / 'grafana' / 'alexnet-mp.json')}",
+        f"and import {as_typed(DEPLOY / 'grafana' / 'alexnet-mp.json')}",
     ]
 
 

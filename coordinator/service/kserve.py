@@ -31,7 +31,7 @@ from coordinator.service.metrics import KSERVE_V2, Metrics
 from coordinator.service.protocol import answer, deadline_of, decoded_item, served_size, tensor_item, tensor_shape_fits
 from coordinator.service.serving import Classifier
 from coordinator.service.versions import ModelVersion, check_top_k, top_classes
-from coordinator.training.checkpoints import shown
+from coordinator.training.recipe import shown
 
 SERVICE = v2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 SERVICE_NAME = SERVICE.full_name

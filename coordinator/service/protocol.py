@@ -28,7 +28,7 @@ from coordinator.service.errors import (
     ServiceError,
     Unavailable,
 )
-from coordinator.training.checkpoints import shown
+from coordinator.training.recipe import shown
 
 if TYPE_CHECKING:
     from coordinator.service.serving import Classifier

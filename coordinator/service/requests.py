@@ -15,7 +15,8 @@ from typing import Optional
 from coordinator.data import check_folder, patterns
 from coordinator.service.errors import InvalidRequest, NotFound, PermissionDenied, PreconditionFailed
 from coordinator.training import CheckpointError, ResumeMismatch, RunSpec, load_checkpoint, resume_spec, run_spec
-from coordinator.training.checkpoints import CheckpointMissing, shown
+from coordinator.training.checkpoints import CheckpointMissing
+from coordinator.training.recipe import shown
 from towers import NetConfig
 from towers.portable import PortableError, ShapeMismatch, fitted, from_safetensors, is_safetensors
 
