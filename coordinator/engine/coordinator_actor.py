@@ -31,15 +31,12 @@ class Coordinator:
     """Plans the exchanges, links the towers and supervises them: every data-parallel group of
     towers (one unless replicas > 1), towers[g * T : (g + 1) * T] being group g's T towers."""
 
-    def __init__(
-        self, towers: Sequence, config: NetConfig, backend: tuple[str, bool], timeout: float, replicas: int = 1
-    ):
+    def __init__(self, config: NetConfig, backend: tuple[str, bool], timeout: float, replicas: int = 1):
         self.config, self.replicas = config, replicas
         self.plan = ExchangePlan.of(config, backend[0], timeout, shared_memory=backend[1])
         self.generation = -1
         self.kinds: dict[str, set] = {}  # link name -> what carries its collectives
-        self.towers: list = []
-        self.connect(towers)  # a constructor's error reaches the engine at its first call
+        self.towers: list = []  # none until the engine, its towers started, asks it to connect them
 
     def describe(self) -> str:
         """What carries the exchanges, as GetModelInfo and `alexnet-mp info` report it: e.g.

@@ -104,10 +104,14 @@ class ModelParallelAlexNet:
             frozen=self.frozen,
         )
         self.tower_actors = [self._start_tower(i) for i in range(self.config.towers * replicas)]
-        self.coordinator = None
+        self.coordinator = self._start_coordinator()  # its process starts while the towers' do
         self.calls = TowerCalls(lambda: self.tower_actors, lambda: self.coordinator, self.link)
         self.tower_info = self._described_towers(start_timeout)
-        self._start_coordinator()
+        try:
+            self.link()
+        except BaseException:
+            self.shutdown()  # towers that cannot be linked are no engine: their actors go
+            raise
 
     def _described_towers(self, start_timeout: float) -> list[dict]:
         """Each tower's description once all have started (the engine is shut down if they do not,
@@ -126,26 +130,23 @@ class ModelParallelAlexNet:
             require_bf16(without[0]["device"] if without[0]["device"] == "cpu" else "cuda")  # raises, saying what to do
         return described
 
-    def _start_coordinator(self) -> None:
+    def _start_coordinator(self):
+        """A coordinator actor, which links no tower until link() asks it to."""
         # The coordinator carries no tensor and computes nothing: it needs no core of its own. It stays
         # beside the driver, so that losing a node of towers does not take it too. Not soft: Ray
         # 2.60 places a soft-pinned actor of no CPUs elsewhere, and the driver's node always fits it.
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        self.coordinator = (
+        return (
             ray.remote(Coordinator)
             .options(num_cpus=0, scheduling_strategy=here)
-            .remote(self.tower_actors, self.config, self.backend, self.exchange_timeout, self.replicas)
+            .remote(self.config, self.backend, self.exchange_timeout, self.replicas)
         )
-        self._note_transport()  # surfaces towers that could not be linked
 
     def link(self) -> None:
         """Have the coordinator link the towers again, as the groups' next generation."""
         self.calls.relink = True  # until they are: a link that fails is tried again
         ray.get(self.coordinator.connect.remote(self.tower_actors))
-        self._note_transport()
-
-    def _note_transport(self) -> None:
-        self.transport = result(self.coordinator.describe.remote())
+        self.transport = result(self.coordinator.describe.remote())  # surfaces towers that could not be linked
         self.calls.relink = False
 
     def _start_tower(self, i: int):
@@ -170,7 +171,8 @@ class ModelParallelAlexNet:
     def restart_coordinator(self) -> None:
         """Replace the coordinator with a new actor (the old one is killed if it still runs), which links the towers."""
         ray.kill(self.coordinator)
-        self._start_coordinator()
+        self.coordinator = self._start_coordinator()
+        self.link()
 
     # --- input checks -------------------------------------------------------------------------
     def _check_images(self, images) -> np.ndarray | Crops:
