@@ -105,6 +105,31 @@ def test_an_idle_server_notices_a_dead_serving_tower_without_a_request(server, c
     assert client.classify([jpeg_bytes(2)]).results[0].top
 
 
+def test_a_version_of_another_network_is_served_on_a_new_pair_when_a_serving_tower_died(server, client):
+    """Another network's version rebuilds the serving towers in place (tests/test_variants.py); with one
+    of them dead, the rebuild fails and a new pair serves it, the dead one's partner shut down."""
+    current = server.classifier.current
+    net = dict(current.net, num_classes=6)
+    other = dataclasses.replace(current, state=AlexNet(**net, seed=6).state_dict(), labels=current.labels[:6], net=net)
+    pids = [t["pid"] for t in server.classifier.engine.tower_info]
+    os.kill(pids[1], signal.SIGKILL)
+    version = server.classifier.publish(other)
+    wait_for(lambda: answered_by(client) == version, timeout=120, every=0.2)
+    assert len(client.classify([jpeg_bytes(3)], top_k=6).results[0].top) == 6
+    assert not set(pids) & {t["pid"] for t in server.classifier.engine.tower_info}
+    wait_for(lambda: not set(pids) & tower_pids(), timeout=30)  # the partner went with the old pair
+    restored = server.classifier.publish(dataclasses.replace(current))  # the module's other tests serve 10 classes
+    wait_for(lambda: answered_by(client) == restored, timeout=60)
+
+
+def answered_by(client) -> int | None:
+    """The model version that answers a Classify now, or None while it is refused."""
+    try:
+        return client.classify([jpeg_bytes(1)]).model_version
+    except grpc.RpcError:
+        return None
+
+
 @pytest.fixture
 def logged(caplog):
     """Every record the server (the root logger's) and Ray's own loggers write during the test."""

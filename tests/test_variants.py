@@ -26,10 +26,10 @@ from coordinator.service import ServeOptions, Server
 from coordinator.service.versions import ModelVersion
 from coordinator.training import run_spec
 from coordinator.training.checkpoints import resume_spec
-from towers import LRN, NETWORKS, AlexNet, Dropout, Layer, MaxPool, ReLU, SpatialLRN, paper_sgd
+from towers import LRN, NETWORKS, AlexNet, Dropout, Layer, MaxPool, NetConfig, ReLU, SpatialLRN, paper_sgd
 from towers.layers import CAFFE_BVLC_ALEXNET, CUDA_CONVNET_2012, NUM_CLASSES
 from towers.ops import apply_then
-from towers.portable import from_safetensors
+from towers.portable import from_safetensors, to_safetensors
 
 WIDTH = 0.125  # the served network's and the jobs': publishing rebuilds the towers for the network alone
 
@@ -418,30 +418,48 @@ def test_the_recipe_names_the_network_and_a_resume_keeps_it():
 VARIANTS = [name for name in NETWORKS if name != "paper"]  # the paper's: tests/test_engine.py
 
 
-@pytest.mark.parametrize("network", VARIANTS)
-def test_each_variant_trains_through_the_engine_as_the_reference_does(ray_session, network):
-    """Two SGD steps with dropout, in float64, from each network's own initialisation."""
-    reference = AlexNet(**SMALL, network=network, seed=3).double()
-    engine = ModelParallelAlexNet(**SMALL, network=network, seed=3, dtype=torch.float64)
+# A rebuilt engine may change its classes and width too: one variant is rebuilt with other shapes.
+OTHER_SHAPES = {"caffe": dict(num_classes=6, width=0.0625)}
+
+
+def test_each_variant_trains_through_the_engine_as_the_reference_does(ray_session):
+    """Two SGD steps with dropout, in float64, from each network's own initialisation: one engine,
+    rebuilt in place for each variant, which starts as a new engine of that network would."""
+    engine = ModelParallelAlexNet(**SMALL, seed=3, dtype=torch.float64)
     try:
-        assert engine.config.layers == NETWORKS[network]
-        start = {k: v.clone() for k, v in reference.state_dict().items()}
-        assert all(torch.equal(engine.state_dict()[k], start[k]) for k in start)
-        optimizer = paper_sgd(reference, lr=0.01)
-        for step in range(2):
-            gen = torch.Generator().manual_seed(step)
-            images = torch.randn(4, 3, 99, 99, generator=gen, dtype=torch.float64) * 60  # the pixels' scale
-            labels = torch.randint(0, 10, (4,), generator=gen)
-            optimizer.zero_grad()
-            loss = F.cross_entropy(reference(images, dropout_seed=step), labels)
-            loss.backward()
-            optimizer.step()
-            assert engine.train_step(images, labels, dropout_seed=step) == pytest.approx(loss.item(), rel=1e-10)
-        actual, expected = engine.state_dict(), reference.state_dict()
-        assert max(relative_error(actual[k], expected[k]) for k in expected) < 1e-10
-        assert not torch.equal(expected["conv1.weight"], start["conv1.weight"])  # it really trained
+        pids = [info["pid"] for info in engine.tower_info]
+        for network in VARIANTS:
+            net = dict(SMALL, network=network, **OTHER_SHAPES.get(network, {}))
+            engine.rebuild(NetConfig(**net))
+            trains_as_the_reference(engine, AlexNet(**net, seed=3).double())
+        assert [info["pid"] for info in engine.tower_info] == pids  # the same processes throughout
     finally:
         engine.shutdown()
+
+
+def trains_as_the_reference(engine, reference) -> None:
+    """Two steps of the engine equal the reference's, from equal weights; and the reference's weights,
+    through a safetensors file, load into the engine bit for bit."""
+    assert engine.config.layers == reference.config.layers
+    start = {k: v.clone() for k, v in reference.state_dict().items()}
+    assert all(torch.equal(engine.state_dict()[k], start[k]) for k in start)
+    optimizer = paper_sgd(reference, lr=0.01)
+    for step in range(2):
+        gen = torch.Generator().manual_seed(step)
+        images = torch.randn(4, 3, 99, 99, generator=gen, dtype=torch.float64) * 60  # the pixels' scale
+        labels = torch.randint(0, reference.config.num_classes, (4,), generator=gen)
+        optimizer.zero_grad()
+        loss = F.cross_entropy(reference(images, dropout_seed=step), labels)
+        loss.backward()
+        optimizer.step()
+        assert engine.train_step(images, labels, dropout_seed=step) == pytest.approx(loss.item(), rel=1e-10)
+    actual, expected = engine.state_dict(), reference.state_dict()
+    assert max(relative_error(actual[k], expected[k]) for k in expected) < 1e-10
+    assert not torch.equal(expected["conv1.weight"], start["conv1.weight"])  # it really trained
+    assert not all(torch.equal(actual[k], expected[k]) for k in expected)  # rounding apart, so the load below shows
+    state, _, _ = from_safetensors(to_safetensors(expected, reference.config))
+    engine.load_state_dict(state)
+    assert all(torch.equal(engine.state_dict()[k], expected[k]) for k in expected)
 
 
 def served_as_its_own_network(server, client, network: str, tmp_path) -> None:
@@ -482,6 +500,7 @@ def test_a_published_version_of_each_variant_is_served_by_towers_of_its_own_netw
     try:
         with AlexNetClient(f"127.0.0.1:{server.port}", timeout=60) as client:
             client.wait_ready()
+            pids = [info["pid"] for info in server.classifier.engine.tower_info]
             tiny = {
                 "network": "caffe",
                 "width": str(WIDTH),
@@ -501,5 +520,6 @@ def test_a_published_version_of_each_variant_is_served_by_towers_of_its_own_netw
             weights = AlexNet(**net, seed=5, init="pytorch").state_dict()  # activations that LRN acts on
             server.jobs.publish(ModelVersion(0, weights, list(KINDS.values()), ColourStats.imagenet(), True, net))
             served_as_its_own_network(server, client, "cuda-convnet-2012", tmp_path)
+            assert [info["pid"] for info in server.classifier.engine.tower_info] == pids  # rebuilt in place
     finally:
         server.stop()

@@ -32,11 +32,16 @@ class Coordinator:
     towers (one unless replicas > 1), towers[g * T : (g + 1) * T] being group g's T towers."""
 
     def __init__(self, config: NetConfig, backend: tuple[str, bool], timeout: float, replicas: int = 1):
-        self.config, self.replicas = config, replicas
-        self.plan = ExchangePlan.of(config, backend[0], timeout, shared_memory=backend[1])
+        self.replicas, self.backend, self.timeout = replicas, backend, timeout
+        self.rebuild(config)
         self.generation = -1
         self.kinds: dict[str, set] = {}  # link name -> what carries its collectives
         self.towers: list = []  # none until the engine, its towers started, asks it to connect them
+
+    def rebuild(self, config: NetConfig) -> None:
+        """Plan the exchanges of another network (its towers rebuilt in place); connect links them."""
+        self.config = config
+        self.plan = ExchangePlan.of(config, self.backend[0], self.timeout, shared_memory=self.backend[1])
 
     def describe(self) -> str:
         """What carries the exchanges, as GetModelInfo and `alexnet-mp info` report it: e.g.

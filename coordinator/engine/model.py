@@ -155,6 +155,22 @@ class ModelParallelAlexNet:
         options = {**self.placement.actor_options, **self.placement.in_group(self._groups, group)}
         return ray.remote(TowerActor).options(**options).remote(self.config, t, **self._tower_args)
 
+    def rebuild(self, config: NetConfig) -> None:
+        """Compute another network (other classes, width or variant) with the same actors: each tower
+        builds its layers afresh, as a new engine of `config` and this seed would start them, and
+        the coordinator plans and links the exchanges for it. No process starts, where new actors
+        take seconds. Load the new network's weights after (load_state_dict)."""
+        if config.towers != self.config.towers:
+            raise ValueError(
+                f"a rebuilt engine keeps its {self.config.towers} towers, got a network of {config.towers}"
+            )
+        frozen_layers(",".join(self.frozen), config.layers)  # the frozen layers must be the new network's too
+        ray.get([t.rebuild.remote(config, self.seed) for t in self.tower_actors])
+        ray.get(self.coordinator.rebuild.remote(config))
+        self.config, self.steps = config, 0
+        self.link()
+        self.tower_info = ray.get([t.describe.remote() for t in self.tower_actors])
+
     def restart_tower(self, t: int, relink: bool = True) -> None:
         """Replace tower t with a new actor (the old one is killed if it still runs) and link it
         in: the transport forms its next generation. The new tower has its initial weights and

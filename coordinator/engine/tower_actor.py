@@ -94,6 +94,14 @@ class TowerActor:
             "bf16": self.bf16,
         }
 
+    def rebuild(self, config: NetConfig, seed: int) -> None:
+        """This tower as another network's (other classes, width or variant), from its initialisation
+        and without momentum, in the same process. It computes nothing until the coordinator has
+        linked it for the new network (Coordinator.rebuild, then connect)."""
+        self.config, self.plan = config, None
+        self.tower = Tower(config, self.index, seed).to(self.device, self.dtype)
+        self.optimizer = paper_sgd(self.tower, self.optimizer.defaults["lr"], **self.hyper)
+
     # --- the links (links.py): the coordinator forms them ---------------------------------------
     def host_link(self, name: str) -> tuple[str, int]:
         return self._link(name).host()

@@ -34,6 +34,9 @@ from coordinator.service.versions import ModelVersion, Prediction, check_top_k, 
 from towers import NetConfig
 
 log = logging.getLogger(__name__)
+# The serving towers' network beside a version's own (its net): dropout only acts in training, and
+# "paper" initial weights are what version 0 serves.
+SERVING_NET = dict(dropout=0.0, init="paper")
 
 # How often an idle batcher checks that its serving towers are alive.
 WATCH_SECONDS = 5.0
@@ -101,9 +104,8 @@ class Classifier:
 
     def _serving_engine(self, version: ModelVersion) -> ModelParallelAlexNet:
         """New serving towers with the version's weights; none are left running if that fails."""
-        # Dropout only acts in training; "paper" initial weights are what version 0 serves.
         engine = ModelParallelAlexNet(
-            **version.net, dropout=0.0, init="paper", transport=self.transport, nice=self.nice, precision=self.precision
+            **version.net, **SERVING_NET, transport=self.transport, nice=self.nice, precision=self.precision
         )
         try:
             if version.state is not None:
@@ -266,10 +268,8 @@ class Classifier:
     def _activate(self, version: ModelVersion) -> None:
         try:
             if NetConfig(**version.net) != NetConfig(**self.current.net):
-                # Another network (other classes, another width or variant): a new pair of towers.
-                old, self.engine = self.engine, self._serving_engine(version)
-                old.shutdown()
-            elif version.state is not None:
+                self._rebuild(version)  # another network: other classes, another width or variant
+            if version.state is not None:
                 self.engine.load_state_dict(version.state)
             self.current = version
             self.metrics.version.set(version.version)
@@ -277,6 +277,16 @@ class Classifier:
             log.exception(
                 "could not load model version %d; still serving version %d", version.version, self.current.version
             )
+
+    def _rebuild(self, version: ModelVersion) -> None:
+        """The serving towers as the version's network: the same actors rebuilt in place, or a new pair
+        where that fails (an actor lost meanwhile, say)."""
+        try:
+            self.engine.rebuild(NetConfig(**version.net, **SERVING_NET))
+        except Exception:
+            log.warning("could not rebuild the serving towers in place; starting a new pair", exc_info=True)
+            old, self.engine = self.engine, self._serving_engine(version)
+            old.shutdown()
 
     def _run(self, batch: list[_Request]) -> None:
         version, started = self.current, time.perf_counter()
