@@ -1,8 +1,11 @@
 """Starting a run from a model's weights (fine-tuning): the run's first step sees the file's
-layers, fc8 starts afresh for another class count, and weights of another network are refused."""
+layers, fc8 starts afresh for another class count, frozen layers stay as the file has them,
+fine-tuning beats as many steps from scratch, and weights of another network are refused. Jobs
+that start from a file or a model version through the server: tests/test_export.py."""
 
 import io
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -12,16 +15,13 @@ import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from alexnet_api.v1 import alexnet_pb2 as pb
-from client import AlexNetClient
 from coordinator.data import open_dataset
-from coordinator.data.patterns import KINDS, generate
-from coordinator.service import ServeOptions, Server
+from coordinator.data.patterns import generate
 from coordinator.service.requests import TrainingRequest, check_request
 from coordinator.training import run_spec, train
 from coordinator.training.board import KERNELS_IMAGE
 from coordinator.training.loop import engine_for, fitting
-from test_service import wait_for
+from coordinator.training.passes import SkipLog, evaluate, validation_pass
 from towers import AlexNet, NetConfig, frozen_layers
 from towers.figures import figure3
 from towers.portable import ShapeMismatch, fitted, to_safetensors
@@ -35,9 +35,13 @@ def source():
     return AlexNet(num_classes=6, width=WIDTH, init="kaiming", seed=7).state_dict()
 
 
-def test_a_run_starts_from_the_files_layers_with_fc8_afresh(ray_session, source, tmp_path):
+def test_a_run_starts_from_the_files_layers_with_fc8_afresh_and_its_frozen_layers_stay(ray_session, source, tmp_path):
+    """The run's first step sees the file's layers; fc8 starts afresh for another class count; frozen
+    layers take no update, no weight decay and no momentum through the engine's steps, and the others train."""
     root = generate(tmp_path / "patterns", train_per_class=4, val_per_class=1)  # ten classes
-    spec = run_spec("demo", {"width": WIDTH, "epochs": 1, "batch_size": 8, "steps_per_epoch": 2})
+    overrides = {"width": WIDTH, "epochs": 1, "batch_size": 8, "steps_per_epoch": 3, "freeze": "conv1-conv5"}
+    spec = run_spec("demo", overrides)
+    assert spec.recipe.weight_decay > 0 and spec.recipe.momentum > 0  # either would move a layer the optimiser held
     start, renewed = fitted(source, NetConfig(num_classes=10, width=WIDTH))
     assert renewed and "fc8.weight" not in start and start.keys() == source.keys() - {"fc8.weight", "fc8.bias"}
     states = []
@@ -48,9 +52,11 @@ def test_a_run_starts_from_the_files_layers_with_fc8_afresh(ray_session, source,
         log_dir=tmp_path / "log",
         on_publish=lambda step, state: states.append(state),
     )
-    assert result.steps == 2 and states[-1]["fc8.weight"].shape == (10, 4096 * WIDTH)
+    assert result.steps == 3 and states[-1]["fc8.weight"].shape == (10, 4096 * WIDTH)
     assert starts_from_conv1_of(tmp_path / "log", source)
-    assert not torch.equal(states[-1]["conv1.weight"], source["conv1.weight"])  # and then it trained
+    frozen = [f"conv{i}.{part}" for i in range(1, 6) for part in ("weight", "bias")]
+    assert all(torch.equal(states[-1][name], source[name]) for name in frozen)
+    assert not any(torch.equal(states[-1][name], source[name]) for name in ("fc6.weight", "fc7.weight", "fc7.bias"))
 
 
 def starts_from_conv1_of(log_dir, state: dict) -> bool:
@@ -75,8 +81,14 @@ def starts_from_conv1_of(log_dir, state: dict) -> bool:
 # model learns; the top-1 and margins of several are in docs/performance.md, "Fine-tuning".
 FIRST, NEW = ("hstripes", "vstripes", "rings"), ("hwaves", "vwaves", "grid", "blobs")
 SMALLEST = {"width": "0.0625", "batch_size": "16", "dropout": "0", "seed": "3"}
-PRETRAIN = {**SMALLEST, "epochs": "8", "lr": "0.004", "lr_epochs": "7"}  # 96 steps, a tenth of the rate in the last
-TUNE = {**SMALLEST, "epochs": "4", "lr": "0.0015", "lr_epochs": "100"}  # N = 60 steps, at one rate
+PRETRAIN = {
+    **SMALLEST,
+    "epochs": "8",
+    "lr": "0.004",
+    "lr_epochs": "7",
+    "val_images": "16",
+}  # 96 steps, a tenth of the rate in the last
+TUNE = {**SMALLEST, "epochs": "4", "lr": "0.0015", "lr_epochs": "100", "val_images": "16"}  # N = 60 steps, one rate
 OFF_CHANCE = 0.30
 
 
@@ -88,52 +100,44 @@ def only(root: Path, kinds, into: Path) -> Path:
     return into
 
 
+def held_out_top1(engine, dataset, recipe) -> float:
+    """Top-1 of the engine's weights over every held-out image (each epoch of a run validates on 16)."""
+    return evaluate(engine, validation_pass(dataset, replace(recipe, val_images=0)), SkipLog())[0]
+
+
+def keep(states: list):
+    """An on_publish that keeps each published state."""
+    return lambda step, state: states.append(state)
+
+
 def test_fine_tuning_on_four_new_classes_beats_as_many_steps_from_scratch(ray_session, learning_patterns, tmp_path):
     first, new = only(learning_patterns, FIRST, tmp_path / "first"), only(learning_patterns, NEW, tmp_path / "new")
-    trained = []
-    train(
-        open_dataset(first / "train", first / "val"),
-        run_spec("demo", PRETRAIN),
-        on_publish=lambda s, w: trained.append(w),
-    )
-    file = tmp_path / "first.safetensors"
-    file.write_bytes(to_safetensors(trained[-1], NetConfig(num_classes=len(FIRST), width=float(SMALLEST["width"]))))
-    # What StartTraining does with init_from: the request checked, the file read and fitted (fc8 afresh).
-    request = TrainingRequest(
-        data_dir=str(new / "train"), val_dir=str(new / "val"), overrides=TUNE, init_from=str(file)
-    )
-    plan = check_request(request)
-    assert plan.init.renew_fc8 and plan.init.note(len(NEW)).endswith("fc8 starts afresh for 4 classes")
-    dataset = open_dataset(new / "train", new / "val")
-    engine = engine_for(plan.spec.recipe, plan.spec.options, dataset.num_classes)  # one pair of towers for both runs
+    pretraining, trained = run_spec("demo", PRETRAIN), []
+    engine = engine_for(pretraining.recipe, pretraining.options, len(FIRST))  # one pair of towers for the three runs
     try:
+        train(open_dataset(first / "train", first / "val"), pretraining, engine=engine, on_publish=keep(trained))
+        file = tmp_path / "first.safetensors"
+        file.write_bytes(to_safetensors(trained[-1], engine.config))
+        # What StartTraining does with init_from: the request checked, the file read and fitted (fc8 afresh).
+        request = TrainingRequest(
+            data_dir=str(new / "train"), val_dir=str(new / "val"), overrides=TUNE, init_from=str(file)
+        )
+        plan = check_request(request)
+        assert plan.init.renew_fc8 and plan.init.note(len(NEW)).endswith("fc8 starts afresh for 4 classes")
+        dataset = open_dataset(new / "train", new / "val")
+        engine.rebuild(replace(engine.config, num_classes=len(NEW)))  # as new towers for four classes start
         own_start = engine.state_dict()  # the recipe's initialisation, where the run from scratch starts
         tuned = train(dataset, plan.spec, engine=engine, init_state=plan.init.state, log_dir=tmp_path / "log")
+        tuned_top1 = held_out_top1(engine, dataset, plan.spec.recipe)
         scratch = train(dataset, plan.spec, engine=engine, init_state=own_start)  # momentum restarts at zero
+        scratch_top1 = held_out_top1(engine, dataset, plan.spec.recipe)
     finally:
         engine.shutdown()
-    print(f"held-out top-1 after {tuned.steps} steps: fine-tuned {tuned.top1:.1%}, from scratch {scratch.top1:.1%}")
+    print(f"held-out top-1 after {tuned.steps} steps: fine-tuned {tuned_top1:.1%}, from scratch {scratch_top1:.1%}")
     assert starts_from_conv1_of(tmp_path / "log", trained[-1])
     assert tuned.steps == scratch.steps == 60
-    assert scratch.top1 > OFF_CHANCE
-    assert tuned.top1 >= scratch.top1 + 0.10
-
-
-def test_frozen_layers_keep_the_files_weights_bit_for_bit_and_the_others_train(ray_session, source, tmp_path):
-    """Frozen layers take no update, no weight decay and no momentum, through the engine's steps."""
-    root = generate(tmp_path / "patterns", train_per_class=4, val_per_class=1)
-    spec = run_spec(
-        "demo", {"width": WIDTH, "epochs": 1, "batch_size": 8, "steps_per_epoch": 3, "freeze": "conv1-conv5"}
-    )
-    assert (
-        spec.recipe.weight_decay > 0 and spec.recipe.momentum > 0
-    )  # either would move a layer the optimiser still held
-    start, _ = fitted(source, NetConfig(num_classes=10, width=WIDTH))
-    states = []
-    train(open_dataset(root / "train", root / "val"), spec, init_state=start, on_publish=lambda s, w: states.append(w))
-    frozen = [f"conv{i}.{part}" for i in range(1, 6) for part in ("weight", "bias")]
-    assert all(torch.equal(states[-1][name], source[name]) for name in frozen)
-    assert not any(torch.equal(states[-1][name], source[name]) for name in ("fc6.weight", "fc7.weight", "fc7.bias"))
+    assert scratch_top1 > OFF_CHANCE
+    assert tuned_top1 >= scratch_top1 + 0.10
 
 
 def test_freeze_names_layers_of_the_table():
@@ -148,39 +152,6 @@ def test_freeze_names_layers_of_the_table():
     towers = SimpleNamespace(frozen=())  # an engine made without freeze: its optimisers hold every layer
     with pytest.raises(ValueError, match="the engine freezes no layer, the recipe conv1: make the engine with"):
         fitting(towers, run_spec("demo", {"freeze": "conv1"}).recipe)
-
-
-@pytest.fixture(scope="module")
-def server(ray_session, tmp_path_factory):
-    base = [str(tmp_path_factory.getbasetemp())]
-    srv = Server(ServeOptions(port=0, metrics_port=-1, width=WIDTH, data_roots=base, checkpoint_roots=base)).start()
-    with AlexNetClient(f"127.0.0.1:{srv.port}", timeout=120) as client:
-        client.wait_ready()
-        yield srv, client
-    srv.stop()
-
-
-def test_jobs_start_from_a_file_or_a_model_version_and_say_so(server, tmp_path):
-    _, client = server
-    ten = AlexNet(num_classes=10, width=WIDTH, init="kaiming", seed=5)  # as an exported file holds it
-    (tmp_path / "ten.safetensors").write_bytes(to_safetensors(ten.state_dict(), ten.config))
-    root = generate(tmp_path / "patterns", train_per_class=4, val_per_class=1)
-    for split in ("train", "val"):
-        for kind in list(KINDS)[:4]:
-            shutil.copytree(root / split / kind, tmp_path / "four" / split / kind)
-    short = {"width": str(WIDTH), "epochs": "1", "batch_size": "8", "steps_per_epoch": "1"}
-
-    def started(init_from: str) -> tuple[str, pb.TrainingJob]:
-        job = client.train(tmp_path / "four" / "train", overrides=short, init_from=init_from)
-        events = list(client.watch(job.job_id))
-        assert events[-1].state == pb.FINISHED
-        return next(e.message for e in events if e.state == pb.RUNNING), client.get(job.job_id)
-
-    said, tuned = started(str(tmp_path / "ten.safetensors"))
-    assert f"initialised from {tmp_path / 'ten.safetensors'}; fc8 starts afresh for 4 classes" in said
-    wait_for(lambda: client.info().model_version == tuned.model_version)
-    said, _ = started(f"version:{tuned.model_version}")
-    assert said.endswith(f"initialised from model version {tuned.model_version}, served now")  # four classes: all
 
 
 def test_weights_of_another_network_are_refused_naming_the_first_mismatch(source):

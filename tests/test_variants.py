@@ -1,6 +1,6 @@
-"""The network's published variants: each table against its source's lines, each trained through
-the engine against the reference, and a published version of each served by towers of its own
-network.
+"""The network's published variants: each table against its source's lines, and each trained through
+the engine against the reference. A published version of each is served by towers of its own
+network in tests/test_export.py, on that module's server (served_as_its_own_network, here).
 
 The variants share their layer shapes, so counts cannot tell them apart: the rows are rebuilt here
 from the quoted lines of each source's configuration and must equal the table's rows.
@@ -8,7 +8,6 @@ from the quoted lines of each source's configuration and must equal the table's 
 
 import configparser
 import re
-import time
 from dataclasses import replace
 
 import numpy as np
@@ -16,22 +15,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from alexnet_api.v1 import alexnet_pb2 as pb
-from client import AlexNetClient
 from conftest import SMALL, relative_error
 from coordinator import ModelParallelAlexNet
-from coordinator.data import ColourStats
-from coordinator.data.patterns import KINDS, generate
-from coordinator.service import ServeOptions, Server
-from coordinator.service.versions import ModelVersion
 from coordinator.training import run_spec
 from coordinator.training.checkpoints import resume_spec
 from towers import LRN, NETWORKS, AlexNet, Dropout, Layer, MaxPool, NetConfig, ReLU, SpatialLRN, paper_sgd
 from towers.layers import CAFFE_BVLC_ALEXNET, CUDA_CONVNET_2012, NUM_CLASSES
 from towers.ops import apply_then
 from towers.portable import from_safetensors, to_safetensors
-
-WIDTH = 0.125  # the served network's and the jobs': publishing rebuilds the towers for the network alone
 
 # github.com/computerhistory/AlexNet-Source-Code, layers/layers-145.cfg: tower a's layers (gpu=0),
 # in the file's order. Lines that place or tune the CUDA kernels (partialSum, sharedBiases, gpu,
@@ -475,7 +466,7 @@ def served_as_its_own_network(server, client, network: str, tmp_path) -> None:
     client.export(tmp_path / f"{network}.safetensors", "safetensors")
     state, config, meta = from_safetensors((tmp_path / f"{network}.safetensors").read_bytes())
     assert config.network == meta["network_variant"] == network
-    reference = AlexNet(num_classes=10, width=WIDTH, network=network).eval()
+    reference = AlexNet(num_classes=config.num_classes, width=config.width, network=network).eval()
     reference.load_state_dict(state)
     with torch.no_grad():
         logits = reference(torch.from_numpy(tensor)[None])
@@ -484,42 +475,7 @@ def served_as_its_own_network(server, client, network: str, tmp_path) -> None:
     assert max(abs(served[i] - expected[i].item()) for i in range(10)) < 1e-5
     assert relative_error(engine.predict(torch.from_numpy(tensor)[None]), logits) < 1e-5
     # The same weights on the paper's table compute something else: the network, not the weights, differs.
-    paper = AlexNet(num_classes=10, width=WIDTH).eval()
+    paper = AlexNet(num_classes=config.num_classes, width=config.width).eval()
     paper.load_state_dict(state)
     with torch.no_grad():
         assert relative_error(paper(torch.from_numpy(tensor)[None]), logits) > 1e-3
-
-
-def test_a_published_version_of_each_variant_is_served_by_towers_of_its_own_network(ray_session, tmp_path):
-    """Caffe's from a job that trains it (a job's versions name its recipe's network); the 2012 code's
-    published as a job publishes, without the training, to keep the test short."""
-    data = generate(tmp_path / "patterns", train_per_class=2, val_per_class=1)
-    roots = [str(tmp_path)]
-    options = ServeOptions(port=0, metrics_port=-1, width=WIDTH, data_roots=roots, checkpoint_roots=roots)
-    server = Server(options).start()
-    try:
-        with AlexNetClient(f"127.0.0.1:{server.port}", timeout=60) as client:
-            client.wait_ready()
-            pids = [info["pid"] for info in server.classifier.engine.tower_info]
-            tiny = {
-                "network": "caffe",
-                "width": str(WIDTH),
-                "epochs": "1",
-                "batch_size": "4",
-                "steps_per_epoch": "2",
-                "publish_every": "1",
-            }
-            job = client.train(str(data / "train"), val_dir=str(data / "val"), overrides=tiny)
-            deadline = time.monotonic() + 120
-            while (ended := client.get(job.job_id)).state in (pb.PENDING, pb.RUNNING) and time.monotonic() < deadline:
-                time.sleep(0.1)
-            assert ended.state == pb.FINISHED and ended.model_version > 0, ended.error
-            served_as_its_own_network(server, client, "caffe", tmp_path)
-
-            net = dict(num_classes=10, width=WIDTH, network="cuda-convnet-2012")
-            weights = AlexNet(**net, seed=5, init="pytorch").state_dict()  # activations that LRN acts on
-            server.jobs.publish(ModelVersion(0, weights, list(KINDS.values()), ColourStats.imagenet(), True, net))
-            served_as_its_own_network(server, client, "cuda-convnet-2012", tmp_path)
-            assert [info["pid"] for info in server.classifier.engine.tower_info] == pids  # rebuilt in place
-    finally:
-        server.stop()
