@@ -30,12 +30,21 @@ WIDTH = 0.125
 
 
 @pytest.fixture(scope="module")
+def towers(ray_session):
+    """One pair of towers for the module's runs, each rebuilding it for its recipe (engine_for's reuse)."""
+    spec = run_spec("demo", {"width": WIDTH})
+    engine = engine_for(spec.recipe, spec.options, 10)
+    yield engine
+    engine.shutdown()
+
+
+@pytest.fixture(scope="module")
 def source():
     """A model of six classes, as a file would give it."""
     return AlexNet(num_classes=6, width=WIDTH, init="kaiming", seed=7).state_dict()
 
 
-def test_a_run_starts_from_the_files_layers_with_fc8_afresh_and_its_frozen_layers_stay(ray_session, source, tmp_path):
+def test_a_run_starts_from_the_files_layers_with_fc8_afresh_and_its_frozen_layers_stay(towers, source, tmp_path):
     """The run's first step sees the file's layers; fc8 starts afresh for another class count; frozen
     layers take no update, no weight decay and no momentum through the engine's steps, and the others train."""
     root = generate(tmp_path / "patterns", train_per_class=4, val_per_class=1)  # ten classes
@@ -48,6 +57,7 @@ def test_a_run_starts_from_the_files_layers_with_fc8_afresh_and_its_frozen_layer
     result = train(
         open_dataset(root / "train", root / "val"),
         spec,
+        engine=engine_for(spec.recipe, spec.options, 10, reuse=towers),
         init_state=start,
         log_dir=tmp_path / "log",
         on_publish=lambda step, state: states.append(state),
@@ -110,34 +120,40 @@ def keep(states: list):
     return lambda step, state: states.append(state)
 
 
-def test_fine_tuning_on_four_new_classes_beats_as_many_steps_from_scratch(ray_session, learning_patterns, tmp_path):
+def test_fine_tuning_on_four_new_classes_beats_as_many_steps_from_scratch(towers, learning_patterns, tmp_path):
     first, new = only(learning_patterns, FIRST, tmp_path / "first"), only(learning_patterns, NEW, tmp_path / "new")
     pretraining, trained = run_spec("demo", PRETRAIN), []
-    engine = engine_for(pretraining.recipe, pretraining.options, len(FIRST))  # one pair of towers for the three runs
-    try:
-        train(open_dataset(first / "train", first / "val"), pretraining, engine=engine, on_publish=keep(trained))
-        file = tmp_path / "first.safetensors"
-        file.write_bytes(to_safetensors(trained[-1], engine.config))
-        # What StartTraining does with init_from: the request checked, the file read and fitted (fc8 afresh).
-        request = TrainingRequest(
-            data_dir=str(new / "train"), val_dir=str(new / "val"), overrides=TUNE, init_from=str(file)
-        )
-        plan = check_request(request)
-        assert plan.init.renew_fc8 and plan.init.note(len(NEW)).endswith("fc8 starts afresh for 4 classes")
-        dataset = open_dataset(new / "train", new / "val")
-        engine.rebuild(replace(engine.config, num_classes=len(NEW)))  # as new towers for four classes start
-        own_start = engine.state_dict()  # the recipe's initialisation, where the run from scratch starts
-        tuned = train(dataset, plan.spec, engine=engine, init_state=plan.init.state, log_dir=tmp_path / "log")
-        tuned_top1 = held_out_top1(engine, dataset, plan.spec.recipe)
-        scratch = train(dataset, plan.spec, engine=engine, init_state=own_start)  # momentum restarts at zero
-        scratch_top1 = held_out_top1(engine, dataset, plan.spec.recipe)
-    finally:
-        engine.shutdown()
+    engine = engine_for(pretraining.recipe, pretraining.options, len(FIRST), reuse=towers)  # for the three runs
+    train(open_dataset(first / "train", first / "val"), pretraining, engine=engine, on_publish=keep(trained))
+    file = tmp_path / "first.safetensors"
+    file.write_bytes(to_safetensors(trained[-1], engine.config))
+    # What StartTraining does with init_from: the request checked, the file read and fitted (fc8 afresh).
+    request = TrainingRequest(
+        data_dir=str(new / "train"), val_dir=str(new / "val"), overrides=TUNE, init_from=str(file)
+    )
+    plan = check_request(request)
+    assert plan.init.renew_fc8 and plan.init.note(len(NEW)).endswith("fc8 starts afresh for 4 classes")
+    dataset = open_dataset(new / "train", new / "val")
+    engine_for(plan.spec.recipe, plan.spec.options, len(NEW), reuse=engine)  # as new towers for four classes start
+    own_start = engine.state_dict()  # the recipe's initialisation, where the run from scratch starts
+    tuned = train(dataset, plan.spec, engine=engine, init_state=plan.init.state, log_dir=tmp_path / "log")
+    tuned_top1 = held_out_top1(engine, dataset, plan.spec.recipe)
+    scratch = train(dataset, plan.spec, engine=engine, init_state=own_start)  # momentum restarts at zero
+    scratch_top1 = held_out_top1(engine, dataset, plan.spec.recipe)
     print(f"held-out top-1 after {tuned.steps} steps: fine-tuned {tuned_top1:.1%}, from scratch {scratch_top1:.1%}")
     assert starts_from_conv1_of(tmp_path / "log", trained[-1])
     assert tuned.steps == scratch.steps == 60
     assert scratch_top1 > OFF_CHANCE
     assert tuned_top1 >= scratch_top1 + 0.10
+
+
+def test_towers_rebuilt_for_a_recipe_keep_their_optimiser_and_run_options():
+    towers = SimpleNamespace(tower_args=dict(momentum=0.9, weight_decay=5e-4), replicas=1, precision="float32")
+    spec = run_spec("demo", {"momentum": 0.5, "replicas": 2})
+    with pytest.raises(
+        ValueError, match=r"keep their momentum 0.9 \(the recipe's 0.5\), replicas 1 \(the recipe's 2\): make"
+    ):
+        engine_for(spec.recipe, spec.options, 10, reuse=towers)
 
 
 def test_freeze_names_layers_of_the_table():

@@ -88,7 +88,7 @@ class ModelParallelAlexNet:
         self.backend = backend_for(transport, self.placement.kind)  # the pairs' exchanges and the replicas' all-reduce
         self.exchange_timeout = exchange_timeout
         self._groups = self.placement.reserve_groups(replicas, self.config.towers, start_timeout)
-        self._tower_args = dict(
+        self.tower_args = dict(
             seed=seed,
             lr=lr,
             momentum=momentum,
@@ -153,21 +153,22 @@ class ModelParallelAlexNet:
         """Tower i: tower i % T of replica group i // T."""
         group, t = divmod(i, self.config.towers)
         options = {**self.placement.actor_options, **self.placement.in_group(self._groups, group)}
-        return ray.remote(TowerActor).options(**options).remote(self.config, t, **self._tower_args)
+        return ray.remote(TowerActor).options(**options).remote(self.config, t, **self.tower_args)
 
-    def rebuild(self, config: NetConfig) -> None:
+    def rebuild(self, config: NetConfig, seed: Optional[int] = None, freeze: Optional[str] = None) -> None:
         """Compute another network (other classes, width or variant) with the same actors: each tower
-        builds its layers afresh, as a new engine of `config` and this seed would start them, and
-        the coordinator plans and links the exchanges for it. No process starts, where new actors
-        take seconds. Load the new network's weights after (load_state_dict)."""
+        builds its layers afresh, as a new engine of `config`, `seed` and `freeze` would start them
+        (None: this engine's), and the coordinator plans and links the exchanges for it. No process
+        starts, where new actors take seconds. Load the new network's weights after (load_state_dict)."""
         if config.towers != self.config.towers:
             raise ValueError(
                 f"a rebuilt engine keeps its {self.config.towers} towers, got a network of {config.towers}"
             )
-        frozen_layers(",".join(self.frozen), config.layers)  # the frozen layers must be the new network's too
-        ray.get([t.rebuild.remote(config, self.seed) for t in self.tower_actors])
+        seed = self.seed if seed is None else seed
+        frozen = frozen_layers(",".join(self.frozen) if freeze is None else freeze, config.layers)
+        ray.get([t.rebuild.remote(config, seed, frozen) for t in self.tower_actors])
         ray.get(self.coordinator.rebuild.remote(config))
-        self.config, self.steps = config, 0
+        self.config, self.seed, self.frozen, self.steps = config, seed, frozen, 0
         self.link()
         self.tower_info = ray.get([t.describe.remote() for t in self.tower_actors])
 

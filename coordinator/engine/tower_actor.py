@@ -94,11 +94,13 @@ class TowerActor:
             "bf16": self.bf16,
         }
 
-    def rebuild(self, config: NetConfig, seed: int) -> None:
+    def rebuild(self, config: NetConfig, seed: int, frozen: Sequence[str]) -> None:
         """This tower as another network's (other classes, width or variant), from its initialisation
-        and without momentum, in the same process. It computes nothing until the coordinator has
-        linked it for the new network (Coordinator.rebuild, then connect)."""
+        and without momentum, its optimiser leaving out the `frozen` layers, in the same process. It
+        computes nothing until the coordinator has linked it for the new network (Coordinator.rebuild,
+        then connect)."""
         self.config, self.plan = config, None
+        self.hyper = {**self.hyper, "frozen": tuple(frozen)}
         self.tower = Tower(config, self.index, seed).to(self.device, self.dtype)
         self.optimizer = paper_sgd(self.tower, self.optimizer.defaults["lr"], **self.hyper)
 

@@ -31,7 +31,7 @@ from coordinator.training.pipeline import FinishedStep, StepPipeline
 from coordinator.training.recipe import Recipe, RunOptions, RunSpec, schedule_for
 from coordinator.training.recovery import Snapshot, restore, take_snapshot
 from coordinator.training.reports import Progress, Result
-from towers import frozen_layers
+from towers import NetConfig, frozen_layers
 from towers.figures import colour_specialisation
 
 log = logging.getLogger(__name__)
@@ -318,8 +318,11 @@ class Trainer:
         return time.perf_counter() - self.started
 
 
-def engine_for(recipe: Recipe, options: RunOptions, num_classes: int) -> ModelParallelAlexNet:
-    """The towers a recipe trains (its network, optimiser and seed), placed and computing as the run options say."""
+def engine_for(recipe: Recipe, options: RunOptions, num_classes: int, reuse=None) -> ModelParallelAlexNet:
+    """The towers a recipe trains (its network, optimiser and seed), placed and computing as the run
+    options say: new ones, or `reuse`'s actors rebuilt in place for the recipe (engine.rebuild)."""
+    if reuse is not None:
+        return rebuilt_for(reuse, recipe, options, num_classes)
     return ModelParallelAlexNet(
         num_classes=num_classes,
         dropout=recipe.dropout,
@@ -335,6 +338,20 @@ def engine_for(recipe: Recipe, options: RunOptions, num_classes: int) -> ModelPa
         precision=options.precision,
         freeze=recipe.freeze,
     )
+
+
+def rebuilt_for(engine, recipe: Recipe, options: RunOptions, num_classes: int) -> ModelParallelAlexNet:
+    """`engine` rebuilt for the recipe's network, seed and freeze, where it already computes as the
+    recipe's optimiser and the run options need (else a ValueError: those take new towers)."""
+    wanted = dict(momentum=recipe.momentum, weight_decay=recipe.weight_decay, replicas=options.replicas)
+    wanted.update(precision=options.precision)
+    has = dict(engine.tower_args, replicas=engine.replicas, precision=engine.precision)
+    differ = [f"{name} {has[name]} (the recipe's {value})" for name, value in wanted.items() if has[name] != value]
+    if differ:
+        raise ValueError(f"the engine's towers keep their {', '.join(differ)}: make new ones with engine_for")
+    config = NetConfig(num_classes, recipe.dropout, recipe.width, init=recipe.init, network=recipe.network)
+    engine.rebuild(config, seed=recipe.seed, freeze=recipe.freeze)
+    return engine
 
 
 def resumed(resume, dataset: Dataset) -> tuple[Dataset, Snapshot]:
