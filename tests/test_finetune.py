@@ -46,18 +46,21 @@ def source():
 
 def test_a_run_starts_from_the_files_layers_with_fc8_afresh_and_its_frozen_layers_stay(towers, source, tmp_path):
     """The run's first step sees the file's layers; fc8 starts afresh for another class count; frozen
-    layers take no update, no weight decay and no momentum through the engine's steps, and the others train."""
+    layers take no update, no weight decay and no momentum through the engine's steps, in a tower that
+    replaced one too, and the others train."""
     root = generate(tmp_path / "patterns", train_per_class=4, val_per_class=1)  # ten classes
     overrides = {"width": WIDTH, "epochs": 1, "batch_size": 8, "steps_per_epoch": 3, "freeze": "conv1-conv5"}
     spec = run_spec("demo", overrides)
     assert spec.recipe.weight_decay > 0 and spec.recipe.momentum > 0  # either would move a layer the optimiser held
     start, renewed = fitted(source, NetConfig(num_classes=10, width=WIDTH))
     assert renewed and "fc8.weight" not in start and start.keys() == source.keys() - {"fc8.weight", "fc8.bias"}
+    engine = engine_for(spec.recipe, spec.options, 10, reuse=towers)
+    engine.restart_tower(1)  # as after a lost tower: the new one freezes what the rebuilt ones do
     states = []
     result = train(
         open_dataset(root / "train", root / "val"),
         spec,
-        engine=engine_for(spec.recipe, spec.options, 10, reuse=towers),
+        engine=engine,
         init_state=start,
         log_dir=tmp_path / "log",
         on_publish=lambda step, state: states.append(state),

@@ -169,6 +169,7 @@ class ModelParallelAlexNet:
         ray.get([t.rebuild.remote(config, seed, frozen) for t in self.tower_actors])
         ray.get(self.coordinator.rebuild.remote(config))
         self.config, self.seed, self.frozen, self.steps = config, seed, frozen, 0
+        self.tower_args.update(seed=seed, frozen=frozen)  # what a tower that replaces a lost one starts from
         self.link()
         self.tower_info = ray.get([t.describe.remote() for t in self.tower_actors])
 

@@ -343,8 +343,12 @@ def engine_for(recipe: Recipe, options: RunOptions, num_classes: int, reuse=None
 def rebuilt_for(engine, recipe: Recipe, options: RunOptions, num_classes: int) -> ModelParallelAlexNet:
     """`engine` rebuilt for the recipe's network, seed and freeze, where it already computes as the
     recipe's optimiser and the run options need (else a ValueError: those take new towers)."""
-    wanted = dict(momentum=recipe.momentum, weight_decay=recipe.weight_decay, replicas=options.replicas)
-    wanted.update(precision=options.precision)
+    wanted = dict(
+        momentum=recipe.momentum,
+        weight_decay=recipe.weight_decay,
+        replicas=options.replicas,
+        precision=options.precision,
+    )
     has = dict(engine.tower_args, replicas=engine.replicas, precision=engine.precision)
     differ = [f"{name} {has[name]} (the recipe's {value})" for name, value in wanted.items() if has[name] != value]
     if differ:
