@@ -33,7 +33,7 @@ WIDTH = 0.125
 @pytest.fixture(scope="module")
 def world(ray_session, tmp_path_factory):
     """A server whose served version is a trained job's last; that job (it checkpointed), which started
-    from a file of six classes (fine-tuning), and what it said as it started; and its last version.
+    from a file of six classes (fine-tuning), and what it said as it started; and its last version (weights and all).
     Tests that publish others leave it served again, or say what they leave served."""
     base = tmp_path_factory.getbasetemp()
     root = generate(tmp_path_factory.mktemp("export") / "patterns", train_per_class=8, val_per_class=2)
@@ -59,7 +59,6 @@ def world(ray_session, tmp_path_factory):
             source=source,
             said=said,
             root=root,
-            weights=srv.classifier.engine.state_dict(),
             version=srv.classifier.current,
         )
     finally:
@@ -148,8 +147,8 @@ def test_a_jobs_checkpoint_exports_from_the_server_and_locally_as_its_last_versi
     assert main(["export", world.job.checkpoint, *as_safetensors, str(tmp_path / "local.safetensors")]) == 0
     for name in ("job.safetensors", "local.safetensors"):
         state, _, _ = from_safetensors((tmp_path / name).read_bytes())
-        assert state.keys() == world.weights.keys()
-        assert all(torch.equal(state[key], value) for key, value in world.weights.items()), name
+        assert state.keys() == world.version.state.keys()
+        assert all(torch.equal(state[key], value) for key, value in world.version.state.items()), name
 
 
 def test_a_job_started_from_a_file_says_so(world):

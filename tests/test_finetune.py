@@ -94,13 +94,8 @@ def starts_from_conv1_of(log_dir, state: dict) -> bool:
 # model learns; the top-1 and margins of several are in docs/performance.md, "Fine-tuning".
 FIRST, NEW = ("hstripes", "vstripes", "rings"), ("hwaves", "vwaves", "grid", "blobs")
 SMALLEST = {"width": "0.0625", "batch_size": "16", "dropout": "0", "seed": "3"}
-PRETRAIN = {
-    **SMALLEST,
-    "epochs": "8",
-    "lr": "0.004",
-    "lr_epochs": "7",
-    "val_images": "16",
-}  # 96 steps, a tenth of the rate in the last
+# 96 steps, a tenth of the rate in the last epoch; each epoch validates on 16 images.
+PRETRAIN = {**SMALLEST, "epochs": "8", "lr": "0.004", "lr_epochs": "7", "val_images": "16"}
 TUNE = {**SMALLEST, "epochs": "4", "lr": "0.0015", "lr_epochs": "100", "val_images": "16"}  # N = 60 steps, one rate
 OFF_CHANCE = 0.30
 
